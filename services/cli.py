@@ -1,0 +1,93 @@
+"""The `c2cserve` command line.
+
+Each subcommand lives in its own module, imported only when that subcommand runs, so
+`c2cserve gateway` never imports torch. A command module exposes two functions:
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int     # the process exit code
+
+Errors a user can cause are raised as `services.errors.C2CError` and printed as one line
+(exit code 2), never as a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command path -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("up",): ("services.launcher", "run the whole system locally (embedded NATS + Redis)"),
+    ("gateway",): ("gateway.service", "run the HTTP gateway (OpenAI-compatible API)"),
+    ("placer",): ("placer.service", "run the placer (routing, prewarming)"),
+    ("controller",): ("controller.service", "run the feedback controller"),
+    ("worker",): ("worker.service", "run workers, one per GPU or CPU slice"),
+    ("models", "synth"): ("worker.synth", "write a random-initialized HF checkpoint"),
+    ("generate",): ("worker.generate", "run one request through the engine"),
+    ("bench", "engine"): ("bench.engine", "engine prefill/decode tokens/s vs transformers"),
+    ("bench", "kernels"): ("bench.kernels", "HybridGEMM bandwidth vs torch, roofline"),
+    ("bench", "overhead"): ("bench.overhead", "control-plane latency added by the services"),
+    ("bench", "serve"): ("bench.serve", "replay a serverless trace against each residency mode"),
+    ("sim",): ("sim.cli", "discrete-event cluster simulation of the policies"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="c2cserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command", required=True)}
+    for path, (module_name, help_text) in COMMANDS.items():
+        for depth in range(1, len(path)):
+            prefix = path[:depth]
+            if prefix not in groups:
+                sub = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                groups[prefix] = sub.add_subparsers(dest=f"command_{depth}", required=True)
+        sub = groups[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+    return parser
+
+
+def _add_module_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse once to find the command, then let its module add its own arguments."""
+    known, _ = parser.parse_known_args(argv)
+    module = importlib.import_module(known._module)
+    sub = _find_subparser(parser, argv)
+    module.add_arguments(sub)
+    args = parser.parse_args(argv)
+    args._run = module.run
+    return args
+
+
+def _find_subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    current = parser
+    for token in argv:
+        actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or token not in actions[0].choices:
+            continue
+        current = actions[0].choices[token]
+    return current
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.errors import C2CError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = _add_module_arguments(parser, argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except C2CError as exc:
+        print(f"c2cserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

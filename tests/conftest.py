@@ -1,0 +1,56 @@
+"""Shared fixtures: real NATS + Redis servers, a private host store, tiny checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services.embedded import EmbeddedServers
+
+_SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """A real nats-server and valkey-server on free loopback ports."""
+    with EmbeddedServers() as running:
+        yield running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_store_root(tmp_path_factory):
+    """A host store of this test session only, in shared memory when the machine has it."""
+    if _SHM is not None:
+        root = _SHM / f"c2c-test-{uuid.uuid4().hex[:8]}"
+        root.mkdir()
+    else:
+        root = tmp_path_factory.mktemp("hoststore")
+    previous = os.environ.get("C2C_HOST_STORE")
+    os.environ["C2C_HOST_STORE"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("C2C_HOST_STORE", None)
+    else:
+        os.environ["C2C_HOST_STORE"] = previous
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model(arch, seed=0, dtype=None) -> checkpoint folder (cached)."""
+    from worker.synth import synth_model
+
+    made: dict[tuple, Path] = {}
+
+    def make(arch: str, seed: int = 0, dtype: str | None = None) -> Path:
+        key = (arch, seed, dtype)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{arch}-{seed}-{dtype or 'default'}")
+            made[key] = synth_model(arch, "tiny", out, seed=seed, dtype=dtype)
+        return made[key]
+
+    return make
