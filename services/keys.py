@@ -1,0 +1,45 @@
+"""Every Redis key name, built here and nowhere else. Redis is state, never a queue."""
+
+from __future__ import annotations
+
+PREFIX = "c2c"
+
+
+def worker(worker_id: str) -> str:
+    """Hash: the worker's heartbeat record (services.schemas.WorkerInfo fields); has a TTL."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+WORKER_PATTERN = f"{PREFIX}:worker:*"
+
+
+def worker_id_of(key: str) -> str:
+    return key.split(":", 2)[2]
+
+
+def model(model_id: str) -> str:
+    """Hash: catalog entry (services.schemas.ModelEntry fields)."""
+    return f"{PREFIX}:model:{model_id}"
+
+
+MODEL_PATTERN = f"{PREFIX}:model:*"
+
+
+def host(node: str) -> str:
+    """Set: models resident in that node's host store."""
+    return f"{PREFIX}:host:{node}"
+
+
+def cache(worker_id: str) -> str:
+    """Hash: model -> cached fraction on that worker's slice."""
+    return f"{PREFIX}:cache:{worker_id}"
+
+
+def request(request_id: str) -> str:
+    """Hash: a request's assignment (worker, reply inbox, model) for re-dispatch; has a TTL."""
+    return f"{PREFIX}:req:{request_id}"
+
+
+def control(worker_id: str) -> str:
+    """Hash: the last ControlUpdate sent to a worker."""
+    return f"{PREFIX}:control:{worker_id}"

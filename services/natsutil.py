@@ -1,0 +1,132 @@
+"""NATS and Redis helpers: connect with retry, typed decoding at the edge, clean shutdown.
+
+`subscribe_typed` decodes every payload with the one decoder of its subject's type and
+calls the handler with the decoded message; a payload that does not decode is logged
+and dropped (it never kills the subscription). Handlers of one subscription run one at
+a time, so a handler must hand long work to a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from services import schemas
+from services.errors import C2CError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NO_RESPONDERS_STATUS = "503"
+
+
+async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:
+    """Connect, retrying until `timeout_s`; raises C2CError naming the URL if it never answers."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            return await nats.connect(
+                url, name=name, connect_timeout=2, max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, allow_reconnect=True,
+                error_cb=_log_error, disconnected_cb=_log_disconnected,
+            )
+        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+            last = exc
+            await asyncio.sleep(0.3)
+    raise C2CError(f"cannot connect to NATS at {url} within {timeout_s:.0f} s: {last}")
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("NATS error: %s", exc)
+
+
+async def _log_disconnected() -> None:
+    log.warning("NATS disconnected; reconnecting")
+
+
+async def connect_redis(url: str, timeout_s: float = 20.0):
+    """A redis.asyncio client that answered PING; raises C2CError if it never does."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url, decode_responses=True, socket_connect_timeout=2)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.ping()
+            return client
+        except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise C2CError(f"cannot connect to Redis at {url} within {timeout_s:.0f} s: {exc}") from exc
+            await asyncio.sleep(0.3)
+
+
+def is_no_responders(msg: Msg) -> bool:
+    """True for the server's status message sent when a request had no subscriber."""
+    return not msg.data and bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS_STATUS
+
+
+async def subscribe_typed(
+    nc: NATS, subject: str, message_type: type[T],
+    handler: Callable[[T, Msg], Awaitable[None] | None], queue: str = "",
+):
+    """Subscribe `subject`; decode each payload as `message_type`; call handler(message, msg)."""
+    dec = schemas.decoder(message_type)
+
+    async def on_msg(msg: Msg) -> None:
+        try:
+            message = dec.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("dropped a malformed %s on %s: %s", message_type.__name__, msg.subject, exc)
+            return
+        result = handler(message, msg)
+        if asyncio.iscoroutine(result):
+            await result
+
+    return await nc.subscribe(subject, queue=queue, cb=on_msg)
+
+
+async def close_nats(nc: NATS | None) -> None:
+    """Drain (deliver what is pending, then close); never raises on shutdown."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=5)
+    except (asyncio.TimeoutError, nats.errors.Error, OSError) as exc:
+        log.debug("drain failed (%s); closing", exc)
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def spawn(coro: Awaitable[Any], tasks: set[asyncio.Task], what: str) -> asyncio.Task:
+    """A background task that is kept alive and whose failure is logged, not lost."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+
+    def done(t: asyncio.Task) -> None:
+        tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.warning("%s failed: %r", what, t.exception())
+
+    task.add_done_callback(done)
+    return task
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGINT/SIGTERM (the service's main loop waits on it)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -1,0 +1,213 @@
+"""Every message that travels on NATS, as `msgspec.Struct`s encoded with msgpack.
+
+Hot messages (one per request or per token: `SubmitRequest`, `TokenChunk`,
+`AbortRequest`, `WorkerTelemetry`) are `array_like=True, omit_defaults=True, gc=False`:
+fields go on the wire by position, so a schema change only APPENDS fields with
+defaults, never reorders or removes. Enums travel as ints.
+
+Decoding happens at the edge with one typed decoder per subject (`decoder(T)`);
+a payload that does not match raises `msgspec.ValidationError`/`DecodeError`, which
+services log and drop (or answer with an error chunk), never crash on.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class RequestKind(IntEnum):
+    COMPLETION = 0  # /v1/completions: `prompt`
+    CHAT = 1  # /v1/chat/completions: `messages`, rendered with the model's chat template
+
+
+class FinishReason(IntEnum):
+    NONE = 0  # not finished yet
+    STOP = 1  # EOS or a stop string/token
+    LENGTH = 2  # max_tokens reached
+    ABORT = 3  # aborted (client went away)
+    ERROR = 4  # failed: see TokenChunk.error_code / error
+
+
+FINISH_REASON_TEXT = {
+    FinishReason.NONE: None,
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.ABORT: "abort",
+    FinishReason.ERROR: "error",
+}
+FINISH_REASON_FROM_TEXT = {v: k for k, v in FINISH_REASON_TEXT.items() if v is not None}
+
+
+class ResidencyAction(IntEnum):
+    PREWARM = 1  # make the model resident in the host store and map it on the slice
+    EVICT = 2  # unmap it from the slice, drop its cached tiles
+
+
+_HOT = dict(array_like=True, omit_defaults=True, gc=False)
+
+
+class SubmitRequest(msgspec.Struct, **_HOT):
+    """gateway -> placer (`c2c.sched.submit`) -> worker (`c2c.worker.<id>.submit`).
+
+    The NATS reply subject is the gateway's inbox for this request; `TokenChunk`s go there.
+    """
+
+    request_id: str
+    model_id: str
+    kind: RequestKind = RequestKind.COMPLETION
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    arrival_s: float = 0.0  # wall clock (time.time()) when the gateway received it
+    slo_class: str = "standard"
+    worker_id: str = ""  # set by the placer
+    resumed_token_ids: list[int] = []  # re-dispatch: tokens already streamed to the client
+    num_prompt_chars: int = 0  # for the placer's token estimate (chars / 4)
+
+
+class TokenChunk(msgspec.Struct, **_HOT):
+    """worker (or placer, for errors) -> the gateway inbox: a piece of one request's output.
+
+    The last chunk has `finish_reason != NONE` and carries the token counts; a failed
+    request ends with `finish_reason = ERROR` and a non-zero `error_code`.
+    """
+
+    request_id: str
+    worker_id: str = ""
+    token_ids: list[int] = []
+    text: str = ""
+    finish_reason: FinishReason = FinishReason.NONE
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    error_code: int = 0  # services.errors.ErrorCode
+    error: str = ""
+    cold_start: bool = False
+    queue_s: float = 0.0  # first chunk: time the request waited on the worker before running
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason != FinishReason.NONE
+
+
+class AbortRequest(msgspec.Struct, **_HOT):
+    """gateway/placer -> worker (`c2c.worker.<id>.abort`): stop generating for this request."""
+
+    request_id: str
+    reason: str = "client disconnected"
+
+
+class WorkerTelemetry(msgspec.Struct, **_HOT):
+    """worker -> placer, controller (`c2c.telemetry.<id>`), about every 100 ms."""
+
+    worker_id: str
+    node: str = ""
+    gpu: str = ""  # link domain
+    backend: str = "cpu"  # "cuda" | "cpu"
+    t_s: float = 0.0
+    models: list[str] = []  # models this slice serves now (mapped)
+    cached_fraction: dict[str, float] = {}
+    num_running: int = 0
+    num_waiting: int = 0
+    max_num_seqs: int = 16
+    kv_free_frac: float = 1.0
+    link_util: float = 0.0
+    link_gbps: float = 0.0
+    ttft_p50_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    pinned_models: list[str] = []
+    residency: str = "host"
+    num_finished: int = 0  # requests finished since the worker started
+    num_aborted: int = 0
+    request_ids: list[str] = []  # requests in flight (for re-dispatch)
+
+
+class ControlUpdate(msgspec.Struct, omit_defaults=True):
+    """controller -> worker (`c2c.control.<id>`): new knob values for the engine."""
+
+    worker_id: str
+    chunk_size: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    decode_threshold: int | None = None
+    rho_cap: float | None = None
+    t_s: float = 0.0
+
+    def knobs(self) -> dict[str, Any]:
+        """The engine knobs set in this update (for Engine.set_control)."""
+        names = ("chunk_size", "max_num_seqs", "max_num_batched_tokens", "decode_threshold")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+class ResidencyCommand(msgspec.Struct, omit_defaults=True):
+    """placer/operator -> worker (`c2c.worker.<id>.residency`): prewarm or evict a model."""
+
+    worker_id: str
+    action: ResidencyAction
+    model_id: str
+    fraction: float = 1.0  # prewarm: target cached fraction (rho)
+
+
+class WorkerInfo(msgspec.Struct, omit_defaults=True):
+    """The heartbeat record of one worker (`c2c:worker:<id>`, TTL)."""
+
+    worker_id: str
+    node: str = ""
+    gpu: str = ""
+    slice_profile: str = ""
+    memory_bytes: int = 0
+    backend: str = "cpu"
+    residency: str = "host"
+    pinned_models: list[str] = []
+    started_s: float = 0.0
+
+
+class ModelEntry(msgspec.Struct, omit_defaults=True):
+    """A catalog entry (`c2c:model:<id>`): where a model's checkpoint lives."""
+
+    model_id: str
+    path: str
+    arch: str = ""
+    nbytes: int = 0
+    owner: str = "public"
+    context_window: int = 0
+    created_s: int = 0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """msgpack bytes of a message."""
+    return _encoder.encode(message)
+
+
+def decoder(message_type: type[T]) -> msgspec.msgpack.Decoder:
+    """The one typed decoder for a message type (cached)."""
+    dec = _decoders.get(message_type)
+    if dec is None:
+        dec = _decoders[message_type] = msgspec.msgpack.Decoder(message_type)
+    return dec
+
+
+def decode(message_type: type[T], data: bytes) -> T:
+    """Decode `data` as `message_type`; raises msgspec.ValidationError/DecodeError."""
+    return decoder(message_type).decode(data)
+
+
+def to_json_dict(message: msgspec.Struct) -> dict[str, Any]:
+    """A plain dict (for Redis hashes and logs)."""
+    return msgspec.to_builtins(message)
