@@ -1,0 +1,63 @@
+"""Paged KV block allocation for one model's KV cache (pure: no torch).
+
+The cache holds `num_blocks` blocks of `block_size` token slots. A sequence owns the
+blocks listed in its `block_table`, in order; token position p lives in block
+`block_table[p // block_size]` at offset `p % block_size`. No prefix sharing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+
+class HasBlockTable(Protocol):
+    block_table: list[int]
+
+
+def num_blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    @property
+    def used_frac(self) -> float:
+        return 1.0 - len(self.free_block_ids) / self.num_blocks
+
+    def num_missing_blocks(self, seq: HasBlockTable, num_tokens: int) -> int:
+        """Blocks `seq` still needs so that its table covers `num_tokens` slots."""
+        return max(0, num_blocks_for(num_tokens, self.block_size) - len(seq.block_table))
+
+    def can_allocate(self, seq: HasBlockTable, num_tokens: int) -> bool:
+        return self.num_missing_blocks(seq, num_tokens) <= len(self.free_block_ids)
+
+    def allocate(self, seq: HasBlockTable, num_tokens: int) -> None:
+        """Grow `seq.block_table` to cover `num_tokens` slots; raises MemoryError if it can't."""
+        missing = self.num_missing_blocks(seq, num_tokens)
+        if missing > len(self.free_block_ids):
+            raise MemoryError(f"need {missing} KV blocks, {len(self.free_block_ids)} free")
+        for _ in range(missing):
+            seq.block_table.append(self.free_block_ids.popleft())
+
+    def can_append(self, seq: HasBlockTable, num_tokens: int) -> bool:
+        """Can one more token (the `num_tokens`-th slot) be stored? Decode's check."""
+        return self.can_allocate(seq, num_tokens)
+
+    def append(self, seq: HasBlockTable, num_tokens: int) -> None:
+        self.allocate(seq, num_tokens)
+
+    def free(self, seq: HasBlockTable) -> None:
+        """Give back all of `seq`'s blocks (finish or preemption)."""
+        self.free_block_ids.extend(reversed(seq.block_table))
+        seq.block_table.clear()

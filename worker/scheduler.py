@@ -1,0 +1,226 @@
+"""Continuous batching over several models (pure: no torch).
+
+Each step runs one model's batch (the model is chosen by `step_policy.pick_model`).
+Within it, sequences are taken in deadline order (`step_policy.deadline_s`): running
+ones first (decode tokens and unfinished prefill chunks), then waiting ones, under a
+token budget (`max_num_batched_tokens`), a sequence cap (`max_num_seqs`) and a prefill
+chunk (`chunk_size`). Prefill chunks and decode tokens share one batch. When a model's
+KV cache runs out, the running sequence with the latest deadline is preempted: its
+blocks are freed and it is recomputed later (prompt + generated tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from worker.block_manager import BlockManager
+from worker.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    chunk_size: int = 256
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: `num_new_tokens[i]` tokens of `seqs[i]`, all of one model."""
+
+    model_id: str
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    sample_flags: list[bool] = field(default_factory=list)  # seq gets a new token this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def num_sampled(self) -> int:
+        return sum(self.sample_flags)
+
+
+def _load_step_policy():
+    """The step policy module, or None until it exists (then FCFS is used)."""
+    try:
+        from worker import step_policy
+    except ImportError:
+        return None
+    return step_policy
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig | None = None, clock: Callable[[], float] = time.time):
+        self.config = config or SchedulerConfig()
+        self.clock = clock
+        self.block_managers: dict[str, BlockManager] = {}
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.current_model: str | None = None
+        self._policy = _load_step_policy()
+
+    # -- models and requests ------------------------------------------------------------
+    def add_model(self, model_id: str, num_blocks: int, block_size: int) -> None:
+        self.block_managers[model_id] = BlockManager(num_blocks, block_size)
+
+    def add(self, seq: Sequence) -> None:
+        if seq.model_id not in self.block_managers:
+            raise KeyError(f"model {seq.model_id!r} has no KV cache in the scheduler")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in self.running + self.waiting:
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove `seq` from the queues, free its KV blocks, mark it finished."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_managers[seq.model_id].free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def seqs_of(self, model_id: str) -> list[Sequence]:
+        return [s for s in self.running + self.waiting if s.model_id == model_id]
+
+    def is_model_busy(self, model_id: str) -> bool:
+        """Some sequence of the model holds KV blocks (its weights must stay)."""
+        return any(s.model_id == model_id for s in self.running)
+
+    # -- one step -------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        """Pick the step's model and its batch; None when there is nothing to run."""
+        if not self.has_work():
+            return None
+        if self._policy is None:
+            self._policy = _load_step_policy()
+        now_s = self.clock()
+        first = self._pick_model(now_s)
+        if first is not None:
+            batch = self._schedule_model(first, now_s)
+            if batch.seqs:
+                self.current_model = first
+                return batch
+        for model_id in self._models_by_deadline(now_s):  # the picked model could not run
+            batch = self._schedule_model(model_id, now_s) if model_id != first else None
+            if batch is not None and batch.seqs:
+                self.current_model = model_id
+                return batch
+        return None
+
+    def postprocess(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Advance KV counts, append sampled tokens; returns the sequences given a token."""
+        now_s = self.clock()
+        tokens = iter(sampled_token_ids)
+        updated = []
+        for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags):
+            seq.num_computed_tokens += num_new
+            if samples:
+                seq.token_ids.append(next(tokens))
+                if seq.first_token_s is None:
+                    seq.first_token_s = now_s
+                seq.last_token_s = now_s
+                updated.append(seq)
+        return updated
+
+    # -- internals ------------------------------------------------------------------------
+    def _schedule_model(self, model_id: str, now_s: float) -> ScheduledBatch:
+        cfg = self.config
+        block_manager = self.block_managers[model_id]
+        batch = ScheduledBatch(model_id, [], [])
+        budget = cfg.max_num_batched_tokens
+        candidates = sorted((s for s in self.running if s.model_id == model_id), key=self._deadline)
+        for seq in candidates:
+            if len(batch.seqs) >= cfg.max_num_seqs or budget <= 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, cfg.chunk_size, budget)
+            if self._make_room(seq, num_new, candidates, batch, block_manager):
+                budget -= self._take(batch, seq, num_new, block_manager)
+        for seq in sorted((s for s in self.waiting if s.model_id == model_id), key=self._deadline):
+            if len(batch.seqs) >= cfg.max_num_seqs or budget <= 0:
+                break
+            num_new = min(seq.num_uncomputed_tokens, cfg.chunk_size, budget)
+            if not block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+                break
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            seq.status = SequenceStatus.RUNNING
+            budget -= self._take(batch, seq, num_new, block_manager)
+        return batch
+
+    def _take(self, batch: ScheduledBatch, seq: Sequence, num_new: int, bm: BlockManager) -> int:
+        bm.allocate(seq, seq.num_computed_tokens + num_new)
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(num_new)
+        batch.sample_flags.append(seq.num_computed_tokens + num_new == seq.num_tokens)
+        return num_new
+
+    def _make_room(self, seq, num_new, candidates, batch, bm: BlockManager) -> bool:
+        """Preempt the latest-deadline unscheduled sequences until `seq` fits; False if it was one."""
+        while not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
+            victims = [s for s in candidates if s.status == SequenceStatus.RUNNING and s not in batch.seqs]
+            victim = victims[-1]  # seq itself is always among them
+            self._preempt(victim, bm)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, bm: BlockManager) -> None:
+        bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.append(seq)
+
+    def _view(self, seq: Sequence):
+        return self._policy.SeqView(
+            request_id=seq.request_id,
+            model_id=seq.model_id,
+            arrival_s=seq.arrival_s,
+            is_prefill=seq.is_prefill,
+            num_generated=seq.num_generated,
+            last_token_s=seq.last_token_s,
+            ttft_slo_s=seq.ttft_slo_s,
+            tpot_slo_s=seq.tpot_slo_s,
+        )
+
+    def _deadline(self, seq: Sequence) -> float:
+        if self._policy is not None:
+            return self._policy.deadline_s(self._view(seq))
+        if seq.is_prefill or seq.last_token_s is None:
+            return seq.arrival_s + seq.ttft_slo_s
+        return seq.last_token_s + seq.tpot_slo_s
+
+    def _pick_model(self, now_s: float) -> str | None:
+        seqs = self.running + self.waiting
+        if self._policy is not None:
+            return self._policy.pick_model([self._view(s) for s in seqs], now_s, self.current_model)
+        return min(seqs, key=self._deadline).model_id  # FCFS by deadline until the policy lands
+
+    def _models_by_deadline(self, now_s: float) -> list[str]:
+        seen: dict[str, None] = {}
+        for seq in sorted(self.running + self.waiting, key=self._deadline):
+            seen.setdefault(seq.model_id, None)
+        return list(seen)
+
+    # -- stats ----------------------------------------------------------------------------
+    def model_stats(self, model_id: str) -> tuple[int, int, float]:
+        """(num_running, num_waiting, kv_used_frac) of one model."""
+        num_running = sum(1 for s in self.running if s.model_id == model_id)
+        num_waiting = sum(1 for s in self.waiting if s.model_id == model_id)
+        return num_running, num_waiting, self.block_managers[model_id].used_frac
