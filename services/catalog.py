@@ -37,7 +37,7 @@ def entry_for(model_dir: str | Path, owner: str = "public") -> ModelEntry:
     )
 
 
-def _to_hash(entry: ModelEntry) -> dict[str, str]:
+def to_hash(entry: ModelEntry) -> dict[str, str]:
     return {k: str(v) for k, v in msgspec.structs.asdict(entry).items()}
 
 
@@ -50,7 +50,7 @@ async def register(redis, model_dirs: list[str | Path]) -> list[ModelEntry]:
     entries = [entry_for(d) for d in model_dirs]
     async with redis.pipeline(transaction=False) as pipe:
         for entry in entries:
-            pipe.hset(keys.model(entry.model_id), mapping=_to_hash(entry))
+            pipe.hset(keys.model(entry.model_id), mapping=to_hash(entry))
         await pipe.execute()
     log.info("catalog: registered %s", ", ".join(e.model_id for e in entries))
     return entries

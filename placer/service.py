@@ -1,0 +1,165 @@
+"""`c2cserve placer`: routes each request to a slice (queue group "placer", scale freely).
+
+Hot path (one submit): decode -> `placer.policy.choose_slice` over an in-memory view of
+the workers (refreshed by telemetry, no Redis read) -> publish to the worker keeping the
+gateway's inbox as reply subject. The assignment is written to Redis by a background
+task, off the critical path. No slice -> a final NO_CAPACITY chunk straight to the inbox,
+so the gateway answers 503 at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import time
+
+import msgspec
+from nats.aio.msg import Msg
+
+from placer.policy import RequestView, SliceView, choose_slice
+from services import keys, natsutil, schemas, subjects
+from services.config import PlacerConfig, add_config_arguments, load_config
+from services.errors import ErrorCode
+from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerInfo, WorkerTelemetry
+
+log = logging.getLogger(__name__)
+_submit_decoder = schemas.decoder(SubmitRequest)
+
+
+def slice_view_of(t: WorkerTelemetry) -> SliceView:
+    return SliceView(
+        worker_id=t.worker_id, node=t.node, gpu=t.gpu, backend=t.backend,
+        models=frozenset(t.models), cached_fraction=dict(t.cached_fraction),
+        num_running=t.num_running, num_waiting=t.num_waiting, max_num_seqs=t.max_num_seqs,
+        kv_free_frac=t.kv_free_frac, link_util=t.link_util, pinned_models=frozenset(t.pinned_models),
+    )
+
+
+def slice_view_of_info(info: WorkerInfo) -> SliceView:
+    return SliceView(
+        worker_id=info.worker_id, node=info.node, gpu=info.gpu, backend=info.backend,
+        models=frozenset(), cached_fraction={}, num_running=0, num_waiting=0, max_num_seqs=16,
+        kv_free_frac=1.0, link_util=0.0, pinned_models=frozenset(info.pinned_models),
+    )
+
+
+class Placer:
+    def __init__(self, config: PlacerConfig):
+        self.config = config
+        self.nc = None
+        self.redis = None
+        self.views: dict[str, SliceView] = {}
+        self.last_seen_s: dict[str, float] = {}
+        self.num_assigned_since_telemetry: dict[str, int] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self.nc = await natsutil.connect_nats(self.config.nats_url, "placer", self.config.connect_timeout_s)
+        self.redis = await natsutil.connect_redis(self.config.redis_url, self.config.connect_timeout_s)
+        await self._load_heartbeats()
+        await self.nc.subscribe(subjects.SUBMIT, queue=subjects.PLACER_QUEUE, cb=self.on_submit)
+        await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerTelemetry, self.on_telemetry)
+        natsutil.spawn(self._expire_loop(), self._tasks, "worker expiry")
+        log.info("placer ready; %d workers known", len(self.views))
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await natsutil.close_nats(self.nc)
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def _load_heartbeats(self) -> None:
+        """Seed the view from live heartbeat keys (a restarted placer routes at once)."""
+        async for key in self.redis.scan_iter(match=keys.WORKER_PATTERN, count=500):
+            row = await self.redis.hgetall(key)
+            if not row:
+                continue
+            row["pinned_models"] = [m for m in row.get("pinned_models", "").split(",") if m]
+            info = msgspec.convert(row, WorkerInfo, strict=False)
+            self.views[info.worker_id] = slice_view_of_info(info)
+            self.last_seen_s[info.worker_id] = time.monotonic()
+
+    def on_telemetry(self, t: WorkerTelemetry, msg: Msg) -> None:
+        """c2c.telemetry.<id> (WorkerTelemetry): refresh that worker's view."""
+        self.views[t.worker_id] = slice_view_of(t)
+        self.last_seen_s[t.worker_id] = time.monotonic()
+        self.num_assigned_since_telemetry[t.worker_id] = 0
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.config.worker_expiry_s / 3))
+            deadline = time.monotonic() - self.config.worker_expiry_s
+            for worker_id in [w for w, seen in self.last_seen_s.items() if seen < deadline]:
+                log.warning("worker %s stopped reporting; no longer routed to", worker_id)
+                self.views.pop(worker_id, None)
+                self.last_seen_s.pop(worker_id, None)
+
+    def _live_views(self) -> list[SliceView]:
+        """Views with the requests assigned since their last telemetry counted as waiting."""
+        views = []
+        for worker_id, view in self.views.items():
+            extra = self.num_assigned_since_telemetry.get(worker_id, 0)
+            if extra:
+                view = dataclasses.replace(view, num_waiting=view.num_waiting + extra)
+            views.append(view)
+        return views
+
+    async def on_submit(self, msg: Msg) -> None:
+        """c2c.sched.submit (SubmitRequest, reply = gateway inbox) -> c2c.worker.<id>.submit.
+
+        A malformed request or one no slice can take gets a final error chunk on the inbox.
+        """
+        try:
+            req = _submit_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("malformed submit: %s", exc)
+            return
+        view = RequestView(req.request_id, req.model_id, max(1, req.num_prompt_chars // 4), req.slo_class)
+        worker_id = choose_slice(view, self._live_views())
+        if worker_id is None:
+            await self._reject(req, msg.reply)
+            return
+        req.worker_id = worker_id
+        self.num_assigned_since_telemetry[worker_id] = self.num_assigned_since_telemetry.get(worker_id, 0) + 1
+        await self.nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=msg.reply)
+        log.debug("[req=%s] model=%s -> worker %s", req.request_id, req.model_id, worker_id)
+        natsutil.spawn(self._record(req, msg.reply), self._tasks, "record assignment")
+
+    async def _reject(self, req: SubmitRequest, reply: str) -> None:
+        reason = "no worker is running" if not self.views else f"no worker can take model '{req.model_id}' now"
+        log.info("[req=%s] rejected: %s", req.request_id, reason)
+        if reply:
+            chunk = TokenChunk(req.request_id, finish_reason=FinishReason.ERROR,
+                               error_code=ErrorCode.NO_CAPACITY, error=reason)
+            await self.nc.publish(reply, schemas.encode(chunk))
+
+    async def _record(self, req: SubmitRequest, reply: str) -> None:
+        """c2c:req:<id>: the assignment, for re-dispatch and inspection (TTL)."""
+        key = keys.request(req.request_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping={"worker_id": req.worker_id, "model_id": req.model_id,
+                                    "reply": reply or "", "t_s": f"{time.time():.3f}"})
+            pipe.expire(key, self.config.request_ttl_s)
+            await pipe.execute()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, PlacerConfig)
+
+
+async def serve(config: PlacerConfig) -> None:
+    stop = natsutil.stop_event_on_signals()
+    placer = Placer(config)
+    await placer.start()
+    try:
+        await stop.wait()
+    finally:
+        await placer.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(load_config(PlacerConfig, args)))
+    return 0
