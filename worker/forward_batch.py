@@ -1,0 +1,112 @@
+"""One model step's input: the scheduled tokens of several sequences, flattened.
+
+The engine builds a `ForwardBatch`; `CausalLM.forward` turns it once per step into
+`AttentionMetadata` (slot indices and masks shared by every layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor        # [T] int64, scheduled tokens of all sequences, concatenated
+    positions: torch.Tensor        # [T] int64, absolute positions
+    query_lens: list[int]          # tokens scheduled per sequence this step (sum = T)
+    context_lens: list[int]        # per sequence: tokens in KV after this step (cached + new)
+    block_tables: list[list[int]]  # per sequence: physical KV block ids, in order
+    slot_mapping: torch.Tensor     # [T] int64: block_id * block_size + offset for each new token
+    logits_indices: torch.Tensor   # [S] int64 index into T: tokens whose logits are returned
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @classmethod
+    def build(cls, new_tokens: list[list[int]], num_cached: list[int],
+              block_tables: list[list[int]], block_size: int,
+              logits: str = "last") -> ForwardBatch:
+        """A batch from per-sequence new tokens and how many tokens each has in KV already.
+
+        logits="last" returns the last new token's logits per sequence, "all" every token's.
+        """
+        ids, positions, slots, logits_idx = [], [], [], []
+        for tokens, cached, table in zip(new_tokens, num_cached, block_tables, strict=True):
+            first = len(ids)
+            for j, token in enumerate(tokens):
+                pos = cached + j
+                ids.append(token)
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            last = len(ids) - 1
+            logits_idx.extend(range(first, last + 1) if logits == "all" else [last])
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+        return cls(as_long(ids), as_long(positions), [len(t) for t in new_tokens],
+                   [c + len(t) for c, t in zip(num_cached, new_tokens, strict=True)],
+                   [list(t) for t in block_tables], as_long(slots), as_long(logits_idx))
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step indices shared by all layers (built once, not per layer)."""
+
+    slot_mapping: torch.Tensor               # [T] where new k/v are written
+    query_lens: list[int]
+    query_starts: list[int]
+    is_decode: bool                          # every sequence has exactly one new token
+    context_slots: list[torch.Tensor]        # per sequence: [context_len] slot of each KV position
+    prefill_masks: list[torch.Tensor | None] # per sequence: [q_len, context_len] bool, None = plain causal
+    padded_slots: torch.Tensor | None        # decode: [S, Lmax] slots (0 in padding)
+    decode_mask: torch.Tensor | None         # decode: [S, 1, 1, Lmax] bool
+
+
+def context_slots(block_table: list[int], context_len: int, block_size: int) -> torch.Tensor:
+    # [context_len]: physical slot of each position 0..context_len-1
+    num_blocks = -(-context_len // block_size)
+    blocks = torch.tensor(block_table[:num_blocks], dtype=torch.int64)
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).reshape(-1)
+    return slots[:context_len]
+
+
+def build_attention_metadata(batch: ForwardBatch, block_size: int,
+                             sliding_window: int | None = None) -> AttentionMetadata:
+    starts, total = [], 0
+    for q_len in batch.query_lens:
+        starts.append(total)
+        total += q_len
+    slots = [context_slots(t, n, block_size) for t, n in zip(batch.block_tables, batch.context_lens, strict=True)]
+    is_decode = all(q == 1 for q in batch.query_lens)
+    meta = AttentionMetadata(batch.slot_mapping, list(batch.query_lens), starts, is_decode, slots,
+                             [], None, None)
+    if is_decode:
+        meta.padded_slots, meta.decode_mask = _decode_padding(slots, batch.context_lens, sliding_window)
+    else:
+        meta.prefill_masks = [_prefill_mask(q, n, sliding_window)
+                              for q, n in zip(batch.query_lens, batch.context_lens, strict=True)]
+    return meta
+
+
+def _prefill_mask(q_len: int, context_len: int, window: int | None) -> torch.Tensor | None:
+    """[q_len, context_len] True where a query may attend: the queries are the last q_len."""
+    if q_len == context_len and (window is None or window >= context_len):
+        return None
+    q_pos = torch.arange(context_len - q_len, context_len)[:, None]
+    k_pos = torch.arange(context_len)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _decode_padding(slots: list[torch.Tensor], context_lens: list[int], window: int | None):
+    max_len = max(context_lens)
+    padded = torch.zeros(len(slots), max_len, dtype=torch.int64)
+    mask = torch.zeros(len(slots), max_len, dtype=torch.bool)
+    for i, (s, n) in enumerate(zip(slots, context_lens, strict=True)):
+        padded[i, :n] = s
+        low = max(0, n - window) if window is not None else 0
+        mask[i, low:n] = True
+    return padded, mask[:, None, None, :]

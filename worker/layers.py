@@ -1,0 +1,168 @@
+"""Weight names and dense building blocks: RMSNorm, RoPE, paged GQA attention.
+
+Activations are fp32; weights stay in their checkpoint dtype and every matrix product
+goes through the `linear` kernel passed in (so the Numba / CUDA kernels plug in).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from worker.checkpoint import ModelConfig
+
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}"
+
+
+# ---- names and shapes -------------------------------------------------------------
+
+def expected_tensors(config: ModelConfig, present: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, with its shape; `present` picks the expert layout."""
+    from worker.moe import expected_moe_tensors
+
+    present = set(present)
+    h, v = config.hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {EMBED: (v, h), FINAL_NORM: (h,)}
+    if not config.tie_word_embeddings:
+        shapes[LM_HEAD] = (v, h)
+    for layer in range(config.num_layers):
+        shapes.update(_attention_shapes(config, layer))
+        if layer in config.moe_layers:
+            shapes.update(expected_moe_tensors(config, layer, present))
+        else:
+            shapes.update(_mlp_shapes(f"{layer_prefix(layer)}.mlp", h, config.intermediate_size))
+    return shapes
+
+
+def _attention_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    p, h = layer_prefix(layer), config.hidden_size
+    q_dim = config.num_heads * config.head_dim
+    kv_dim = config.num_kv_heads * config.head_dim
+    shapes = {
+        f"{p}.input_layernorm.weight": (h,),
+        f"{p}.post_attention_layernorm.weight": (h,),
+        f"{p}.self_attn.q_proj.weight": (q_dim, h),
+        f"{p}.self_attn.k_proj.weight": (kv_dim, h),
+        f"{p}.self_attn.v_proj.weight": (kv_dim, h),
+        f"{p}.self_attn.o_proj.weight": (h, q_dim),
+    }
+    if config.attention_bias:
+        shapes[f"{p}.self_attn.q_proj.bias"] = (q_dim,)
+        shapes[f"{p}.self_attn.k_proj.bias"] = (kv_dim,)
+        shapes[f"{p}.self_attn.v_proj.bias"] = (kv_dim,)
+    if config.o_proj_bias:
+        shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
+    return shapes
+
+
+def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.gate_proj.weight": (inter, hidden),
+        f"{prefix}.up_proj.weight": (inter, hidden),
+        f"{prefix}.down_proj.weight": (hidden, inter),
+    }
+
+
+# ---- blocks -----------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [T, H] fp32
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight.float() * (x * torch.rsqrt(variance + eps))
+
+
+def swiglu_mlp(x: torch.Tensor, gate_w, up_w, down_w, linear) -> torch.Tensor:
+    # x: [T, H] -> [T, H]
+    return linear(F.silu(linear(x, gate_w)) * linear(x, up_w), down_w)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] fp32, computed the way transformers does."""
+    dim = config.head_dim
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponent)
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        return inv_freq / float(scaling["factor"])
+    if scaling.get("rope_type") == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # positions: [T] -> cos, sin: [T, 1, head_dim] (broadcast over heads)
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None, :], emb.sin()[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, head_dim]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---- paged attention --------------------------------------------------------------
+
+def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, meta) -> torch.Tensor:
+    """Write this step's k/v into the paged cache, then attend over each sequence's context.
+
+    q: [T, nH, D] fp32; k_new, v_new: [T, nKV, D]; k_cache, v_cache: [num_blocks, block_size,
+    nKV, D] of one layer; meta: AttentionMetadata. Returns [T, nH * D] fp32.
+    """
+    num_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
+    k_flat = k_cache.view(-1, num_kv, dim)   # [num_slots, nKV, D]
+    v_flat = v_cache.view(-1, num_kv, dim)
+    k_flat[meta.slot_mapping] = k_new.to(k_flat.dtype)
+    v_flat[meta.slot_mapping] = v_new.to(v_flat.dtype)
+    if meta.is_decode:
+        out = _decode_attention(q, k_flat, v_flat, meta)
+    else:
+        out = torch.cat([_sequence_attention(q, k_flat, v_flat, meta, i)
+                         for i in range(len(meta.query_lens))], dim=0)
+    return out.reshape(q.shape[0], -1)
+
+
+def _decode_attention(q, k_flat, v_flat, meta) -> torch.Tensor:
+    # one query token per sequence: gather padded contexts, one SDPA call for the batch
+    k = k_flat[meta.padded_slots].float().transpose(1, 2)   # [S, nKV, Lmax, D]
+    v = v_flat[meta.padded_slots].float().transpose(1, 2)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=meta.decode_mask,
+                                         enable_gqa=True)   # [S, nH, 1, D]
+    return out[:, :, 0, :]
+
+
+def _sequence_attention(q, k_flat, v_flat, meta, i: int) -> torch.Tensor:
+    start, q_len = meta.query_starts[i], meta.query_lens[i]
+    slots = meta.context_slots[i]
+    k = k_flat[slots].float().transpose(0, 1)               # [nKV, L, D]
+    v = v_flat[slots].float().transpose(0, 1)
+    q_i = q[start:start + q_len].transpose(0, 1)            # [nH, q_len, D]
+    mask = meta.prefill_masks[i]
+    out = F.scaled_dot_product_attention(q_i, k, v, attn_mask=mask, is_causal=mask is None,
+                                         enable_gqa=True)   # [nH, q_len, D]
+    return out.transpose(0, 1)                              # [q_len, nH, D]

@@ -1,0 +1,134 @@
+"""Routed mixture-of-experts blocks (Mixtral, Qwen2-MoE) and their weight layouts.
+
+Three expert layouts are read: per expert `experts.{e}.w1|w3|w2` (Mixtral, what
+`save_pretrained` writes), per expert `experts.{e}.gate_proj|up_proj|down_proj`
+(Qwen2-MoE), and fused 3-D `experts.gate_up_proj` [E, 2I, H] + `experts.down_proj`
+[E, H, I] (transformers 5 in-memory layout). Only experts that received tokens run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.checkpoint import ModelConfig
+from worker.layers import layer_prefix, swiglu_mlp
+
+_PER_EXPERT = {"w123": ("w1", "w3", "w2"), "proj": ("gate_proj", "up_proj", "down_proj")}
+
+
+def moe_prefix(config: ModelConfig, layer: int, present: set[str]) -> str:
+    """Mixtral checkpoints name the block `block_sparse_moe` (or `mlp` when fused)."""
+    p = layer_prefix(layer)
+    if config.arch == "mixtral" and f"{p}.block_sparse_moe.gate.weight" in present:
+        return f"{p}.block_sparse_moe"
+    return f"{p}.mlp"
+
+
+def expert_layout(prefix: str, present: set[str]) -> str:
+    if f"{prefix}.experts.gate_up_proj" in present:
+        return "fused"
+    if f"{prefix}.experts.0.w1.weight" in present:
+        return "w123"
+    return "proj"
+
+
+def expected_moe_tensors(config: ModelConfig, layer: int, present) -> dict[str, tuple[int, ...]]:
+    present = set(present)
+    h, e, inter = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    prefix = moe_prefix(config, layer, present)
+    shapes: dict[str, tuple[int, ...]] = {f"{prefix}.gate.weight": (e, h)}
+    layout = expert_layout(prefix, present)
+    if layout == "fused":
+        shapes[f"{prefix}.experts.gate_up_proj"] = (e, 2 * inter, h)
+        shapes[f"{prefix}.experts.down_proj"] = (e, h, inter)
+    else:
+        gate, up, down = _PER_EXPERT[layout]
+        for i in range(e):
+            shapes[f"{prefix}.experts.{i}.{gate}.weight"] = (inter, h)
+            shapes[f"{prefix}.experts.{i}.{up}.weight"] = (inter, h)
+            shapes[f"{prefix}.experts.{i}.{down}.weight"] = (h, inter)
+    shared = config.shared_expert_intermediate_size
+    if config.arch == "qwen2_moe" and shared > 0:
+        for name, shape in (("gate_proj", (shared, h)), ("up_proj", (shared, h)), ("down_proj", (h, shared))):
+            shapes[f"{prefix}.shared_expert.{name}.weight"] = shape
+        shapes[f"{prefix}.shared_expert_gate.weight"] = (1, h)
+    return shapes
+
+
+@dataclass
+class Expert:
+    gate: torch.Tensor | None      # [I, H] (None when fused)
+    up: torch.Tensor | None        # [I, H]
+    gate_up: torch.Tensor | None   # [2I, H] fused
+    down: torch.Tensor             # [H, I]
+
+    def __call__(self, x: torch.Tensor, linear) -> torch.Tensor:
+        if self.gate_up is None:
+            return swiglu_mlp(x, self.gate, self.up, self.down, linear)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)   # [n, I] each
+        return linear(F.silu(gate) * up, self.down)
+
+
+@dataclass
+class MoEBlock:
+    router: torch.Tensor                 # [E, H]
+    experts: list[Expert]
+    top_k: int
+    renormalize: bool
+    shared: tuple | None = None          # (gate, up, down) of the shared expert
+    shared_gate: torch.Tensor | None = None   # [1, H]
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor]) -> MoEBlock:
+        present = set(weights)
+        prefix = moe_prefix(config, layer, present)
+        experts = _experts(prefix, expert_layout(prefix, present), config.num_experts, weights)
+        block = cls(weights[f"{prefix}.gate.weight"], experts, config.num_experts_per_tok,
+                    config.arch == "mixtral" or config.norm_topk_prob)
+        if f"{prefix}.shared_expert_gate.weight" in weights:
+            block.shared = tuple(weights[f"{prefix}.shared_expert.{n}.weight"]
+                                 for n in ("gate_proj", "up_proj", "down_proj"))
+            block.shared_gate = weights[f"{prefix}.shared_expert_gate.weight"]
+        return block
+
+    def __call__(self, x: torch.Tensor, linear) -> torch.Tensor:
+        # x: [T, H] fp32 -> [T, H]
+        out = self._routed(x, linear)
+        if self.shared is not None:
+            gate = torch.sigmoid(linear(x, self.shared_gate))         # [T, 1]
+            out = out + gate * swiglu_mlp(x, *self.shared, linear=linear)
+        return out
+
+    def _routed(self, x: torch.Tensor, linear) -> torch.Tensor:
+        probs = torch.softmax(linear(x, self.router), dim=-1)         # [T, E]
+        top_w, top_e = torch.topk(probs, self.top_k, dim=-1)           # [T, k]
+        if self.renormalize:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        flat_e = top_e.reshape(-1)                                     # [T*k]
+        order = torch.argsort(flat_e, stable=True)
+        counts = torch.bincount(flat_e, minlength=len(self.experts)).tolist()
+        token_of = order // self.top_k                                 # token index per sorted slot
+        weight_of = top_w.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        begin = 0
+        for expert_id, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of[begin:begin + count]
+            y = self.experts[expert_id](x[tokens].contiguous(), linear)   # [count, H]
+            out.index_add_(0, tokens, y * weight_of[begin:begin + count, None])
+            begin += count
+        return out
+
+
+def _experts(prefix: str, layout: str, num_experts: int, weights) -> list[Expert]:
+    if layout == "fused":
+        gate_up = weights[f"{prefix}.experts.gate_up_proj"]   # [E, 2I, H]
+        down = weights[f"{prefix}.experts.down_proj"]         # [E, H, I]
+        return [Expert(None, None, gate_up[e], down[e]) for e in range(num_experts)]
+    gate, up, down = _PER_EXPERT[layout]
+    return [Expert(weights[f"{prefix}.experts.{e}.{gate}.weight"], weights[f"{prefix}.experts.{e}.{up}.weight"],
+                   None, weights[f"{prefix}.experts.{e}.{down}.weight"]) for e in range(num_experts)]
