@@ -61,6 +61,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.current_model: str | None = None
+        self.num_preemptions = 0
         self._policy = _load_step_policy()
 
     # -- models and requests ------------------------------------------------------------
@@ -183,6 +184,7 @@ class Scheduler:
         bm.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
         self.waiting.append(seq)

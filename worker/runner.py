@@ -1,0 +1,167 @@
+"""ModelRunner: the only part of the engine that touches tensors.
+
+It owns, per model, the weights (zero-copy views from the host store, or a private copy
+in "load" mode), one paged `KVCache` and the `CausalLM` over them; `run` turns a
+`ScheduledBatch` into a `ForwardBatch`, runs the forward pass and samples.
+
+Residency modes:
+- "host": the model is made resident in the node's host store when added, and mapped
+  (no copy) on its first request; it stays mapped.
+- "load" (ServerlessLLM-style baseline): on a cold start the weights are copied from the
+  checkpoint files into this process's memory; models no running request uses are
+  evicted least-recently-used to stay under `load_budget_bytes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import kernels
+from worker.checkpoint import ModelConfig, checkpoint_tensor_files
+from worker.forward_batch import ForwardBatch
+from worker.model import CausalLM, KVCache, kv_bytes_per_token
+from worker.sampling import Sampler
+from worker.scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSlot:
+    model_id: str
+    model_dir: Path
+    config: ModelConfig
+    num_blocks: int
+    host_key: str | None = None
+    model: CausalLM | None = None
+    kv: KVCache | None = None
+    resident: object | None = None          # hoststore.ResidentModel while mapped
+    private_bytes: int = 0                  # "load": bytes copied into this process
+    last_used_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.model is not None
+
+
+class ModelRunner:
+    def __init__(self, block_size: int, kv_cache_bytes: int, residency: str = "host",
+                 load_budget_bytes: int | None = None, host_store_root: str | None = None,
+                 kv_dtype: torch.dtype = torch.float32):
+        if residency not in ("host", "load"):
+            raise ValueError(f"residency must be 'host' or 'load', got {residency!r}")
+        self.block_size = block_size
+        self.kv_cache_bytes = kv_cache_bytes
+        self.residency = residency
+        self.load_budget_bytes = load_budget_bytes
+        self.kv_dtype = kv_dtype
+        self.slots: dict[str, ModelSlot] = {}
+        self.sampler = Sampler()
+        self._store = None
+        self._host_store_root = host_store_root
+
+    # -- models ---------------------------------------------------------------------
+    def register(self, model_id: str, model_dir: Path, config: ModelConfig) -> int:
+        """Know a model (host mode: make it resident in the host store); returns its KV blocks."""
+        bytes_per_block = self.block_size * kv_bytes_per_token(config, self.kv_dtype)
+        num_blocks = max(1, self.kv_cache_bytes // bytes_per_block)
+        slot = ModelSlot(model_id, Path(model_dir), config, num_blocks)
+        if self.residency == "host":
+            slot.host_key = self.host_store.make_resident(model_dir)
+        self.slots[model_id] = slot
+        return num_blocks
+
+    @property
+    def host_store(self):
+        if self._store is None:
+            from worker.hoststore import HostStore
+
+            self._store = HostStore(self._host_store_root)
+        return self._store
+
+    def ensure_loaded(self, model_id: str, is_busy) -> bool:
+        """Map or load the model if it is not yet; True when this call did (a cold start)."""
+        slot = self.slots[model_id]
+        slot.last_used_s = time.monotonic()
+        if slot.is_loaded:
+            return False
+        start_s = time.perf_counter()
+        if self.residency == "host":
+            slot.resident = self.host_store.open(slot.host_key)
+            weights = slot.resident.tensors()
+        else:
+            self._evict_for(model_id, _files_bytes(slot.model_dir), is_busy)
+            weights = _load_private(slot.model_dir)
+            slot.private_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        slot.model = CausalLM(slot.config, weights, linear=kernels.linear)
+        slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype)
+        logger.info("model %s %s in %.3f s", model_id,
+                    "mapped" if self.residency == "host" else f"loaded ({slot.private_bytes} bytes)",
+                    time.perf_counter() - start_s)
+        return True
+
+    def unload(self, model_id: str) -> None:
+        """Drop the model's weights and KV cache (its sequences must hold no KV blocks)."""
+        slot = self.slots[model_id]
+        slot.model, slot.kv, slot.private_bytes = None, None, 0
+        if slot.resident is not None:
+            slot.resident.close()
+            slot.resident = None
+
+    def loaded_bytes(self) -> int:
+        return sum(s.private_bytes for s in self.slots.values())
+
+    def _evict_for(self, model_id: str, need_bytes: int, is_busy) -> None:
+        if self.load_budget_bytes is None:
+            return
+        idle = sorted((s for s in self.slots.values()
+                       if s.is_loaded and s.model_id != model_id and not is_busy(s.model_id)),
+                      key=lambda s: s.last_used_s)
+        while idle and self.loaded_bytes() + need_bytes > self.load_budget_bytes:
+            victim = idle.pop(0)
+            logger.info("evicting model %s (%d bytes) to load %s", victim.model_id,
+                        victim.private_bytes, model_id)
+            self.unload(victim.model_id)
+        if self.loaded_bytes() + need_bytes > self.load_budget_bytes:
+            logger.warning("loading %s exceeds load_budget_bytes: every other model is in use", model_id)
+
+    # -- one step -------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int]:
+        """Forward the batch; returns one sampled token per sequence with a sample flag."""
+        slot = self.slots[batch.model_id]
+        seqs = batch.seqs
+        forward_batch = ForwardBatch.build(
+            [s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]
+             for s, n in zip(seqs, batch.num_new_tokens)],
+            [s.num_computed_tokens for s in seqs],
+            [s.block_table for s in seqs], self.block_size)
+        sample_rows = [i for i, flag in enumerate(batch.sample_flags) if flag]
+        if not sample_rows:
+            forward_batch.logits_indices = forward_batch.logits_indices[-1:]  # head on one row only
+        elif len(sample_rows) < len(seqs):
+            forward_batch.logits_indices = forward_batch.logits_indices[sample_rows]
+        logits = slot.model.forward(forward_batch, slot.kv)  # [S, vocab] fp32
+        if not sample_rows:
+            return []
+        sampled = [seqs[i] for i in sample_rows]
+        return self.sampler.sample(logits, [s.params for s in sampled], [s.request_id for s in sampled])
+
+
+def _files_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in checkpoint_tensor_files(model_dir))
+
+
+def _load_private(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Copy every tensor of the checkpoint into memory owned by this process."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in checkpoint_tensor_files(model_dir):
+        tensors.update(load_file(str(file)))
+    return tensors
