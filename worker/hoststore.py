@@ -1,0 +1,320 @@
+"""The host store: each model's weights copied once per machine into shared memory.
+
+Layout under the root (default `/dev/shm/c2cserve`, env `C2C_HOST_STORE`):
+
+    store.lock                  exclusive flock while copying in or evicting
+    models/<key>/weights.bin    raw tensor bytes, each tensor 64-byte aligned
+    models/<key>/manifest.json  key, source folder, nbytes, [name, dtype, shape, offset, nbytes]
+    models/<key>/config.json    (+ generation_config.json) copied from the checkpoint
+    models/<key>/lock           a shared flock per process that has the model open
+    models/<key>/last_used      its mtime orders the LRU
+
+A copy is built in `models/.tmp-<key>-<pid>` and renamed into place, so a reader never
+sees a half-written model. Every process maps `weights.bin` read-only and makes tensors
+as views of the mapping: N processes share one physical copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.errors import C2CError, ModelNotFound, NoCapacity
+from worker.checkpoint import ModelConfig, TensorEntry, index_checkpoint, load_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "/dev/shm/c2cserve"
+ALIGN_BYTES = 64
+_COPY_CHUNK_BYTES = 64 * 1024 * 1024
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+                 "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("C2C_HOST_STORE") or DEFAULT_ROOT)
+
+
+def model_key(model_dir) -> str:
+    """Folder name + a hash of its absolute path and its weight files' sizes and mtimes."""
+    model_dir = Path(model_dir).resolve()
+    digest = hashlib.sha1(str(model_dir).encode())
+    for path in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
+        if path.exists():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{model_dir.name}-{digest.hexdigest()[:10]}"
+
+
+class HostStore:
+    """Shared-memory weights, copied in once per machine; LRU within capacity_bytes."""
+
+    def __init__(self, root: str | Path | None = None, capacity_bytes: int | None = None):
+        self.root = Path(root) if root is not None else default_root()
+        self.capacity_bytes = capacity_bytes
+        self.models_dir = self.root / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.last_copied = False     # did the latest make_resident copy bytes (vs. found it)?
+
+    # ---- residency ----------------------------------------------------------------
+
+    def make_resident(self, model_dir) -> str:
+        """Copy a checkpoint's tensors into the store once; return its model key.
+
+        Idempotent and safe when processes race (one copies, the others wait and reuse).
+        Raises CheckpointError for a bad checkpoint, NoCapacity when evicting every
+        unused model still leaves too little room.
+        """
+        model_dir = Path(model_dir)
+        key = model_key(model_dir)
+        self.last_copied = False
+        if self._is_resident(key):
+            self._touch(key)
+            return key
+        config, entries = index_checkpoint(model_dir)
+        with self._store_lock():
+            if not self._is_resident(key):      # another process may have finished meanwhile
+                nbytes = _layout(entries)[1]
+                self._make_room(nbytes, key)
+                self._copy_in(key, model_dir, entries)
+                self.last_copied = True
+        self._touch(key)
+        return key
+
+    def resident_models(self) -> list[tuple[str, int]]:
+        """(model_key, nbytes) of every resident model, least recently used first."""
+        found = []
+        for path in self.models_dir.iterdir():
+            manifest = path / "manifest.json"
+            if path.name.startswith(".") or not manifest.is_file():
+                continue
+            nbytes = json.loads(manifest.read_text())["nbytes"]
+            found.append((_mtime(path / "last_used"), path.name, nbytes))
+        return [(key, nbytes) for _, key, nbytes in sorted(found)]
+
+    def used_bytes(self) -> int:
+        return sum(nbytes for _, nbytes in self.resident_models())
+
+    def is_in_use(self, key: str) -> bool:
+        """True when some process (this one included) has the model open."""
+        with open(self.models_dir / key / "lock", "a+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    def evict(self, model_key: str) -> bool:
+        """Remove a model from the store; False if some process has it open."""
+        with self._store_lock():
+            return self._evict_locked(model_key)
+
+    # ---- mapping ------------------------------------------------------------------
+
+    def open(self, model_key_or_dir) -> ResidentModel:
+        """Map a model (making a checkpoint folder resident first); marks it in use.
+
+        Raises ModelNotFound for a key that is not resident.
+        """
+        key = str(model_key_or_dir)
+        if Path(key).is_dir() and (Path(key) / "config.json").is_file():
+            key = self.make_resident(key)
+        path = self.models_dir / key
+        if not (path / "manifest.json").is_file():
+            raise ModelNotFound(f"model {key!r} is not resident in the host store {self.root}")
+        lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock_fd, fcntl.LOCK_SH)
+        if not (path / "manifest.json").is_file():     # evicted between the check and the lock
+            os.close(lock_fd)
+            raise ModelNotFound(f"model {key!r} was evicted from the host store {self.root}")
+        self._touch(key)
+        return ResidentModel.map(path, lock_fd)
+
+    # ---- internals ----------------------------------------------------------------
+
+    def _is_resident(self, key: str) -> bool:
+        return (self.models_dir / key / "manifest.json").is_file()
+
+    def _touch(self, key: str) -> None:
+        marker = self.models_dir / key / "last_used"
+        marker.touch()
+        now = time.time()
+        os.utime(marker, (now, now))
+
+    def _store_lock(self):
+        return _FileLock(self.root / "store.lock")
+
+    def _make_room(self, nbytes: int, key: str) -> None:
+        if self.capacity_bytes is not None and nbytes > self.capacity_bytes:
+            raise NoCapacity(f"model {key} needs {nbytes / 1e6:.1f} MB, host store capacity is "
+                             f"{self.capacity_bytes / 1e6:.1f} MB")
+        for victim, _ in self.resident_models():
+            if self._fits(nbytes):
+                return
+            if self._evict_locked(victim):
+                log.info("host store: evicted %s (LRU) to fit %s", victim, key)
+        if not self._fits(nbytes):
+            raise NoCapacity(f"host store {self.root} is full: model {key} needs {nbytes / 1e6:.1f} MB "
+                             f"and every resident model is in use (used {self.used_bytes() / 1e6:.1f} MB)")
+
+    def _fits(self, nbytes: int) -> bool:
+        if shutil.disk_usage(self.root).free < nbytes:
+            return False
+        return self.capacity_bytes is None or self.used_bytes() + nbytes <= self.capacity_bytes
+
+    def _evict_locked(self, key: str) -> bool:
+        path = self.models_dir / key
+        if not path.is_dir():
+            return False
+        with open(path / "lock", "a+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            trash = self.models_dir / f".evicted-{key}-{os.getpid()}"
+            path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def _copy_in(self, key: str, model_dir: Path, entries: dict[str, TensorEntry]) -> None:
+        tmp = self.models_dir / f".tmp-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            manifest = _write_weights(tmp / "weights.bin", entries)
+            for name in ("config.json", "generation_config.json"):
+                if (model_dir / name).is_file():
+                    shutil.copyfile(model_dir / name, tmp / name)
+            manifest.update(key=key, model_dir=str(model_dir.resolve()))
+            (tmp / "manifest.json").write_text(json.dumps(manifest))
+            (tmp / "lock").touch()
+            tmp.rename(self.models_dir / key)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("host store: copied %s in (%.1f MB)", key, manifest["nbytes"] / 1e6)
+
+
+def _layout(entries: dict[str, TensorEntry]) -> tuple[list[tuple[TensorEntry, int]], int]:
+    """Each tensor's aligned offset in weights.bin, and the file's total size."""
+    placed, offset = [], 0
+    for entry in sorted(entries.values(), key=lambda e: (str(e.path), e.start)):
+        placed.append((entry, offset))
+        offset += -(-entry.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+    return placed, offset
+
+
+def _write_weights(dest: Path, entries: dict[str, TensorEntry]) -> dict:
+    placed, total = _layout(entries)
+    tensors = []
+    with open(dest, "wb") as out:
+        out.truncate(total)
+        sources: dict[Path, object] = {}
+        try:
+            for entry, offset in placed:
+                src = sources.get(entry.path) or sources.setdefault(entry.path, open(entry.path, "rb"))
+                _copy_range(src, entry.start, out, offset, entry.nbytes)
+                tensors.append({"name": entry.name, "dtype": entry.dtype, "shape": list(entry.shape),
+                                "offset": offset, "nbytes": entry.nbytes})
+        finally:
+            for f in sources.values():
+                f.close()
+    return {"nbytes": total, "tensors": tensors}
+
+
+def _copy_range(src, src_offset: int, out, dst_offset: int, nbytes: int) -> None:
+    src.seek(src_offset)
+    out.seek(dst_offset)
+    remaining = nbytes
+    while remaining > 0:
+        chunk = src.read(min(remaining, _COPY_CHUNK_BYTES))
+        if not chunk:
+            raise C2CError(f"{src.name}: file ended while copying into the host store")
+        out.write(chunk)
+        remaining -= len(chunk)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+class _FileLock:
+    """An exclusive flock on a file, as a context manager (blocks until acquired)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+@dataclass
+class ResidentModel:
+    """A model mapped from the host store: zero-copy, read-only tensor views."""
+
+    key: str
+    model_dir: Path
+    config: ModelConfig
+    nbytes: int
+    path: Path
+    _manifest: dict
+    _mmap: mmap.mmap | None
+    _lock_fd: int | None
+
+    @classmethod
+    def map(cls, path: Path, lock_fd: int) -> ResidentModel:
+        manifest = json.loads((path / "manifest.json").read_text())
+        with open(path / "weights.bin", "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if manifest["nbytes"] else None
+        return cls(manifest["key"], Path(manifest["model_dir"]), load_config(path), manifest["nbytes"],
+                   path, manifest, mapped, lock_fd)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """HF name -> read-only tensor view of the shared mapping (writing to one crashes)."""
+        if self._lock_fd is None:
+            raise C2CError(f"model {self.key} was closed")
+        buffer = np.frombuffer(self._mmap, dtype=np.uint8) if self._mmap is not None else np.empty(0, np.uint8)
+        out = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)    # "non-writable" tensors: on purpose
+            for t in self._manifest["tensors"]:
+                raw = torch.from_numpy(buffer[t["offset"]:t["offset"] + t["nbytes"]])
+                out[t["name"]] = raw.view(_TORCH_DTYPES[t["dtype"]]).view(t["shape"])
+        return out
+
+    def close(self) -> None:
+        """No longer in use by this process (views already handed out stay valid)."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._mmap = None
+
+    def __enter__(self) -> ResidentModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
