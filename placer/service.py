@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 
 import msgspec
 from nats.aio.msg import Msg
@@ -54,6 +55,7 @@ class Placer:
         self.last_seen_s: dict[str, float] = {}
         self.num_assigned_since_telemetry: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.placer_id = uuid.uuid4().hex[:8]
 
     async def start(self) -> None:
         self.nc = await natsutil.connect_nats(self.config.nats_url, "placer", self.config.connect_timeout_s)
@@ -69,6 +71,7 @@ class Placer:
             task.cancel()
         await natsutil.close_nats(self.nc)
         if self.redis is not None:
+            await self.redis.delete(keys.placer(self.placer_id))
             await self.redis.aclose()
 
     async def _load_heartbeats(self) -> None:
@@ -90,6 +93,7 @@ class Placer:
 
     async def _expire_loop(self) -> None:
         while True:
+            await self.redis.set(keys.placer(self.placer_id), "1", ex=max(1, int(self.config.worker_expiry_s)))
             await asyncio.sleep(min(0.5, self.config.worker_expiry_s / 3))
             deadline = time.monotonic() - self.config.worker_expiry_s
             for worker_id in [w for w, seen in self.last_seen_s.items() if seen < deadline]:

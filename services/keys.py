@@ -43,3 +43,11 @@ def request(request_id: str) -> str:
 def control(worker_id: str) -> str:
     """Hash: the last ControlUpdate sent to a worker."""
     return f"{PREFIX}:control:{worker_id}"
+
+
+def placer(placer_id: str) -> str:
+    """String: a live placer's heartbeat (TTL); the launcher waits for one before workers."""
+    return f"{PREFIX}:placer:{placer_id}"
+
+
+PLACER_PATTERN = f"{PREFIX}:placer:*"

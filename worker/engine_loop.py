@@ -1,0 +1,254 @@
+"""The worker's compute loop: one thread that owns the Engine, apart from the NATS loop.
+
+The asyncio side puts commands on `commands` (a thread-safe queue); this thread runs
+engine steps and hands encoded `TokenChunk`s back with `loop.call_soon_threadsafe`.
+Only this thread touches the engine. A request that fails (at admission or in a step)
+always gets a final chunk with an error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services import schemas
+from services.errors import C2CError, ErrorCode
+from services.schemas import FINISH_REASON_FROM_TEXT, FinishReason, RequestKind, SubmitRequest, TokenChunk
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.05
+_STATS_EVERY_S = 0.05
+ENGINE_KNOBS = ("chunk_size", "max_num_seqs", "max_num_batched_tokens", "decode_threshold")
+
+
+@dataclass
+class Snapshot:
+    """What telemetry reports; written by the engine thread, read by the asyncio side."""
+
+    t_s: float = 0.0
+    models: list[str] = field(default_factory=list)
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_free_frac: float = 1.0
+    ttft_p50_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    num_finished: int = 0
+    num_aborted: int = 0
+    request_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Inflight:
+    reply: str
+    arrival_s: float  # wall clock at the gateway
+    received_s: float  # monotonic, on this worker
+    num_chunks: int = 0
+    last_token_s: float = 0.0
+
+
+class EngineLoop:
+    def __init__(self, engine, worker_id: str, loop: asyncio.AbstractEventLoop,
+                 publish: Callable[[list[tuple[str, bytes]]], None]):
+        self.engine = engine
+        self.worker_id = worker_id
+        self.loop = loop
+        self.publish = publish  # called in the asyncio loop with [(subject, payload)]
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.snapshot = Snapshot()
+        self._inflight: dict[str, _Inflight] = {}
+        self._ttft_ms: deque[float] = deque(maxlen=64)
+        self._tpot_ms: deque[float] = deque(maxlen=256)
+        self._num_finished = 0
+        self._num_aborted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{worker_id}", daemon=True)
+        self._last_stats_s = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.commands.put(("noop",))
+        self._thread.join(timeout=10)
+
+    def submit(self, command: tuple) -> None:
+        """Thread-safe: ("submit", SubmitRequest, reply) | ("abort", id) | ("control", knobs)
+        | ("add_model", id, path) | ("prewarm", id) | ("evict", id)."""
+        self.commands.put(command)
+
+    # ---- the thread --------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands(block=not self.engine.has_work())
+            if self.engine.has_work():
+                self._step()
+            self._maybe_snapshot()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self.commands.get(timeout=_IDLE_WAIT_S) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(command)
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, command: tuple) -> None:
+        kind = command[0]
+        try:
+            if kind == "submit":
+                self._add_request(command[1], command[2])
+            elif kind == "abort":
+                self._abort(command[1])
+            elif kind == "control":
+                knobs = {k: v for k, v in command[1].items() if k in ENGINE_KNOBS}
+                self.engine.set_control(**knobs)
+            elif kind == "add_model":
+                if not self.engine.has_model(command[1]):
+                    self.engine.add_model(command[1], command[2])
+            elif kind == "prewarm":
+                self._prewarm(command[1], command[2])
+            elif kind == "evict":
+                self._evict(command[1])
+        except C2CError as exc:
+            log.warning("%s failed: %s", kind, exc)
+
+    def _prewarm(self, model_id: str, model_dir: str) -> None:
+        """Resident in the host store and mapped on this slice before any request."""
+        if not self.engine.has_model(model_id):
+            self.engine.add_model(model_id, model_dir, preload=True)
+        elif hasattr(self.engine, "prewarm"):
+            self.engine.prewarm(model_id)
+        log.info("prewarmed %s", model_id)
+
+    def _evict(self, model_id: str) -> None:
+        evict = getattr(self.engine, "evict", None)
+        if evict is None:
+            log.warning("evict %s: this engine cannot unmap a model; ignored", model_id)
+            return
+        evict(model_id)
+        log.info("evicted %s", model_id)
+
+    def _add_request(self, req: SubmitRequest, reply: str) -> None:
+        from worker.engine import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k, seed=req.seed, stop=list(req.stop),
+            stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
+        )
+        try:
+            self.engine.add_request(
+                req.request_id, req.model_id,
+                prompt=req.prompt if req.kind == RequestKind.COMPLETION else None,
+                prompt_token_ids=req.prompt_token_ids, params=params,
+                messages=req.messages if req.kind == RequestKind.CHAT else None,
+                arrival_s=req.arrival_s or None,
+            )
+        except C2CError as exc:
+            log.info("[req=%s] rejected: %s", req.request_id, exc)
+            self._send([(reply, _error_chunk(req.request_id, self.worker_id, exc.code, str(exc)))])
+            return
+        self._inflight[req.request_id] = _Inflight(reply, req.arrival_s, time.monotonic())
+
+    def _abort(self, request_id: str) -> None:
+        if request_id in self._inflight:
+            self.engine.abort(request_id)
+            self._inflight.pop(request_id, None)
+            self._num_aborted += 1
+            log.info("[req=%s] aborted", request_id)
+
+    def _step(self) -> None:
+        step_start_s = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a bug in a step must not leave clients waiting
+            log.exception("engine step failed; failing %d requests", len(self._inflight))
+            self._fail_all(f"engine step failed: {exc}")
+            return
+        batch = [self._chunk_of(out, step_start_s) for out in outputs if out.request_id in self._inflight]
+        if batch:
+            self._send(batch)
+
+    def _chunk_of(self, out, step_start_s: float) -> tuple[str, bytes]:
+        info = self._inflight[out.request_id]
+        now_s = time.monotonic()
+        chunk = TokenChunk(out.request_id, self.worker_id, list(out.new_token_ids), out.new_text)
+        if info.num_chunks == 0:
+            chunk.cold_start = bool(getattr(out, "cold_start", False))
+            chunk.queue_s = max(0.0, step_start_s - info.received_s)
+            self._ttft_ms.append(max(0.0, time.time() - info.arrival_s) * 1e3)
+        elif out.new_token_ids:
+            self._tpot_ms.append((now_s - info.last_token_s) * 1e3 / len(out.new_token_ids))
+        info.num_chunks += 1
+        if out.new_token_ids:
+            info.last_token_s = now_s
+        if out.finished:
+            self._finish(chunk, out)
+        return info.reply, schemas.encode(chunk)
+
+    def _finish(self, chunk: TokenChunk, out) -> None:
+        self._inflight.pop(out.request_id, None)
+        self._num_finished += 1
+        chunk.finish_reason = FINISH_REASON_FROM_TEXT.get(out.finish_reason or "stop", FinishReason.STOP)
+        chunk.num_prompt_tokens = out.num_prompt_tokens
+        chunk.num_generated_tokens = out.num_generated_tokens
+        if chunk.finish_reason == FinishReason.ERROR or out.error:
+            chunk.finish_reason = FinishReason.ERROR
+            chunk.error_code = out.error_code or ErrorCode.INTERNAL
+            chunk.error = out.error or "the engine failed on this request"
+
+    def _fail_all(self, message: str) -> None:
+        batch = []
+        for request_id, info in list(self._inflight.items()):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine is already broken; the client must still hear
+                log.exception("[req=%s] abort after a failed step failed", request_id)
+            batch.append((info.reply, _error_chunk(request_id, self.worker_id, ErrorCode.INTERNAL, message)))
+        self._inflight.clear()
+        self._send(batch)
+
+    def _send(self, batch: list[tuple[str, bytes]]) -> None:
+        self.loop.call_soon_threadsafe(self.publish, batch)
+
+    def _maybe_snapshot(self) -> None:
+        now_s = time.monotonic()
+        if now_s - self._last_stats_s < _STATS_EVERY_S:
+            return
+        self._last_stats_s = now_s
+        stats = self.engine.stats()
+        per_model = _stat(stats, "per_model", {}) or {}
+        mapped = [m for m, st in per_model.items() if _stat(st, "is_loaded", True)]
+        self.snapshot = Snapshot(
+            t_s=time.time(), models=mapped,
+            num_running=int(_stat(stats, "num_running", 0)), num_waiting=int(_stat(stats, "num_waiting", 0)),
+            kv_free_frac=1.0 - float(_stat(stats, "kv_used_frac", 0.0)),
+            ttft_p50_ms=statistics.median(self._ttft_ms) if self._ttft_ms else None,
+            tpot_p50_ms=statistics.median(self._tpot_ms) if self._tpot_ms else None,
+            num_finished=self._num_finished, num_aborted=self._num_aborted,
+            request_ids=list(self._inflight),
+        )
+
+
+def _stat(stats: Any, name: str, default: Any) -> Any:
+    if isinstance(stats, dict):
+        return stats.get(name, default)
+    return getattr(stats, name, default)
+
+
+def _error_chunk(request_id: str, worker_id: str, code: int, message: str) -> bytes:
+    return schemas.encode(TokenChunk(request_id, worker_id, finish_reason=FinishReason.ERROR,
+                                     error_code=int(code), error=message))

@@ -1,0 +1,252 @@
+"""`c2cserve worker`: one process per slice, serving requests with the engine.
+
+Without `--slice-index` it discovers the slices (MIG, GPUs, or CPU core sets) and runs
+one child process per slice. With it, it pins itself to that slice, builds the Engine,
+and serves NATS subjects:
+
+    c2c.worker.<id>.submit     SubmitRequest (reply = gateway inbox) -> TokenChunk stream
+    c2c.worker.<id>.abort      AbortRequest
+    c2c.worker.<id>.residency  ResidencyCommand (prewarm / evict)
+    c2c.control.<id>           ControlUpdate -> Engine.set_control
+and publishes c2c.telemetry.<id> (~100 ms) plus a heartbeat key c2c:worker:<id> (TTL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from nats.aio.msg import Msg
+
+from services import catalog, keys, natsutil, schemas, subjects
+from services.config import WorkerConfig, add_config_arguments, load_config
+from services.errors import ErrorCode
+from services.schemas import (
+    AbortRequest, ControlUpdate, FinishReason, ResidencyAction, ResidencyCommand, SubmitRequest,
+    TokenChunk, WorkerInfo, WorkerTelemetry,
+)
+from worker.slices import SliceSpec, apply_slice, discover_slices
+
+log = logging.getLogger(__name__)
+
+
+def worker_id_for(config: WorkerConfig, spec: SliceSpec) -> str:
+    if config.worker_id:
+        return config.worker_id
+    node = "".join(c if c.isalnum() or c in "-_" else "-" for c in config.node)
+    return f"{node}-{spec.name}"
+
+
+class WorkerService:
+    def __init__(self, config: WorkerConfig, spec: SliceSpec):
+        self.config = config
+        self.spec = spec
+        self.worker_id = worker_id_for(config, spec)
+        self.nc = None
+        self.redis = None
+        self.loop_thread = None
+        self.model_paths: dict[str, str] = {}
+        self._out: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task] = set()
+        self._started_s = time.time()
+
+    def _build_engine(self):
+        from worker.engine import Engine, EngineConfig
+
+        c = self.config
+        return Engine(EngineConfig(
+            max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+            chunk_size=c.chunk_size, kv_cache_bytes=c.kv_cache_bytes,
+            residency="load" if c.residency == "load" else "host",
+            load_budget_bytes=c.load_budget_bytes or None,
+        ))
+
+    async def start(self) -> None:
+        from worker.engine_loop import EngineLoop
+
+        c = self.config
+        self.nc = await natsutil.connect_nats(c.nats_url, f"worker-{self.worker_id}", c.connect_timeout_s)
+        self.redis = await natsutil.connect_redis(c.redis_url, c.connect_timeout_s)
+        engine = await asyncio.to_thread(self._build_engine)
+        self.loop_thread = EngineLoop(engine, self.worker_id, asyncio.get_running_loop(), self._out.put_nowait)
+        await self._add_pinned_models()
+        self.loop_thread.start()
+        natsutil.spawn(self._publisher(), self._tasks, "chunk publisher")
+        await self._subscribe()
+        await self._telemetry()  # placers know this worker before its heartbeat says "ready"
+        await self._heartbeat()
+        natsutil.spawn(self._every(c.telemetry_interval_s, self._telemetry), self._tasks, "telemetry")
+        natsutil.spawn(self._every(max(0.2, c.heartbeat_ttl_s / 3), self._heartbeat), self._tasks, "heartbeat")
+        log.info("worker %s ready on %s (%s, residency=%s)", self.worker_id, self.spec.name, self.spec.profile, c.residency)
+
+    async def _subscribe(self) -> None:
+        wid = self.worker_id
+        await natsutil.subscribe_typed(self.nc, subjects.worker_submit(wid), SubmitRequest, self.on_submit)
+        await natsutil.subscribe_typed(self.nc, subjects.worker_abort(wid), AbortRequest, self.on_abort)
+        await natsutil.subscribe_typed(self.nc, subjects.worker_residency(wid), ResidencyCommand, self.on_residency)
+        await natsutil.subscribe_typed(self.nc, subjects.control(wid), ControlUpdate, self.on_control)
+
+    async def _add_pinned_models(self) -> None:
+        for model_id in self.config.pinned_models:
+            if await self._ensure_model(model_id):
+                self.loop_thread.submit(("prewarm", model_id, self.model_paths[model_id]))
+            else:
+                log.warning("pinned model %s is not in the catalog", model_id)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.redis is not None:
+            await self.redis.delete(keys.worker(self.worker_id))
+        await natsutil.close_nats(self.nc)
+        if self.loop_thread is not None:
+            await asyncio.to_thread(self.loop_thread.stop)
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def _ensure_model(self, model_id: str) -> bool:
+        """Register a catalog model with the engine (one Redis read the first time)."""
+        if model_id in self.model_paths:
+            return True
+        entry = await catalog.lookup(self.redis, model_id)
+        if entry is None:
+            return False
+        self.model_paths[model_id] = entry.path
+        self.loop_thread.submit(("add_model", model_id, entry.path))
+        return True
+
+    async def on_submit(self, req: SubmitRequest, msg: Msg) -> None:
+        """c2c.worker.<id>.submit (SubmitRequest) -> TokenChunks on msg.reply; an unknown
+        model or a model pinned elsewhere gets a final error chunk at once."""
+        pinned = self.config.pinned_models
+        if pinned and req.model_id not in pinned:
+            await self._reply_error(req, msg.reply, ErrorCode.NO_CAPACITY, f"worker {self.worker_id} serves only {', '.join(pinned)}")
+            return
+        if req.model_id not in self.model_paths and not await self._ensure_model(req.model_id):
+            await self._reply_error(req, msg.reply, ErrorCode.MODEL_NOT_FOUND, f"The model '{req.model_id}' does not exist")
+            return
+        self.loop_thread.submit(("submit", req, msg.reply))
+
+    async def _reply_error(self, req: SubmitRequest, reply: str, code: ErrorCode, message: str) -> None:
+        chunk = TokenChunk(req.request_id, self.worker_id, finish_reason=FinishReason.ERROR,
+                           error_code=code, error=message)
+        if reply:
+            await self.nc.publish(reply, schemas.encode(chunk))
+
+    def on_abort(self, abort: AbortRequest, msg: Msg) -> None:
+        """c2c.worker.<id>.abort (AbortRequest): stop the request, free its slot."""
+        self.loop_thread.submit(("abort", abort.request_id))
+
+    async def on_residency(self, cmd: ResidencyCommand, msg: Msg) -> None:
+        """c2c.worker.<id>.residency (ResidencyCommand): prewarm (resident + mapped) or evict."""
+        if cmd.action == ResidencyAction.PREWARM:
+            if await self._ensure_model(cmd.model_id):
+                self.loop_thread.submit(("prewarm", cmd.model_id, self.model_paths[cmd.model_id]))
+            else:
+                log.warning("prewarm of unknown model %s ignored", cmd.model_id)
+        elif cmd.action == ResidencyAction.EVICT:
+            self.loop_thread.submit(("evict", cmd.model_id))
+
+    def on_control(self, update: ControlUpdate, msg: Msg) -> None:
+        """c2c.control.<id> (ControlUpdate): new engine knobs."""
+        knobs = update.knobs()
+        if knobs:
+            self.loop_thread.submit(("control", knobs))
+
+    async def _publisher(self) -> None:
+        """Publishes the engine thread's chunks in order."""
+        while True:
+            batch = await self._out.get()
+            for subject, payload in batch:
+                if subject:
+                    await self.nc.publish(subject, payload)
+
+    async def _every(self, period_s: float, action) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await action()
+            except (OSError, ConnectionError) as exc:
+                log.warning("%s failed: %s", action.__name__, exc)
+
+    async def _telemetry(self) -> None:
+        """c2c.telemetry.<id> (WorkerTelemetry) from the engine thread's latest snapshot."""
+        s = self.loop_thread.snapshot
+        t = WorkerTelemetry(
+            worker_id=self.worker_id, node=self.config.node, gpu=self.spec.gpu, backend=self.spec.backend,
+            t_s=time.time(), models=s.models, cached_fraction={m: 0.0 for m in s.models},
+            num_running=s.num_running, num_waiting=s.num_waiting, max_num_seqs=self.config.max_num_seqs,
+            kv_free_frac=s.kv_free_frac, ttft_p50_ms=s.ttft_p50_ms, tpot_p50_ms=s.tpot_p50_ms,
+            pinned_models=self.config.pinned_models, residency=self.config.residency,
+            num_finished=s.num_finished, num_aborted=s.num_aborted, request_ids=s.request_ids,
+        )
+        await self.nc.publish(subjects.telemetry(self.worker_id), schemas.encode(t))
+
+    async def _heartbeat(self) -> None:
+        """c2c:worker:<id> (WorkerInfo fields, TTL) and the slice's cached models."""
+        info = WorkerInfo(
+            worker_id=self.worker_id, node=self.config.node, gpu=self.spec.gpu,
+            slice_profile=self.spec.profile, memory_bytes=self.spec.memory_bytes,
+            backend=self.spec.backend, residency=self.config.residency,
+            pinned_models=self.config.pinned_models, started_s=self._started_s,
+        )
+        row = {k: (",".join(v) if isinstance(v, list) else str(v)) for k, v in schemas.to_json_dict(info).items()}
+        key = keys.worker(self.worker_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=row)
+            pipe.expire(key, self.config.heartbeat_ttl_s)
+            await pipe.execute()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, WorkerConfig)
+
+
+async def serve(config: WorkerConfig, spec: SliceSpec) -> None:
+    stop = natsutil.stop_event_on_signals()
+    service = WorkerService(config, spec)
+    try:
+        await service.start()
+        await stop.wait()
+    finally:
+        await service.stop()
+
+
+def _supervise(config: WorkerConfig, specs: list[SliceSpec]) -> int:
+    """One child process per slice; SIGINT/SIGTERM stop them all."""
+    base = [sys.executable, "-m", "services.cli", *sys.argv[1:]]
+    children = []
+    for spec in specs:
+        argv = base + ["--slice-index", str(spec.index), "--num-slices", str(len(specs))]
+        children.append(subprocess.Popen(argv, env=dict(os.environ)))
+    log.info("started %d worker processes", len(children))
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return max(child.wait() for child in children)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(WorkerConfig, args)
+    specs = discover_slices(config.device, config.num_slices, config.node)
+    if config.slice_index < 0 and len(specs) > 1:
+        return _supervise(config, specs)
+    index = max(0, config.slice_index)
+    if index >= len(specs):
+        from services.errors import C2CError
+
+        raise C2CError(f"--slice-index {index}: this machine has {len(specs)} slices")
+    apply_slice(specs[index])
+    asyncio.run(serve(config, specs[index]))
+    return 0
