@@ -16,7 +16,10 @@ Prewarm planning (`DemandForecaster`, `plan_prewarm`) is below the routing code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 # A slice takes new requests until running + waiting reaches this many batches' worth.
 QUEUE_CAP_FACTOR = 4
@@ -120,6 +123,8 @@ def choose_slice(req: RequestView, slices: list[SliceView]) -> str | None:
 
 
 __all__ = [
+    "DemandForecaster",
+    "PrewarmAction",
     "QUEUE_CAP_FACTOR",
     "RequestView",
     "RouteWeights",
@@ -129,5 +134,185 @@ __all__ = [
     "choose_slice",
     "has_capacity",
     "link_pressure",
+    "plan_prewarm",
+    "rho_target",
     "route_score",
 ]
+
+
+# ---------------------------------------------------------------- demand forecasts
+
+
+class DemandForecaster:
+    """Per-model arrival-rate forecasts: an EWMA rate plus a periodic component.
+
+    The EWMA is the exponentially decayed count / tau (requests/s), updated in O(1) per
+    arrival. Arrivals are also counted in `bin_s` bins (the last `num_bins`); when the
+    binned series of a model has an autocorrelation peak above `min_acf` at some lag
+    L >= 2 bins, the forecast for t + h also looks at the count one period earlier (the
+    bin at t + h - L) and takes the larger of the two, so a daily / hourly pattern warms
+    the model before its burst comes back.
+    """
+
+    def __init__(self, tau_s: float = 60.0, bin_s: float = 10.0, num_bins: int = 360, min_acf: float = 0.5):
+        if tau_s <= 0 or bin_s <= 0 or num_bins < 8:
+            raise ValueError("tau_s and bin_s must be positive and num_bins >= 8")
+        self.tau_s, self.bin_s, self.num_bins, self.min_acf = tau_s, bin_s, num_bins, min_acf
+        self._rate: dict[str, tuple[float, float]] = {}  # model -> (rate at t, t)
+        self._bins: dict[str, dict[int, int]] = {}  # model -> bin index -> count
+        self._period: dict[str, tuple[int, int | None]] = {}  # model -> (bin computed, lag)
+
+    def observe(self, model_id: str, t_s: float, num: int = 1) -> None:
+        """Record `num` arrivals of `model_id` at time `t_s` (non-decreasing per model)."""
+        self._rate[model_id] = (self.rate(model_id, t_s) + num / self.tau_s, t_s)
+        bins = self._bins.setdefault(model_id, {})
+        index = int(t_s // self.bin_s)
+        bins[index] = bins.get(index, 0) + num
+        if len(bins) > self.num_bins:
+            oldest = index - self.num_bins
+            for old in [b for b in bins if b <= oldest]:
+                del bins[old]
+
+    def rate(self, model_id: str, t_s: float) -> float:
+        """EWMA arrival rate (req/s) at `t_s`, decayed since the last arrival."""
+        rate, last_s = self._rate.get(model_id, (0.0, t_s))
+        return rate * math.exp(-max(0.0, t_s - last_s) / self.tau_s)
+
+    def models(self) -> list[str]:
+        return list(self._rate)
+
+    def period_bins(self, model_id: str, t_s: float) -> int | None:
+        """The dominant period (in bins) of the model's recent counts, or None.
+
+        Recomputed at most once per bin per model (cached), O(num_bins log num_bins).
+        """
+        now_bin = int(t_s // self.bin_s)
+        cached = self._period.get(model_id)
+        if cached is not None and cached[0] == now_bin:
+            return cached[1]
+        lag = _dominant_lag(self._series(model_id, t_s), self.min_acf)
+        self._period[model_id] = (now_bin, lag)
+        return lag
+
+    def forecast(self, model_id: str, t_s: float, horizon_s: float = 30.0, periodic: bool = True) -> float:
+        """Expected arrival rate (req/s) over [t_s, t_s + horizon_s]."""
+        ewma = self.rate(model_id, t_s)
+        if not periodic:
+            return ewma
+        lag = self.period_bins(model_id, t_s)
+        if lag is None:
+            return ewma
+        bins = self._bins.get(model_id, {})
+        first = int((t_s - lag * self.bin_s) // self.bin_s)
+        last = int((t_s + horizon_s - lag * self.bin_s) // self.bin_s)
+        past = sum(bins.get(b, 0) for b in range(first, last + 1))
+        return max(ewma, past / (self.bin_s * (last - first + 1)))
+
+    def _series(self, model_id: str, t_s: float) -> list[int] | None:
+        bins = self._bins.get(model_id)
+        if not bins or sum(bins.values()) < 8:
+            return None
+        now = int(t_s // self.bin_s)
+        start = max(min(bins), now - self.num_bins + 1)
+        if now - start + 1 < 8:
+            return None
+        return [bins.get(b, 0) for b in range(start, now + 1)]
+
+
+def _dominant_lag(series: list[int] | None, min_acf: float) -> int | None:
+    """Lag (>= 2) of the highest autocorrelation peak above `min_acf`, or None."""
+    if series is None:
+        return None
+    x = np.asarray(series, dtype=np.float64)  # [N]
+    x = x - x.mean()
+    power = float(x @ x)
+    if power <= 0:
+        return None
+    spectrum = np.fft.rfft(x, n=2 * x.size)
+    acf = np.fft.irfft(spectrum * np.conj(spectrum))[: x.size // 2] / power  # [N/2]
+    if acf.size <= 2:
+        return None
+    lag = int(np.argmax(acf[2:])) + 2
+    return lag if acf[lag] > min_acf else None
+
+
+# ---------------------------------------------------------------- prewarm planning
+
+
+@dataclass(frozen=True)
+class PrewarmAction:
+    worker_id: str
+    model_id: str
+    rho: float  # target cached fraction; 0 = drop this model's tiles
+
+
+def rho_target(hbm_gbps: float, link_gbps: float) -> float:
+    """Ideal cached fraction: both bandwidths finish together, rho = B_hbm / (B_hbm + B_link)."""
+    if hbm_gbps <= 0:
+        return 0.0
+    return hbm_gbps / (hbm_gbps + max(0.0, link_gbps))
+
+
+def plan_prewarm(
+    forecaster: DemandForecaster,
+    slices: list[SliceView],
+    model_bytes: dict[str, int],
+    now_s: float,
+    slice_cache_budget_bytes: dict[str, int],
+    horizon_s: float = 30.0,
+    min_rate_rps: float = 0.02,
+    rate_per_slice_rps: float = 0.5,
+    max_slices_per_model: int = 8,
+    rho_cap: float = 0.7,
+) -> list[PrewarmAction]:
+    """Which models' hot tiles to cache in which slice, at what rho.
+
+    Models are taken by forecast rate (highest first); a model expected to see at least
+    `min_rate_rps` gets ceil(rate / rate_per_slice_rps) slices (at most
+    `max_slices_per_model`), preferring slices that already hold its tiles or serve it,
+    then slices with the most free cache budget on the least loaded links. The cache
+    budget of a slice is its idle KV bytes (`slice_cache_budget_bytes`): prewarmed tiles
+    live there and are dropped when KV needs the space, so one slice may be warm for
+    several models as long as their tiles fit. rho <= `rho_cap` (the ideal split).
+    Cached models that no longer make the plan get rho = 0. Slices pinned to other
+    models are skipped. Deterministic for equal inputs.
+    """
+    budget = {s.worker_id: max(0, int(slice_cache_budget_bytes.get(s.worker_id, 0))) for s in slices}
+    demand = _ranked_demand(forecaster, model_bytes, now_s, horizon_s, min_rate_rps)
+    planned: dict[tuple[str, str], float] = {}
+    for model_id, rate in demand:
+        num_wanted = min(max_slices_per_model, max(1, math.ceil(rate / rate_per_slice_rps)))
+        for slice_view in _prewarm_candidates(model_id, slices, budget)[:num_wanted]:
+            rho = min(rho_cap, budget[slice_view.worker_id] / max(1, model_bytes[model_id]))
+            if rho < 0.01:
+                continue
+            planned[(slice_view.worker_id, model_id)] = round(rho, 4)
+            budget[slice_view.worker_id] -= int(rho * model_bytes[model_id])
+    return _diff_plan(planned, slices)
+
+
+def _ranked_demand(forecaster, model_bytes, now_s, horizon_s, min_rate_rps) -> list[tuple[str, float]]:
+    rates = [(m, forecaster.forecast(m, now_s, horizon_s)) for m in forecaster.models() if m in model_bytes]
+    return sorted([(m, r) for m, r in rates if r >= min_rate_rps], key=lambda mr: (-mr[1], mr[0]))
+
+
+def _prewarm_candidates(model_id: str, slices: list[SliceView], budget: dict[str, int]) -> list[SliceView]:
+    def key(s: SliceView):
+        has_tiles = s.cached_fraction.get(model_id, 0.0) > 0
+        return (not has_tiles, model_id not in s.models, link_pressure(s), -budget[s.worker_id], s.worker_id)
+
+    usable = [s for s in slices if can_serve(s, model_id) and budget[s.worker_id] > 0]
+    return sorted(usable, key=key)
+
+
+def _diff_plan(planned: dict[tuple[str, str], float], slices: list[SliceView]) -> list[PrewarmAction]:
+    actions = []
+    for s in slices:
+        for model_id, rho in sorted(s.cached_fraction.items()):
+            if rho > 0 and (s.worker_id, model_id) not in planned and model_id not in s.models:
+                actions.append(PrewarmAction(s.worker_id, model_id, 0.0))
+    current = {(s.worker_id, m): r for s in slices for m, r in s.cached_fraction.items()}
+    for (worker_id, model_id), rho in sorted(planned.items()):
+        if abs(current.get((worker_id, model_id), 0.0) - rho) > 0.05:
+            actions.append(PrewarmAction(worker_id, model_id, rho))
+    return actions

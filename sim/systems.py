@@ -1,0 +1,218 @@
+"""The systems compared by the simulator, each a set of decisions on the same engine.
+
+- `C2CServe`: weights stream from host memory; any instance serves any model at once;
+  hot tiles are cached at rho (on first use, and ahead of demand by the placer's
+  prewarm plan); routing, prewarming and knobs come from the live policy modules
+  (`placer.policy`, `controller.policy`).
+- `ServerlessLLM`: an instance holds one model, loaded whole into its memory over the
+  link on a cold start (keep-alive until its units are needed, then LRU).
+- `Dedicated`: instances pinned to models for the whole run, provisioned by popularity.
+- `TimeShare`: whole GPUs, several models resident in HBM (LRU by bytes), loaded on a
+  miss; the GPU's steps cycle over its resident models.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from controller.policy import SLO, ControlSample, Knobs, WorkerController
+from placer.policy import DemandForecaster, PrewarmAction, RequestView, SliceView, choose_slice, plan_prewarm
+from sim.cluster import Instance, Request
+from sim.cost_model import PROFILES, max_rho, streaming_profile
+
+QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batches
+
+
+class System:
+    name = "system"
+    timer_period_s: float | None = None
+
+    def setup(self, sim) -> None: ...
+    def route(self, sim, req: Request): ...
+    def on_assign(self, sim, inst: Instance, req: Request) -> bool:
+        return False
+    def rho_of(self, inst: Instance, model: int) -> float:
+        return 1.0
+    def on_prefill_done(self, sim, inst: Instance, req: Request) -> None: ...
+    def on_finish(self, sim, inst: Instance, req: Request) -> None: ...
+    def on_event(self, sim, inst: Instance) -> None: ...
+    def on_timer(self, sim, t_s: float) -> None: ...
+    def on_load_done(self, sim, flow) -> None: ...
+    def on_create(self, sim, inst: Instance) -> None: ...
+    def on_destroy(self, sim, inst: Instance) -> None: ...
+
+
+# ==================================================================== c2cserve
+
+
+class C2CServe(System):
+    name = "c2cserve"
+
+    def __init__(self, seed: int = 0, prewarm: bool = True, control: bool = True, num_sampled: int = 4,
+                 max_models_per_instance: int = 4, prewarm_period_s: float = 15.0):
+        self.rng = random.Random(seed)
+        self.prewarm, self.control = prewarm, control
+        self.num_sampled, self.max_models = num_sampled, max_models_per_instance
+        self.timer_period_s = prewarm_period_s if prewarm else None
+        self.forecaster = DemandForecaster(tau_s=60.0, bin_s=10.0, num_bins=360)
+        self.by_profile: dict[str, list[Instance]] = {name: [] for name in PROFILES}
+        self.model_instances: dict[int, set[Instance]] = {}
+
+    def setup(self, sim) -> None:
+        self.specs = sim.specs
+        self.profile_of = [streaming_profile(s, sim.catalog.tpot_slo_s[i]) for i, s in enumerate(sim.specs)]
+        self.slo = SLO(ttft_ms=1000 * sim.catalog.slo.ttft_floor_s, tpot_ms=1000 * sim.catalog.slo.tpot_floor_s)
+        for gpu in sim.gpus:
+            while gpu.free_units >= 1:
+                sim.create_instance(gpu, "1g.12gb")
+
+    def on_create(self, sim, inst: Instance) -> None:
+        self.by_profile[inst.prof.name].append(inst)
+        inst.ctl = WorkerController(self.slo, Knobs(chunk_size=inst.chunk, max_num_seqs=inst.max_seqs,
+                                                     max_num_batched_tokens=inst.chunk + inst.max_seqs))
+        inst.ctl_last_s = -math.inf
+        inst.rho_cap = 1.0
+
+    def on_destroy(self, sim, inst: Instance) -> None:
+        self.by_profile[inst.prof.name].remove(inst)
+        for model in list(inst.cached_bytes) + list(inst.ready):
+            self.model_instances.get(model, set()).discard(inst)
+
+    # ---- routing
+    def route(self, sim, req: Request):
+        self.forecaster.observe(str(req.model), sim.now)
+        profile = self.profile_of[req.model]
+        candidates = self._candidates(req.model, profile)
+        views = [self._view(sim, inst, str(k)) for k, inst in enumerate(candidates)]
+        worker_id = choose_slice(RequestView(str(req.rid), str(req.model), req.prompt), views)
+        chosen = candidates[int(worker_id)] if worker_id is not None else None
+        if chosen is None or chosen.num_queued >= chosen.max_seqs:
+            gpu = sim.find_room(PROFILES[profile].units)
+            if gpu is not None:
+                return sim.create_instance(gpu, profile)
+        return chosen
+
+    def _candidates(self, model: int, profile: str) -> list[Instance]:
+        same = [i for i in self.model_instances.get(model, ()) if i.prof.name == profile]
+        pool = self.by_profile[profile]
+        sampled = self.rng.sample(pool, min(self.num_sampled, len(pool)))
+        seen, out = set(), []
+        for inst in same + sampled:
+            if inst.iid in seen:
+                continue
+            seen.add(inst.iid)
+            if model in inst.ready or len(inst.active_models()) < self.max_models:
+                out.append(inst)
+        return out
+
+    def _view(self, sim, inst: Instance, worker_id: str) -> SliceView:
+        gpu = inst.gpu
+        link_util = 0.0 if gpu.link_gbps == math.inf else min(2.0, gpu.streaming_demand_gbps() / gpu.link_gbps)
+        kv_used = inst.kv_used_bytes(sim.specs)
+        return SliceView(
+            worker_id=worker_id,
+            node=str(gpu.gid), gpu=str(gpu.gid), backend="cuda",
+            models=frozenset(str(m) for m in inst.active_models()),
+            cached_fraction={str(m): b / sim.specs[m].weight_bytes for m, b in inst.cached_bytes.items()},
+            num_running=len(inst.decode), num_waiting=inst.num_queued - len(inst.decode),
+            max_num_seqs=inst.max_seqs, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes,
+            link_util=link_util)
+
+    # ---- serving
+    def on_assign(self, sim, inst: Instance, req: Request) -> bool:
+        is_cold = req.model not in inst.cached_bytes and req.model not in inst.active_models()
+        inst.ready.add(req.model)  # streaming: usable at once, nothing to load
+        self.model_instances.setdefault(req.model, set()).add(inst)
+        return is_cold
+
+    def rho_of(self, inst: Instance, model: int) -> float:
+        cached = inst.cached_bytes.get(model, 0.0)
+        return min(inst.rho_cap, cached / self.specs[model].weight_bytes) if cached else 0.0
+
+    def on_prefill_done(self, sim, inst: Instance, req: Request) -> None:
+        """The first pass over a model leaves its hot tiles in HBM (copied as they stream)."""
+        spec = sim.specs[req.model]
+        want = max_rho(spec, inst.prof) * spec.weight_bytes
+        have = inst.cached_bytes.get(req.model, 0.0)
+        if have < want:
+            inst.cached_bytes[req.model] = have + min(want - have, self._cache_room(sim, inst))
+        self._fit_cache(sim, inst)
+
+    def _cache_room(self, sim, inst: Instance) -> float:
+        used = inst.kv_used_bytes(sim.specs) + sum(inst.cached_bytes.values())
+        return max(0.0, inst.prof.usable_bytes - used)
+
+    def _fit_cache(self, sim, inst: Instance) -> None:
+        """KV has priority: drop tiles of idle models first, then of active ones."""
+        over = -self._cache_room(sim, inst)
+        if over <= 0:
+            return
+        active = inst.active_models()
+        for model in sorted(inst.cached_bytes, key=lambda m: m in active):
+            take = min(over, inst.cached_bytes[model])
+            inst.cached_bytes[model] -= take
+            over -= take
+            if inst.cached_bytes[model] <= 0:
+                del inst.cached_bytes[model]
+            if over <= 0:
+                return
+
+    def on_finish(self, sim, inst: Instance, req: Request) -> None:
+        if req.model not in inst.active_models():
+            inst.ready.discard(req.model)
+            if req.model not in inst.cached_bytes:
+                self.model_instances.get(req.model, set()).discard(inst)
+
+    # ---- control: the live controller's law, per instance, at most once a second
+    def on_event(self, sim, inst: Instance) -> None:
+        if not self.control or sim.now - inst.ctl_last_s < 1.0:
+            return
+        inst.ctl_last_s = sim.now
+        kv_used = inst.kv_used_bytes(sim.specs)
+        sample = ControlSample(
+            t_s=sim.now, ttft_p50_ms=inst.ttft_ewma_ms,
+            tpot_p50_ms=1000 * inst.cycle_s if inst.decode and inst.cycle_s < math.inf else None,
+            num_waiting=inst.num_queued - len(inst.decode), num_running=len(inst.decode),
+            link_gbps=inst.alloc_gbps, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes)
+        knobs = inst.ctl.update(sample)
+        if knobs is not None:
+            self._apply_knobs(inst, knobs)
+
+    def _apply_knobs(self, inst: Instance, knobs: Knobs) -> None:
+        if knobs.chunk_size != inst.chunk and inst.prefill_head is not None:
+            left_tokens = max(0.0, inst.prefill_target - inst.v) * inst.chunk
+            inst.prefill_target = inst.v + max(left_tokens / knobs.chunk_size, 0.0)
+        inst.chunk, inst.max_seqs, inst.rho_cap = knobs.chunk_size, knobs.max_num_seqs, knobs.rho_cap
+
+    # ---- prewarm: the live placer's forecaster and plan
+    def on_timer(self, sim, t_s: float) -> None:
+        pool = self.by_profile["1g.12gb"]
+        views = [self._view(sim, inst, worker_id=str(k)) for k, inst in enumerate(pool)]
+        model_bytes = {str(m): int(s.weight_bytes) for m, s in enumerate(sim.specs) if self.profile_of[m] == "1g.12gb"}
+        budgets = {str(k): int(self._cache_room(sim, inst)) for k, inst in enumerate(pool)}
+        actions = plan_prewarm(self.forecaster, views, model_bytes, t_s, budgets)
+        for action in actions:
+            self._prewarm(sim, pool[int(action.worker_id)], action)
+
+    def _prewarm(self, sim, inst: Instance, action: PrewarmAction) -> None:
+        model = int(action.model_id)
+        have = inst.cached_bytes.get(model, 0.0)
+        want = action.rho * sim.specs[model].weight_bytes
+        if want <= have:
+            if want < have and model not in inst.active_models():
+                inst.cached_bytes[model] = want
+                if want <= 0:
+                    del inst.cached_bytes[model]
+            return
+        if any(f.model == model for f in inst.gpu.loads if f.instance is inst):
+            return
+        sim.start_load(inst, model, want - have, inst.prof.link_cap_gbps, tag="prewarm")
+
+    def on_load_done(self, sim, flow) -> None:
+        inst, model = flow.instance, flow.model
+        if not inst.alive:
+            return
+        inst.cached_bytes[model] = inst.cached_bytes.get(model, 0.0) + flow.nbytes
+        self.model_instances.setdefault(model, set()).add(inst)
+        self._fit_cache(sim, inst)
