@@ -1,0 +1,243 @@
+"""End to end: real nats-server + Redis, gateway, placer, controller and two CPU workers
+as subprocesses (LocalCluster), tiny random models; the official `openai` client and raw
+HTTP. Greedy outputs must equal the engine's own direct output on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from services import schemas, subjects
+from services.launcher import LocalCluster
+from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerTelemetry
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = ["The quick brown fox", "Hello, world"]
+CHAT = [{"role": "user", "content": "Say something"}]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    return {"llama": tiny_model("llama"), "qwen2": tiny_model("qwen2", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def cluster(servers, models):
+    with LocalCluster(list(models.values()), num_workers=2, nats_url=servers.nats_url,
+                      redis_url=servers.redis_url) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def expected(models):
+    """Greedy outputs of the engine called directly, per (model, prompt or 'chat')."""
+    from worker.engine import Engine, SamplingParams
+
+    engine = Engine()
+    out = {}
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    for model_dir in models.values():
+        engine.add_model(model_dir.name, model_dir)
+        for prompt in PROMPTS:
+            out[model_dir.name, prompt] = engine.generate(model_dir.name, prompt, params)
+        out[model_dir.name, "chat"] = engine.generate(model_dir.name, None, params, messages=CHAT)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_services_do_not_import_torch():
+    code = "import gateway.service, placer.service, controller.service, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_models_listed(client, models):
+    ids = {m.id for m in client.models.list().data}
+    assert {d.name for d in models.values()} <= ids
+
+
+def test_completions_match_engine(client, models, expected):
+    for model_dir in models.values():
+        for prompt in PROMPTS:
+            want = expected[model_dir.name, prompt]
+            got = client.completions.create(model=model_dir.name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+            assert got.choices[0].text == want.new_text
+            assert got.choices[0].finish_reason == want.finish_reason
+            assert got.usage.completion_tokens == want.num_generated_tokens
+            assert got.usage.prompt_tokens == want.num_prompt_tokens
+            assert got.usage.total_tokens == want.num_prompt_tokens + want.num_generated_tokens
+
+
+def test_streaming_completion_matches_engine(client, models, expected):
+    model_id = models["llama"].name
+    want = expected[model_id, PROMPTS[0]]
+    stream = client.completions.create(model=model_id, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == want.new_text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want.num_generated_tokens
+
+
+def test_chat_matches_engine_stream_and_not(client, models, expected):
+    model_id = models["qwen2"].name
+    want = expected[model_id, "chat"]
+    full = client.chat.completions.create(model=model_id, messages=CHAT, max_completion_tokens=MAX_TOKENS, temperature=0)
+    assert full.object == "chat.completion"
+    assert full.choices[0].message.role == "assistant"
+    assert full.choices[0].message.content == want.new_text
+    assert full.usage.prompt_tokens == want.num_prompt_tokens
+    chunks = list(client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.new_text
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+async def test_raw_sse_wire_format(cluster, models, expected):
+    model_id = models["llama"].name
+    body = {"model": model_id, "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            raw = (await resp.read()).decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    objs = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    for obj in objs:
+        assert set(obj) == {"id", "object", "created", "model", "choices"}
+        assert obj["object"] == "text_completion" and obj["model"] == model_id
+        assert set(obj["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
+    assert "".join(o["choices"][0]["text"] for o in objs) == expected[model_id, PROMPTS[1]].new_text
+    assert objs[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+async def _request_on_worker(nc, worker_id: str, model_id: str, prompt: str) -> str:
+    """Submit straight to one worker over NATS; the concatenated text of its chunks."""
+    req = SubmitRequest(f"direct-{model_id}-{time.monotonic_ns()}", model_id, prompt=prompt,
+                        max_tokens=MAX_TOKENS, temperature=0.0)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=inbox)
+    parts = []
+    while True:
+        chunk = schemas.decode(TokenChunk, (await sub.next_msg(timeout=30)).data)
+        assert chunk.error_code == 0, chunk.error
+        parts.append(chunk.text)
+        if chunk.finish_reason != FinishReason.NONE:
+            break
+    await sub.unsubscribe()
+    return "".join(parts)
+
+
+async def test_two_models_alternate_on_one_worker(cluster, models, expected):
+    import nats
+
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        worker_id = cluster.worker_ids[0]
+        for _ in range(2):
+            for model_dir in models.values():
+                text = await _request_on_worker(nc, worker_id, model_dir.name, PROMPTS[0])
+                assert text == expected[model_dir.name, PROMPTS[0]].new_text
+    finally:
+        await nc.close()
+
+
+async def _telemetry(nc, duration_s: float) -> dict[str, WorkerTelemetry]:
+    latest: dict[str, WorkerTelemetry] = {}
+
+    async def on_msg(msg):
+        t = schemas.decode(WorkerTelemetry, msg.data)
+        latest[t.worker_id] = t
+
+    sub = await nc.subscribe(subjects.TELEMETRY_ALL, cb=on_msg)
+    await asyncio.sleep(duration_s)
+    await sub.unsubscribe()
+    return latest
+
+
+async def test_client_disconnect_aborts_on_worker(cluster, models):
+    import nats
+
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        before = await _telemetry(nc, 0.5)
+        body = {"model": models["llama"].name, "prompt": "tell me everything", "max_tokens": 1900,
+                "ignore_eos": True, "temperature": 0, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.content.readline()  # the first event: it is running
+        # the connection is closed: the worker must abort, not generate 1900 tokens
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            after = await _telemetry(nc, 0.3)
+            aborted = sum(t.num_aborted for t in after.values()) - sum(t.num_aborted for t in before.values())
+            if aborted >= 1 and all(t.num_running == 0 for t in after.values()):
+                break
+        assert aborted >= 1, "the worker never saw the abort"
+        assert all(t.num_running == 0 and not t.request_ids for t in after.values())
+    finally:
+        await nc.close()
+    metrics = await _metrics(cluster)
+    assert re.search(r'c2c_requests_total\{model="[^"]+",outcome="aborted"\} [1-9]', metrics)
+
+
+async def _metrics(cluster) -> str:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{cluster.url}/metrics") as resp:
+            return await resp.text()
+
+
+async def test_two_workers_share_load(cluster, models):
+    body = {"model": models["qwen2"].name, "prompt": "load", "max_tokens": 24, "ignore_eos": True}
+    async with aiohttp.ClientSession() as session:
+        async def one():
+            async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+
+        await asyncio.gather(*(one() for _ in range(8)))
+    metrics = await _metrics(cluster)
+    served = {w for w in cluster.worker_ids
+              if re.search(rf'c2c_e2e_request_latency_seconds_count\{{model="[^"]+",worker="{w}"\}} [1-9]', metrics)}
+    assert served == set(cluster.worker_ids), metrics[-2000:]
+
+
+async def test_bad_inputs_get_errors_and_service_continues(cluster, models):
+    model_id = models["llama"].name
+    url = f"{cluster.url}/v1/completions"
+    async with aiohttp.ClientSession() as session:
+        cases = [
+            ({"data": b"{oops", "headers": {"Content-Type": "application/json"}}, 400, None),
+            ({"json": {"model": model_id, "prompt": "x", "temperature": "warm"}}, 400, None),
+            ({"json": {"model": model_id, "prompt": "x", "frobnicate": True}}, 400, None),
+            ({"json": {"model": "nope", "prompt": "x"}}, 404, "model_not_found"),
+            ({"json": {"model": model_id, "prompt": "word " * 2500}}, 400, "context_length_exceeded"),
+            ({"json": {"model": model_id, "prompt": "word " * 2500, "stream": True}}, 400, "context_length_exceeded"),
+        ]
+        for kwargs, status, code in cases:
+            async with session.post(url, **kwargs) as resp:
+                body = await resp.json()
+                assert resp.status == status, body
+                assert body["error"]["code"] == code and body["error"]["message"]
+        async with session.post(url, json={"model": model_id, "prompt": "still alive", "max_tokens": 2}) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["usage"]["completion_tokens"] >= 1
