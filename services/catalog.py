@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import msgspec
@@ -78,5 +77,9 @@ async def lookup(redis, model_id: str) -> ModelEntry | None:
     return _from_hash(row) if row else None
 
 
-def now_s() -> int:
-    return int(time.time())
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Every checkpoint folder (one holding config.json) directly under `root`."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: models folder does not exist")
+    return sorted(p.parent for p in root.glob("*/config.json"))

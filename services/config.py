@@ -49,6 +49,7 @@ class GatewayConfig(CommonConfig):
     chunk_timeout_s: float = field(default=30.0, metadata=_help("504 if the stream stalls this long"))
     retry_after_s: int = field(default=1, metadata=_help("Retry-After on 503"))
     catalog_refresh_s: float = field(default=2.0, metadata=_help("reload the model catalog this often"))
+    models_dir: str = field(default="", metadata=_help("register every checkpoint folder under this at start"))
 
     def validate(self) -> None:
         super().validate()
