@@ -1,0 +1,115 @@
+"""`c2cserve bench overhead`: latency the services add to a one-token completion.
+
+Same run, same checkpoint, same prompt: (1) end to end through HTTP -> gateway -> NATS ->
+placer -> worker -> gateway (a LocalCluster with one worker, keep-alive client,
+requests one at a time), then (2) the same call straight into an in-process Engine.
+Prints p50/p90/p99 of both and the difference; writes bench/results/overhead.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from services.errors import C2CError
+
+RESULTS = Path(__file__).resolve().parent / "results" / "overhead.txt"
+BENCH_MODEL_DIR = Path("~/.cache/c2cserve/bench/tiny-llama").expanduser()
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=200, help="timed requests per path (default 200)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed requests first (default 20)")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: a synthesized tiny llama)")
+    parser.add_argument("--out", default=str(RESULTS), help="results file")
+
+
+def _model_dir(arg: str | None) -> Path:
+    if arg:
+        path = Path(arg)
+        if not (path / "config.json").is_file():
+            raise C2CError(f"--model {path}: not a checkpoint folder (no config.json)")
+        return path
+    if not (BENCH_MODEL_DIR / "config.json").is_file():
+        from worker.synth import synth_model
+
+        synth_model("llama", "tiny", BENCH_MODEL_DIR)
+    return BENCH_MODEL_DIR
+
+
+def percentiles_ms(samples_s: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(samples_s, n=100, method="inclusive")
+    return {"p50": q[49] * 1e3, "p90": q[89] * 1e3, "p99": q[98] * 1e3, "mean": statistics.fmean(samples_s) * 1e3}
+
+
+async def _through_services(url: str, model_id: str, n: int, warmup: int) -> list[float]:
+    import aiohttp
+
+    body = {"model": model_id, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    samples = []
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i in range(warmup + n):
+            start = time.perf_counter()
+            async with session.post(f"{url}/v1/completions", json=body) as resp:
+                payload = await resp.read()
+                if resp.status != 200:
+                    raise C2CError(f"gateway answered {resp.status}: {payload[:200]!r}")
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _direct(model_dir: Path, n: int, warmup: int) -> list[float]:
+    from worker.engine import Engine, SamplingParams
+
+    engine = Engine()
+    engine.add_model(model_dir.name, model_dir)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    samples = []
+    for i in range(warmup + n):
+        start = time.perf_counter()
+        out = engine.generate(model_dir.name, PROMPT, params)
+        if i >= warmup:
+            samples.append(time.perf_counter() - start)
+        if out.num_generated_tokens != 1:
+            raise C2CError(f"the engine generated {out.num_generated_tokens} tokens, expected 1")
+    return samples
+
+
+def _report(command: str, model_dir: Path, services: dict, direct: dict) -> str:
+    lines = [
+        f"$ {command}",
+        f"model: {model_dir.name} ({model_dir}); one-token completion, prompt {PROMPT!r}; requests one at a time",
+        f"{'path':<44}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'mean ms':>9}",
+    ]
+    for name, s in (("HTTP -> gateway -> placer -> worker (NATS)", services), ("Engine.generate in process", direct)):
+        lines.append(f"{name:<44}{s['p50']:9.2f}{s['p90']:9.2f}{s['p99']:9.2f}{s['mean']:9.2f}")
+    added = {k: services[k] - direct[k] for k in ("p50", "p90", "p99")}
+    lines.append(f"{'added by the services':<44}{added['p50']:9.2f}{added['p90']:9.2f}{added['p99']:9.2f}")
+    lines.append(f"target: <= 3 ms added at p50 -> {'met' if added['p50'] <= 3.0 else 'NOT met'}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.launcher import LocalCluster
+
+    if args.n < 2:
+        raise C2CError("--n must be at least 2")
+    model_dir = _model_dir(args.model)
+    with LocalCluster([model_dir], num_workers=1) as cluster:
+        services = percentiles_ms(asyncio.run(_through_services(cluster.url, model_dir.name, args.n, args.warmup)))
+    direct = percentiles_ms(_direct(model_dir, args.n, args.warmup))
+    command = "c2cserve bench overhead " + " ".join(sys.argv[sys.argv.index("overhead") + 1:]) if "overhead" in sys.argv else "c2cserve bench overhead"
+    report = _report(command.strip(), model_dir, services, direct)
+    print(report, end="")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"wrote {out}")
+    return 0
