@@ -19,6 +19,11 @@ the same chunk costs more TPOT and the law shrinks it. When even the minimum chu
 TPOT, the batch cap shrinks (fewer sequences per step); it grows back when there is TPOT
 headroom and a queue. The rho cap follows KV pressure (cached tiles yield HBM to KV) and
 the decode threshold follows the batch cap (decode batches stay on the GEMV path).
+
+Link-bound steps (achieved link GB/s near what the link gives the worker, when telemetry
+says so): the weights cross the link once per step whatever the chunk or the batch, so
+shrinking either would only slow prefill; the law holds them (or grows the chunk when
+TTFT is late) and leaves contention to the placer, which routes away from busy links.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class ControlSample:  # one telemetry sample of one worker
     num_running: int
     link_gbps: float = 0.0
     kv_free_frac: float = 1.0  # optional: free fraction of the KV cache
-    link_capacity_gbps: float = 0.0  # optional: the link domain's capacity (0 = unknown)
+    link_capacity_gbps: float = 0.0  # optional: link rate available to this worker now (0 = unknown)
     step_ms: float | None = None  # optional: mean engine step time
 
 
@@ -61,7 +66,7 @@ class Limits:
 
     min_chunk: int = 32
     max_chunk: int = 2048
-    min_seqs: int = 1
+    min_seqs: int = 2
     max_seqs: int = 256
     gain: float = 0.5  # fraction of the log-error corrected per update
     max_step: float = 2.0  # at most x2 or /2 per update
@@ -71,6 +76,7 @@ class Limits:
     kv_low: float = 0.10  # KV free below this: cached tiles yield (rho cap down)
     kv_high: float = 0.30  # KV free above this: rho cap may grow back
     rho_step: float = 0.1
+    link_bound_frac: float = 0.8  # achieved / available link rate above this: link-bound
 
 
 class WorkerController:  # per worker state of the feedback law
@@ -115,9 +121,16 @@ class WorkerController:  # per worker state of the feedback law
     def _chunk_factor(self, sample: ControlSample) -> float:
         """Multiplicative change of the chunk size (1.0 inside the dead band)."""
         lim, tpot, ttft = self.limits, self._tpot_ms, self._ttft_ms
-        if tpot is not None and tpot > self.slo.tpot_ms:
+        ttft_late = ttft is not None and ttft > self.slo.ttft_ms and sample.num_waiting > 0
+        if tpot is not None and tpot > self.slo.tpot_ms and self.is_link_bound(sample):
+            # steps wait on host bytes, which cross once per step whatever the chunk: a
+            # smaller chunk would only slow prefill. Grow it if prefill is late, else hold.
+            if not ttft_late:
+                return 1.0
+            ratio = ttft / self.slo.ttft_ms
+        elif tpot is not None and tpot > self.slo.tpot_ms:
             ratio = self.slo.tpot_ms / tpot  # < 1: shrink
-        elif ttft is not None and ttft > self.slo.ttft_ms and sample.num_waiting > 0:
+        elif ttft_late:
             # prefill is late; grow only while TPOT has headroom
             headroom = self.slo.tpot_ms / tpot if tpot else lim.max_step
             ratio = min(headroom, ttft / self.slo.ttft_ms)
@@ -130,9 +143,16 @@ class WorkerController:  # per worker state of the feedback law
         factor = ratio**lim.gain
         return min(lim.max_step, max(1.0 / lim.max_step, factor))
 
+    def is_link_bound(self, sample: ControlSample) -> bool:
+        """Achieved link rate near what the link domain gives this worker."""
+        cap = sample.link_capacity_gbps
+        return cap > 0 and sample.link_gbps >= self.limits.link_bound_frac * cap
+
     def _batch_cap(self, sample: ControlSample, chunk: int, factor: float) -> int:
         """Shrink the batch cap when the minimum chunk still misses TPOT; regrow with a queue."""
         lim, seqs = self.limits, self.knobs.max_num_seqs
+        if self.is_link_bound(sample):
+            return seqs  # fewer sequences would not make a link-bound step shorter
         if factor < 1.0 and chunk <= lim.min_chunk and self.knobs.chunk_size <= lim.min_chunk:
             return _clamp_int(seqs * factor, lim.min_seqs, lim.max_seqs)
         if factor > 1.0 and sample.num_waiting > 0 and sample.num_running >= seqs:

@@ -41,6 +41,7 @@ class SliceView:
     pinned_models: frozenset[str] = frozenset()  # "dedicated" mode: only these
     link_demand_gbps: float = 0.0  # optional: streaming demand of co-located slices
     link_capacity_gbps: float = 0.0  # optional: capacity of the link domain (0 = unknown)
+    cycle_ms: float = 0.0  # optional: current step cycle over its models (telemetry)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class RequestView:
     model_id: str
     num_prompt_tokens: int  # estimate (chars / 4 when not tokenized)
     slo_class: str = "standard"  # "interactive" | "standard" | "batch"
+    est_step_ms: float = 0.0  # optional: one decode step of this model on such a slice
+    tpot_slo_ms: float = 0.0  # optional: with est_step_ms, keeps co-served models in SLO
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,14 @@ def link_pressure(slice_view: SliceView) -> float:
     return max(0.0, slice_view.link_util)
 
 
+def fits_cycle(req: RequestView, slice_view: SliceView) -> bool:
+    """A slice steps its models in turn, so a new model adds its step to every token's
+    wait: refuse a slice not serving the model when cycle + step would pass the TPOT SLO."""
+    if req.tpot_slo_ms <= 0 or req.model_id in slice_view.models or slice_view.cycle_ms <= 0:
+        return True
+    return slice_view.cycle_ms + req.est_step_ms <= req.tpot_slo_ms
+
+
 def route_score(req: RequestView, slice_view: SliceView) -> float:
     """Higher is better. See the module docstring for the terms."""
     weights = SLO_CLASS_WEIGHTS.get(req.slo_class, SLO_CLASS_WEIGHTS["standard"])
@@ -108,13 +119,17 @@ def route_score(req: RequestView, slice_view: SliceView) -> float:
 def choose_slice(req: RequestView, slices: list[SliceView]) -> str | None:
     """The worker_id of the best slice for `req`, or None when none can take it.
 
-    None means: no slice may serve the model (all pinned to others) or every slice that
-    may is full; the caller answers 503 (NoCapacity). Ties go to the first slice listed.
+    None means: no slice may serve the model (all pinned to others), every slice that
+    may is full, or (with `req.tpot_slo_ms`) adding the model would push every slice's step
+    cycle past the TPOT SLO; the caller answers 503 (NoCapacity) or starts a slice. Ties go
+    to the first slice listed.
     """
     best_id: str | None = None
     best_score = float("-inf")
     for slice_view in slices:
         if not can_serve(slice_view, req.model_id) or not has_capacity(slice_view):
+            continue
+        if not fits_cycle(req, slice_view):
             continue
         score = route_score(req, slice_view)
         if score > best_score:
@@ -132,6 +147,7 @@ __all__ = [
     "SliceView",
     "can_serve",
     "choose_slice",
+    "fits_cycle",
     "has_capacity",
     "link_pressure",
     "plan_prewarm",
@@ -264,31 +280,41 @@ def plan_prewarm(
     rate_per_slice_rps: float = 0.5,
     max_slices_per_model: int = 8,
     rho_cap: float = 0.7,
+    evict_unplanned: bool = False,
 ) -> list[PrewarmAction]:
     """Which models' hot tiles to cache in which slice, at what rho.
 
     Models are taken by forecast rate (highest first); a model expected to see at least
     `min_rate_rps` gets ceil(rate / rate_per_slice_rps) slices (at most
     `max_slices_per_model`), preferring slices that already hold its tiles or serve it,
-    then slices with the most free cache budget on the least loaded links. The cache
+    then slices on the least loaded links with the most free cache budget. The cache
     budget of a slice is its idle KV bytes (`slice_cache_budget_bytes`): prewarmed tiles
     live there and are dropped when KV needs the space, so one slice may be warm for
-    several models as long as their tiles fit. rho <= `rho_cap` (the ideal split).
-    Cached models that no longer make the plan get rho = 0. Slices pinned to other
-    models are skipped. Deterministic for equal inputs.
+    several models as long as their tiles fit. rho <= `rho_cap` (use `rho_target`).
+    With `evict_unplanned`, cached models of no planned slice that it does not serve get
+    rho = 0 (otherwise tiles stay until KV or newer tiles need the space). Slices pinned
+    to other models are skipped. Deterministic for equal inputs. Cost: one sort of the
+    slices plus O(models x wanted slices).
     """
     budget = {s.worker_id: max(0, int(slice_cache_budget_bytes.get(s.worker_id, 0))) for s in slices}
-    demand = _ranked_demand(forecaster, model_bytes, now_s, horizon_s, min_rate_rps)
+    pressure = {s.worker_id: link_pressure(s) for s in slices}
+    holders: dict[str, list[SliceView]] = {}
+    for s in slices:
+        for model_id in set(s.cached_fraction) | set(s.models):
+            holders.setdefault(model_id, []).append(s)
+    general = sorted(slices, key=lambda s: (pressure[s.worker_id], -budget[s.worker_id], s.worker_id))
     planned: dict[tuple[str, str], float] = {}
-    for model_id, rate in demand:
+    for model_id, rate in _ranked_demand(forecaster, model_bytes, now_s, horizon_s, min_rate_rps):
+        num_bytes = max(1, model_bytes[model_id])
         num_wanted = min(max_slices_per_model, max(1, math.ceil(rate / rate_per_slice_rps)))
-        for slice_view in _prewarm_candidates(model_id, slices, budget)[:num_wanted]:
-            rho = min(rho_cap, budget[slice_view.worker_id] / max(1, model_bytes[model_id]))
+        for s in _pick_slices(model_id, holders.get(model_id, []), general, budget, pressure, num_wanted):
+            existing = s.cached_fraction.get(model_id, 0.0) * num_bytes
+            rho = min(rho_cap, (budget[s.worker_id] + existing) / num_bytes)
             if rho < 0.01:
                 continue
-            planned[(slice_view.worker_id, model_id)] = round(rho, 4)
-            budget[slice_view.worker_id] -= int(rho * model_bytes[model_id])
-    return _diff_plan(planned, slices)
+            planned[(s.worker_id, model_id)] = round(rho, 4)
+            budget[s.worker_id] -= max(0, int(rho * num_bytes - existing))
+    return _diff_plan(planned, slices, evict_unplanned)
 
 
 def _ranked_demand(forecaster, model_bytes, now_s, horizon_s, min_rate_rps) -> list[tuple[str, float]]:
@@ -296,23 +322,32 @@ def _ranked_demand(forecaster, model_bytes, now_s, horizon_s, min_rate_rps) -> l
     return sorted([(m, r) for m, r in rates if r >= min_rate_rps], key=lambda mr: (-mr[1], mr[0]))
 
 
-def _prewarm_candidates(model_id: str, slices: list[SliceView], budget: dict[str, int]) -> list[SliceView]:
-    def key(s: SliceView):
+def _pick_slices(model_id, own, general, budget, pressure, num_wanted) -> list[SliceView]:
+    """Slices holding the model's tiles / serving it first, then the general order."""
+
+    def own_key(s: SliceView):
         has_tiles = s.cached_fraction.get(model_id, 0.0) > 0
-        return (not has_tiles, model_id not in s.models, link_pressure(s), -budget[s.worker_id], s.worker_id)
+        return (not has_tiles, model_id not in s.models, pressure[s.worker_id], -budget[s.worker_id], s.worker_id)
 
-    usable = [s for s in slices if can_serve(s, model_id) and budget[s.worker_id] > 0]
-    return sorted(usable, key=key)
+    picked = [s for s in sorted(own, key=own_key) if can_serve(s, model_id)][:num_wanted]
+    seen = {s.worker_id for s in picked}
+    for s in general:
+        if len(picked) >= num_wanted:
+            break
+        if s.worker_id not in seen and budget[s.worker_id] > 0 and can_serve(s, model_id):
+            picked.append(s)
+    return picked
 
 
-def _diff_plan(planned: dict[tuple[str, str], float], slices: list[SliceView]) -> list[PrewarmAction]:
+def _diff_plan(planned: dict[tuple[str, str], float], slices: list[SliceView], evict_unplanned: bool) -> list[PrewarmAction]:
     actions = []
-    for s in slices:
-        for model_id, rho in sorted(s.cached_fraction.items()):
-            if rho > 0 and (s.worker_id, model_id) not in planned and model_id not in s.models:
-                actions.append(PrewarmAction(s.worker_id, model_id, 0.0))
+    if evict_unplanned:
+        for s in slices:
+            for model_id, rho in sorted(s.cached_fraction.items()):
+                if rho > 0 and (s.worker_id, model_id) not in planned and model_id not in s.models:
+                    actions.append(PrewarmAction(s.worker_id, model_id, 0.0))
     current = {(s.worker_id, m): r for s in slices for m, r in s.cached_fraction.items()}
     for (worker_id, model_id), rho in sorted(planned.items()):
-        if abs(current.get((worker_id, model_id), 0.0) - rho) > 0.05:
+        if rho - current.get((worker_id, model_id), 0.0) > 0.05:
             actions.append(PrewarmAction(worker_id, model_id, rho))
     return actions

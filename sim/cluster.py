@@ -188,16 +188,22 @@ class Gpu:
         return sum(i.demand_gbps for i in self.instances) + sum(f.demand_gbps for f in self.loads)
 
 
-def water_fill(demands: list[float], capacity: float) -> list[float]:
-    """Max-min fair shares of `capacity` for flows wanting `demands` (processor sharing)."""
+def water_fill(demands: list[float], capacity: float, weights: list[float] | None = None) -> list[float]:
+    """Weighted max-min fair shares of `capacity` for flows wanting `demands`.
+
+    Processor sharing of the link: a flow that wants less than its weighted share gets
+    what it wants and the rest is split among the others by weight (weights = the SMs
+    issuing reads, so a 2g instance pulls twice a 1g one when both saturate).
+    """
     if capacity == math.inf or sum(demands) <= capacity:
         return list(demands)
-    order = sorted(range(len(demands)), key=demands.__getitem__)
+    weights = weights or [1.0] * len(demands)
+    order = sorted(range(len(demands)), key=lambda i: demands[i] / weights[i])
     shares = [0.0] * len(demands)
-    left, num_left = capacity, len(demands)
+    left, weight_left = capacity, sum(weights)
     for index in order:
-        share = min(demands[index], left / num_left)
+        share = min(demands[index], left * weights[index] / weight_left)
         shares[index] = share
         left -= share
-        num_left -= 1
+        weight_left -= weights[index]
     return shares

@@ -188,13 +188,28 @@ def smallest_fitting_profile(spec: ModelSpec) -> str | None:
     return None
 
 
-def streaming_profile(spec: ModelSpec, tpot_slo_s: float) -> str:
-    """Smallest profile where one streamed decode step (rho at its max, link uncontended)
-    takes at most half the TPOT SLO; the largest profile when none does."""
+def fair_link_gbps(prof: Profile) -> float:
+    """The link share of an instance when every slice of its GPU streams (per unit)."""
+    return min(prof.link_cap_gbps, C2C_GBPS * C2C_EFFICIENCY * prof.units / UNITS_PER_GPU)
+
+
+def streaming_profile(spec: ModelSpec, tpot_slo_s: float, margin: float = 0.8) -> str:
+    """Smallest profile where a streamed decode step (rho at its max) at the fair link
+    share takes at most `margin` x the TPOT SLO; the largest profile when none does."""
     for name in PROFILE_ORDER:
         prof = PROFILES[name]
-        rho = max_rho(spec, prof)
-        t = step_time(spec, prof, 1, 1024, rho, prof.link_cap_gbps)
-        if t <= 0.5 * tpot_slo_s:
+        t = step_time(spec, prof, 1, 1024, max_rho(spec, prof), fair_link_gbps(prof))
+        if t <= margin * tpot_slo_s:
+            return name
+    return PROFILE_ORDER[-1]
+
+
+def prefill_profile(spec: ModelSpec, prompt_tokens: int, ttft_slo_s: float, at_least: str, margin: float = 0.5) -> str:
+    """Smallest profile (not below `at_least`) that prefills the prompt in one chunk within
+    `margin` x the TTFT SLO at the fair link share; the largest profile when none does."""
+    for name in PROFILE_ORDER[PROFILE_ORDER.index(at_least):]:
+        prof = PROFILES[name]
+        t = step_time(spec, prof, prompt_tokens, 0, max_rho(spec, prof), fair_link_gbps(prof))
+        if t <= margin * ttft_slo_s:
             return name
     return PROFILE_ORDER[-1]

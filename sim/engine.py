@@ -160,6 +160,8 @@ class Simulator:
 
     def _finish_prefill(self, inst: Instance, req: Request) -> None:
         req.t_first = self.now
+        ttft_ms = 1000.0 * (self.now - req.t_arrival)
+        inst.ttft_ewma_ms = ttft_ms if inst.ttft_ewma_ms is None else 0.7 * inst.ttft_ewma_ms + 0.3 * ttft_ms
         inst.prefill_head = None
         self.system.on_prefill_done(self, inst, req)
         if req.output > 1:
@@ -206,7 +208,8 @@ class Simulator:
         flows = gpu.instances + gpu.loads
         for flow in flows:
             flow.advance(self.now)
-        shares = water_fill([f.demand_gbps for f in flows], gpu.link_gbps)
+        weights = [float(f.prof.units) for f in gpu.instances] + [1.0] * len(gpu.loads)
+        shares = water_fill([f.demand_gbps for f in flows], gpu.link_gbps, weights)
         for flow, share in zip(flows, shares):
             flow.alloc_gbps = share
         for inst in gpu.instances:
@@ -267,21 +270,29 @@ class Simulator:
         inst.gpu.instances.remove(inst)
         self.system.on_destroy(self, inst)
 
-    def find_room(self, units: int) -> Gpu | None:
-        """A GPU with `units` free, evicting least-recently-used idle instances if needed."""
-        best, best_cost, best_victims = None, math.inf, None
+    def find_room(self, units: int, gpu_key=None) -> Gpu | None:
+        """A GPU with `units` free, evicting least-recently-used idle instances if needed.
+
+        Among GPUs that can make room, the one with the smallest `gpu_key(gpu)` wins
+        (default: free units first, then the oldest victims, i.e. LRU).
+        """
+        best, best_cost, best_victims = None, None, None
         for gpu in self.gpus:
-            free = gpu.free_units
-            if free >= units:
-                return gpu
-            victims = []
-            for inst in sorted((i for i in gpu.instances if i.is_idle()), key=lambda i: i.last_used_s):
-                victims.append(inst)
-                free += inst.prof.units
-                if free >= units:
+            free, victims = gpu.free_units, []
+            if free < units:
+                for inst in sorted((i for i in gpu.instances if i.is_idle()), key=lambda i: i.last_used_s):
+                    victims.append(inst)
+                    free += inst.prof.units
+                    if free >= units:
+                        break
+            if free < units:
+                continue
+            lru_cost = victims[-1].last_used_s if victims else -math.inf
+            cost = (gpu_key(gpu), lru_cost) if gpu_key is not None else (lru_cost,)
+            if best_cost is None or cost < best_cost:
+                best, best_cost, best_victims = gpu, cost, victims
+                if gpu_key is None and not victims:
                     break
-            if free >= units and victims[-1].last_used_s < best_cost:
-                best, best_cost, best_victims = gpu, victims[-1].last_used_s, victims
         if best is None:
             return None
         for inst in best_victims:

@@ -19,7 +19,7 @@ import random
 from controller.policy import SLO, ControlSample, Knobs, WorkerController
 from placer.policy import DemandForecaster, PrewarmAction, RequestView, SliceView, choose_slice, plan_prewarm
 from sim.cluster import Instance, Request
-from sim.cost_model import PROFILES, max_rho, streaming_profile
+from sim.cost_model import PROFILES, fair_link_gbps, max_rho, prefill_profile, step_time, streaming_profile
 
 QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batches
 
@@ -62,6 +62,7 @@ class C2CServe(System):
     def setup(self, sim) -> None:
         self.specs = sim.specs
         self.profile_of = [streaming_profile(s, sim.catalog.tpot_slo_s[i]) for i, s in enumerate(sim.specs)]
+        self.model_bytes = {str(m): int(s.weight_bytes) for m, s in enumerate(sim.specs) if self.profile_of[m] == "1g.12gb"}
         self.slo = SLO(ttft_ms=1000 * sim.catalog.slo.ttft_floor_s, tpot_ms=1000 * sim.catalog.slo.tpot_floor_s)
         for gpu in sim.gpus:
             while gpu.free_units >= 1:
@@ -82,19 +83,25 @@ class C2CServe(System):
     # ---- routing
     def route(self, sim, req: Request):
         self.forecaster.observe(str(req.model), sim.now)
-        profile = self.profile_of[req.model]
-        candidates = self._candidates(req.model, profile)
+        spec = self.specs[req.model]
+        profile = prefill_profile(spec, req.prompt, req.ttft_slo, self.profile_of[req.model])
+        prof = PROFILES[profile]
+        candidates = self._candidates(req, profile)
         views = [self._view(sim, inst, str(k)) for k, inst in enumerate(candidates)]
-        worker_id = choose_slice(RequestView(str(req.rid), str(req.model), req.prompt), views)
+        est_step_s = step_time(spec, prof, 1, req.prompt, max_rho(spec, prof), fair_link_gbps(prof))
+        view = RequestView(str(req.rid), str(req.model), req.prompt, est_step_ms=1000 * est_step_s,
+                           tpot_slo_ms=1000 * req.tpot_slo)
+        worker_id = choose_slice(view, views)
         chosen = candidates[int(worker_id)] if worker_id is not None else None
         if chosen is None or chosen.num_queued >= chosen.max_seqs:
-            gpu = sim.find_room(PROFILES[profile].units)
+            gpu = sim.find_room(PROFILES[profile].units, gpu_key=lambda g: g.streaming_demand_gbps())
             if gpu is not None:
                 return sim.create_instance(gpu, profile)
         return chosen
 
-    def _candidates(self, model: int, profile: str) -> list[Instance]:
-        same = [i for i in self.model_instances.get(model, ()) if i.prof.name == profile]
+    def _candidates(self, req: Request, profile: str) -> list[Instance]:
+        """Slices already holding the model, plus a few sampled ones it fits beside."""
+        same = [i for i in self.model_instances.get(req.model, ()) if i.prof.name == profile]
         pool = self.by_profile[profile]
         sampled = self.rng.sample(pool, min(self.num_sampled, len(pool)))
         seen, out = set(), []
@@ -102,9 +109,24 @@ class C2CServe(System):
             if inst.iid in seen:
                 continue
             seen.add(inst.iid)
-            if model in inst.ready or len(inst.active_models()) < self.max_models:
+            if req.model in inst.ready or self._fits_beside(inst, req):
                 out.append(inst)
         return out
+
+    def _fits_beside(self, inst: Instance, req: Request) -> bool:
+        """Room for one more model: its step (at the rho the slice can still cache) added to
+        the slice's cycle stays within the TPOT SLO."""
+        active = inst.active_models()
+        if len(active) >= self.max_models:
+            return False
+        if not active:
+            return True
+        spec, prof = self.specs[req.model], inst.prof
+        taken = sum(inst.cached_bytes.get(m, 0.0) for m in active) + inst.kv_used_bytes(self.specs)
+        rho = min(max_rho(spec, prof), max(0.0, prof.usable_bytes - taken) / spec.weight_bytes)
+        est_s = step_time(spec, prof, 1, req.prompt, rho, fair_link_gbps(prof))
+        cycle_s = inst.cycle_s if inst.cycle_s < math.inf else inst.t0_s
+        return cycle_s + est_s <= req.tpot_slo
 
     def _view(self, sim, inst: Instance, worker_id: str) -> SliceView:
         gpu = inst.gpu
@@ -117,7 +139,7 @@ class C2CServe(System):
             cached_fraction={str(m): b / sim.specs[m].weight_bytes for m, b in inst.cached_bytes.items()},
             num_running=len(inst.decode), num_waiting=inst.num_queued - len(inst.decode),
             max_num_seqs=inst.max_seqs, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes,
-            link_util=link_util)
+            link_util=link_util, cycle_ms=1000 * inst.cycle_s if inst.cycle_s < math.inf else 0.0)
 
     # ---- serving
     def on_assign(self, sim, inst: Instance, req: Request) -> bool:
@@ -131,12 +153,22 @@ class C2CServe(System):
         return min(inst.rho_cap, cached / self.specs[model].weight_bytes) if cached else 0.0
 
     def on_prefill_done(self, sim, inst: Instance, req: Request) -> None:
-        """The first pass over a model leaves its hot tiles in HBM (copied as they stream)."""
+        """The first pass over a model leaves its hot tiles in HBM (copied as they stream);
+        tiles of models the slice no longer runs make way (oldest first)."""
         spec = sim.specs[req.model]
         want = max_rho(spec, inst.prof) * spec.weight_bytes
-        have = inst.cached_bytes.get(req.model, 0.0)
-        if have < want:
-            inst.cached_bytes[req.model] = have + min(want - have, self._cache_room(sim, inst))
+        have = inst.cached_bytes.pop(req.model, 0.0)  # re-inserted last: most recent
+        inst.cached_bytes[req.model] = have
+        if have >= want:
+            return
+        active = inst.active_models()
+        for model in [m for m in inst.cached_bytes if m not in active]:
+            if self._cache_room(sim, inst) >= want - have:
+                break
+            del inst.cached_bytes[model]
+            if model not in inst.ready:
+                self.model_instances.get(model, set()).discard(inst)
+        inst.cached_bytes[req.model] = have + min(want - have, self._cache_room(sim, inst))
         self._fit_cache(sim, inst)
 
     def _cache_room(self, sim, inst: Instance) -> float:
@@ -174,7 +206,8 @@ class C2CServe(System):
             t_s=sim.now, ttft_p50_ms=inst.ttft_ewma_ms,
             tpot_p50_ms=1000 * inst.cycle_s if inst.decode and inst.cycle_s < math.inf else None,
             num_waiting=inst.num_queued - len(inst.decode), num_running=len(inst.decode),
-            link_gbps=inst.alloc_gbps, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes)
+            link_gbps=inst.host_bytes / 1e9 / inst.cycle_s if inst.cycle_s < math.inf else 0.0,
+            link_capacity_gbps=inst.alloc_gbps, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes)
         knobs = inst.ctl.update(sample)
         if knobs is not None:
             self._apply_knobs(inst, knobs)
@@ -187,13 +220,23 @@ class C2CServe(System):
 
     # ---- prewarm: the live placer's forecaster and plan
     def on_timer(self, sim, t_s: float) -> None:
-        pool = self.by_profile["1g.12gb"]
-        views = [self._view(sim, inst, worker_id=str(k)) for k, inst in enumerate(pool)]
-        model_bytes = {str(m): int(s.weight_bytes) for m, s in enumerate(sim.specs) if self.profile_of[m] == "1g.12gb"}
+        pool = self._prewarm_pool(sim, t_s)
+        views = [self._view(sim, inst, str(k)) for k, inst in enumerate(pool)]
         budgets = {str(k): int(self._cache_room(sim, inst)) for k, inst in enumerate(pool)}
-        actions = plan_prewarm(self.forecaster, views, model_bytes, t_s, budgets)
+        actions = plan_prewarm(self.forecaster, views, self.model_bytes, t_s, budgets)
         for action in actions:
             self._prewarm(sim, pool[int(action.worker_id)], action)
+
+    def _prewarm_pool(self, sim, t_s: float, num_sampled: int = 128) -> list[Instance]:
+        """Slices the plan considers: those holding a busy model, plus a random sample."""
+        pool = self.by_profile["1g.12gb"]
+        chosen = {inst.iid: inst for inst in self.rng.sample(pool, min(num_sampled, len(pool)))}
+        for model_id in self.forecaster.models():
+            if model_id in self.model_bytes and self.forecaster.rate(model_id, t_s) >= 0.02:
+                for inst in self.model_instances.get(int(model_id), ()):
+                    if inst.prof.name == "1g.12gb":
+                        chosen[inst.iid] = inst
+        return sorted(chosen.values(), key=lambda i: i.iid)
 
     def _prewarm(self, sim, inst: Instance, action: PrewarmAction) -> None:
         model = int(action.model_id)
