@@ -1,21 +1,154 @@
-"""HybridGEMM kernels. Placeholder until the kernels land: a correct torch fallback."""
+"""HybridGEMM: y = x @ W.T with W streamed from host memory (CPU path here, CUDA in
+`kernels.cuda_backend`).
+
+`linear` is what every linear layer and the LM head of the engine calls:
+- fp32 weights: torch `F.linear` (MKL streams fp32 at memory bandwidth);
+- bf16/fp16 weights, M <= decode threshold: the Numba output-stationary GEMV
+  (`cpu_gemv`), weights read once, widened in registers, fp32 accumulation;
+- bf16/fp16 weights, larger M: the prefill path (`cpu_gemm`), the fastest of a
+  weight-stationary Numba kernel and torch, chosen per shape;
+- a weight object with a `hybrid_linear(x, bias)` method (the CUDA `HybridWeight`):
+  delegated to it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_gemm import prefill_linear
+from kernels.cpu_gemv import gemm_skinny, gemm_skinny_serial, gemv_m1, gemv_m1_serial
+
 _decode_threshold = 16
+# Below this many weight bytes a decode call runs on the calling thread: waking the
+# thread pool costs more than the read (and far more on an oversubscribed machine).
+SERIAL_MAX_BYTES = 512 * 1024
+_synced_threads = -1
 
-
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ w.T in fp32; x [M, K] fp32, w [N, K] any float dtype; y [M, N] fp32."""
-    y = F.linear(x, w.to(torch.float32))
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y
+_WIDENED = (torch.bfloat16, torch.float16)
 
 
 def set_decode_threshold(m: int) -> None:
+    """The kernel-path knob: M <= m runs output-stationary (decode), larger M prefill."""
     global _decode_threshold
-    _decode_threshold = int(m)
+    _decode_threshold = max(0, int(m))
+
+
+def decode_threshold() -> int:
+    return _decode_threshold
+
+
+def _sync_threads() -> None:
+    """Numba uses as many threads as torch (a CPU slice sets torch's count)."""
+    global _synced_threads
+    n = torch.get_num_threads()
+    if n != _synced_threads:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _synced_threads = n
+
+
+def _numpy16(w: torch.Tensor) -> np.ndarray:
+    """w [N, K] bf16 -> uint16 bit view; fp16 -> int16 bit view (zero-copy; see _widen)."""
+    if w.dtype == torch.bfloat16:
+        return w.view(torch.uint16).numpy()
+    return w.view(torch.int16).numpy()
+
+
+def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
+    """Output-stationary path; x [M, K] f32 contiguous, M >= 1 -> y [M, N] f32."""
+    m, k = x.shape
+    is_serial = w16.nbytes < SERIAL_MAX_BYTES or _synced_threads == 1
+    if m == 1:
+        y = torch.empty(1, w.shape[0], dtype=torch.float32)  # [1, N]
+        (gemv_m1_serial if is_serial else gemv_m1)(x.numpy(), w16, y.numpy())
+        return y
+    m4 = (m + 3) // 4 * 4
+    if m4 != m:
+        xp = torch.zeros(m4, k, dtype=torch.float32)  # [M4, K], zero rows cost FMAs only
+        xp[:m] = x
+        x = xp
+    y = torch.empty(m4, w.shape[0], dtype=torch.float32)  # [M4, N]
+    if is_serial:
+        gemm_skinny_serial(x.numpy(), w16, y.numpy())
+    else:
+        gemm_skinny(x.numpy(), w16, y.numpy(), numba.get_num_threads())
+    return y[:m]
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ w.T (+ bias) in fp32.
+
+    x [..., K] (any float dtype, any strides), w [N, K] bf16/fp16/fp32 tensor or a
+    HybridWeight; bias [N] or None. Returns [..., N] fp32, contiguous. M = 0 is fine.
+    Raises ValueError when K of x and w differ.
+    """
+    if hasattr(w, "hybrid_linear"):
+        return w.hybrid_linear(x, bias)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if w.dim() != 2 or w.shape[1] != k:
+        raise ValueError(f"linear: x has K={k} but w has shape {tuple(w.shape)}")
+    x2 = x.detach().reshape(-1, k).to(torch.float32).contiguous()  # [M, K]
+    y = _linear_2d(x2, w)  # [M, N]
+    if bias is not None:
+        y += bias.to(torch.float32)
+    return y.reshape(*lead, w.shape[0])
+
+
+def _linear_2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    m = x.shape[0]
+    w = w.detach()
+    if w.dtype not in _WIDENED or m == 0 or w.shape[0] == 0:
+        return F.linear(x, w.to(torch.float32))  # fp32 weights (no copy), or empty shapes
+    if not w.is_contiguous():
+        w = w.contiguous()
+    _sync_threads()
+    w16 = _numpy16(w)
+    if m <= _decode_threshold:
+        return _decode_linear(x, w, w16)
+    return prefill_linear(x, w, w16)
+
+
+def grouped_linear(xs: Sequence[torch.Tensor], ws: Sequence) -> list[torch.Tensor]:
+    """[linear(x_i, w_i)] for MoE experts: only the listed experts' weights are read.
+
+    xs[i] [M_i, K] holds the tokens routed to expert i (grouped, so each expert's
+    weights stream once for all its tokens); experts with no tokens should be left out.
+    """
+    return [linear(x, w) for x, w in zip(xs, ws, strict=True)]
+
+
+def group_by_expert(topk_ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Group routed (token, slot) pairs per expert.
+
+    topk_ids [T, k] int -> [(expert_id, token_idx [n] int64, slot_idx [n] int64)] for
+    every expert that received at least one token, in expert order.
+    """
+    flat = topk_ids.reshape(-1).to(torch.int64)  # [T*k]
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    k = topk_ids.shape[1]
+    groups, start = [], 0
+    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
+        idx = order[start : start + count]
+        groups.append((expert, idx // k, idx % k))
+        start += count
+    return groups
+
+
+def moe_linear(x, expert_ws, topk_ids, topk_weights) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * linear(x[t], expert_ws[topk_ids[t, j]]); x [T, K] -> [T, N].
+
+    Reads only the selected experts' weights, each once for all of its tokens.
+    """
+    n = expert_ws[0].shape[0]
+    out = torch.zeros(x.shape[0], n, dtype=torch.float32)  # [T, N]
+    for expert, token_idx, slot_idx in group_by_expert(topk_ids):
+        y = linear(x[token_idx], expert_ws[expert])  # [n_e, N]
+        out.index_add_(
+            0, token_idx, y * topk_weights[token_idx, slot_idx].to(torch.float32)[:, None]
+        )
+    return out

@@ -1,0 +1,101 @@
+"""CPU prefill path (large M): the fastest of a weight-stationary Numba kernel and torch.
+
+Candidates, all exact fp32 accumulation over the checkpoint's bf16/fp16 weights:
+- "numba_ws": `cpu_gemv.gemm_ws`, weight panels read once and widened in registers;
+- "torch_upcast": widen the whole weight to fp32 then MKL sgemm (`F.linear`).
+
+The first call for a shape key (M bucket, N, K, weight dtype) times every candidate
+once and remembers the fastest (`_choice`); later calls go straight to it. Set
+`C2C_PREFILL_KERNEL=numba_ws|torch_upcast` to force one (an unknown name raises
+InvalidRequest at first use).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels.cpu_gemv import gemm_ws
+from services.errors import InvalidRequest
+
+# Tiles of gemm_ws: a weight panel [N_BLOCK, K_BLOCK] (bf16: 128 KiB) stays in L2 while
+# every M_BLOCK rows of x ([M_BLOCK, K_BLOCK] fp32: 32 KiB) pass over it.
+N_BLOCK, K_BLOCK, M_BLOCK = 128, 512, 16
+
+_choice: dict[tuple[int, int, int, str], str] = {}
+
+
+def _numba_ws(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
+    """x [M, K] f32 contiguous -> y [M, N] f32 (M padded to a multiple of 4 inside)."""
+    m, k = x.shape
+    m4 = (m + 3) // 4 * 4
+    if m4 != m:
+        xp = torch.zeros(m4, k, dtype=torch.float32)  # [M4, K]
+        xp[:m] = x
+        x = xp
+    y = torch.empty(m4, w.shape[0], dtype=torch.float32)  # [M4, N]
+    gemm_ws(x.numpy(), w16, y.numpy(), numba.get_num_threads(), N_BLOCK, K_BLOCK, M_BLOCK)
+    return y[:m]
+
+
+def _torch_upcast(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
+    return F.linear(x, w.to(torch.float32))  # [M, N]
+
+
+CANDIDATES: dict[str, Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]] = {
+    "numba_ws": _numba_ws,
+    "torch_upcast": _torch_upcast,
+}
+
+
+def m_bucket(m: int) -> int:
+    """Shapes within a power-of-two bucket of M share one choice."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def _forced() -> str | None:
+    name = os.environ.get("C2C_PREFILL_KERNEL", "").strip() or None
+    if name is not None and name not in CANDIDATES:
+        raise InvalidRequest(
+            f"C2C_PREFILL_KERNEL={name!r} is not one of {sorted(CANDIDATES)}",
+            param="C2C_PREFILL_KERNEL",
+        )
+    return name
+
+
+def prefill_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
+    """y = x @ w.T in fp32 for large M; x [M, K] f32 contiguous, w [N, K] bf16/fp16.
+
+    `w16` is w's numpy bit view (uint16 for bf16, int16 for fp16). Returns [M, N] f32.
+    """
+    name = _forced()
+    if name is None:
+        key = (m_bucket(x.shape[0]), w.shape[0], w.shape[1], str(w.dtype))
+        name = _choice.get(key)
+        if name is None:
+            return _autotune(key, x, w, w16)
+    return CANDIDATES[name](x, w, w16)
+
+
+def _autotune(key, x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
+    """Time every candidate on this call's data, remember the fastest, return its y."""
+    best_s, y = float("inf"), None
+    for name, fn in CANDIDATES.items():
+        fn(x[:4], w, w16)  # first use compiles / warms; not part of the timing
+        t0 = time.perf_counter()
+        out = fn(x, w, w16)
+        elapsed_s = time.perf_counter() - t0
+        if elapsed_s < best_s:
+            best_s, y, _choice[key] = elapsed_s, out, name
+    return y
+
+
+def chosen_kernels() -> dict[tuple[int, int, int, str], str]:
+    """The autotune decisions so far: (M bucket, N, K, dtype) -> candidate name."""
+    return dict(_choice)

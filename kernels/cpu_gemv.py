@@ -1,0 +1,209 @@
+"""CPU output-stationary GEMV / skinny GEMM over bf16 or fp16 weights (the decode path).
+
+y[M, N] = x[M, K] @ w[N, K].T with M small (decode: one token per running sequence).
+The cost is streaming the weights, so every weight element is loaded from memory once
+and applied to all M rows of x while it is in a register. Threads split the output
+rows (prange, static chunks). The inner loop over K is a widen-and-FMA that LLVM
+vectorizes (fastmath lets it reorder the fp32 sums into vector lanes):
+
+- M == 1: two weight rows per step, two independent accumulators (memory-bound).
+- M > 1: a 4x4 register block (4 weight rows x 4 rows of x, 16 accumulators): per
+  K-vector 4 weight loads + 4 x loads feed 16 FMAs, so the loop is FMA-bound rather than
+  load-bound. x is zero-padded to a multiple of 4 rows by the caller.
+
+bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 bits, so the widen
+is `zext(w) << 16` reinterpreted as float32 (an LLVM bitcast, `_widen`); fp16 is an
+`fpext`. Weights arrive as zero-copy numpy views of the host store: uint16 (bf16 bits) or
+int16 (fp16 bits).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _widen(typingctx, v):
+    """16-bit weight bits -> float32, exactly: uint16 holds bf16 bits, int16 fp16 bits.
+
+    (Numba has no float16 arrays on the CPU, so fp16 weights travel as int16 views.)
+    """
+    if v == types.uint16:
+
+        def codegen_bf16(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+            return builder.bitcast(wide, ir.FloatType())
+
+        return types.float32(v), codegen_bf16
+    if v == types.int16:
+
+        def codegen_f16(context, builder, signature, args):
+            half = builder.bitcast(args[0], ir.HalfType())
+            return builder.fpext(half, ir.FloatType())
+
+        return types.float32(v), codegen_f16
+    return None
+
+
+@nb.njit(fastmath=True, inline="always")
+def _dot2(w0, w1, x):
+    """(w0 . x, w1 . x) for two weight rows (16-bit) and one fp32 row x."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    for k in range(x.shape[0]):
+        xk = x[k]
+        a0 += _widen(w0[k]) * xk
+        a1 += _widen(w1[k]) * xk
+    return a0, a1
+
+
+@nb.njit(fastmath=True, inline="always")
+def _dot1(w0, x):
+    a0 = np.float32(0.0)
+    for k in range(x.shape[0]):
+        a0 += _widen(w0[k]) * x[k]
+    return a0
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def gemv_m1(x, w, y):
+    """y[0] = w @ x[0]; x [1, K] f32, w [N, K] uint16 bf16 / int16 fp16 bits, y [1, N] f32."""
+    n_rows = w.shape[0]
+    xr = x[0]
+    for p in nb.prange(n_rows // 2):
+        a0, a1 = _dot2(w[2 * p], w[2 * p + 1], xr)
+        y[0, 2 * p] = a0
+        y[0, 2 * p + 1] = a1
+    if n_rows % 2 == 1:
+        y[0, n_rows - 1] = _dot1(w[n_rows - 1], xr)
+
+
+@nb.njit(fastmath=True, cache=True)
+def gemv_m1_serial(x, w, y):
+    """gemv_m1 on the calling thread: small matrices, where waking threads costs more."""
+    xr = x[0]
+    for n in range(w.shape[0]):
+        y[0, n] = _dot1(w[n], xr)
+
+
+@nb.njit(fastmath=True, inline="always")
+def _block4x4(x, m0, w, n0, y, k0, k1, accumulate):
+    """y[m0:m0+4, n0:n0+4] (+)= x[m0:m0+4, k0:k1] @ widen(w[n0:n0+4, k0:k1]).T.
+
+    16 register accumulators; `accumulate` adds to y instead of overwriting it.
+    """
+    z = np.float32(0.0)
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = z
+    x0, x1, x2, x3 = x[m0, k0:k1], x[m0 + 1, k0:k1], x[m0 + 2, k0:k1], x[m0 + 3, k0:k1]
+    w0, w1, w2, w3 = w[n0, k0:k1], w[n0 + 1, k0:k1], w[n0 + 2, k0:k1], w[n0 + 3, k0:k1]
+    if accumulate:
+        a00, a01, a02, a03 = y[m0, n0], y[m0, n0 + 1], y[m0, n0 + 2], y[m0, n0 + 3]
+        a10, a11, a12, a13 = y[m0 + 1, n0], y[m0 + 1, n0 + 1], y[m0 + 1, n0 + 2], y[m0 + 1, n0 + 3]
+        a20, a21, a22, a23 = y[m0 + 2, n0], y[m0 + 2, n0 + 1], y[m0 + 2, n0 + 2], y[m0 + 2, n0 + 3]
+        a30, a31, a32, a33 = y[m0 + 3, n0], y[m0 + 3, n0 + 1], y[m0 + 3, n0 + 2], y[m0 + 3, n0 + 3]
+    for k in range(k1 - k0):
+        c0, c1, c2, c3 = x0[k], x1[k], x2[k], x3[k]
+        r = _widen(w0[k])
+        a00 += r * c0
+        a10 += r * c1
+        a20 += r * c2
+        a30 += r * c3
+        r = _widen(w1[k])
+        a01 += r * c0
+        a11 += r * c1
+        a21 += r * c2
+        a31 += r * c3
+        r = _widen(w2[k])
+        a02 += r * c0
+        a12 += r * c1
+        a22 += r * c2
+        a32 += r * c3
+        r = _widen(w3[k])
+        a03 += r * c0
+        a13 += r * c1
+        a23 += r * c2
+        a33 += r * c3
+    y[m0, n0], y[m0, n0 + 1], y[m0, n0 + 2], y[m0, n0 + 3] = a00, a01, a02, a03
+    y[m0 + 1, n0], y[m0 + 1, n0 + 1], y[m0 + 1, n0 + 2], y[m0 + 1, n0 + 3] = a10, a11, a12, a13
+    y[m0 + 2, n0], y[m0 + 2, n0 + 1], y[m0 + 2, n0 + 2], y[m0 + 2, n0 + 3] = a20, a21, a22, a23
+    y[m0 + 3, n0], y[m0 + 3, n0 + 1], y[m0 + 3, n0 + 2], y[m0 + 3, n0 + 3] = a30, a31, a32, a33
+
+
+@nb.njit(fastmath=True, inline="always")
+def _block4x1(x, m0, w, n, y, k0, k1, accumulate):
+    """y[m0:m0+4, n] (+)= x[m0:m0+4, k0:k1] @ widen(w[n, k0:k1]): a leftover weight row."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    if accumulate:
+        a0, a1, a2, a3 = y[m0, n], y[m0 + 1, n], y[m0 + 2, n], y[m0 + 3, n]
+    x0, x1, x2, x3 = x[m0, k0:k1], x[m0 + 1, k0:k1], x[m0 + 2, k0:k1], x[m0 + 3, k0:k1]
+    wr = w[n, k0:k1]
+    for k in range(k1 - k0):
+        r = _widen(wr[k])
+        a0 += r * x0[k]
+        a1 += r * x1[k]
+        a2 += r * x2[k]
+        a3 += r * x3[k]
+    y[m0, n], y[m0 + 1, n], y[m0 + 2, n], y[m0 + 3, n] = a0, a1, a2, a3
+
+
+@nb.njit(fastmath=True, inline="always")
+def _panel(x, w, y, m0, m1, n0, n1, k0, k1, accumulate):
+    """y[m0:m1, n0:n1] (+)= x[m0:m1, k0:k1] @ widen(w[n0:n1, k0:k1]).T; m0, m1 % 4 == 0."""
+    n4 = n0 + (n1 - n0) // 4 * 4
+    for n in range(n0, n4, 4):
+        for m in range(m0, m1, 4):
+            _block4x4(x, m, w, n, y, k0, k1, accumulate)
+    for n in range(n4, n1):
+        for m in range(m0, m1, 4):
+            _block4x1(x, m, w, n, y, k0, k1, accumulate)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def gemm_skinny(x, w, y, num_tasks):
+    """y = x @ widen(w).T; x [M4, K] f32 with M4 % 4 == 0, w [N, K] 16-bit, y [M4, N] f32.
+
+    Output-stationary: `num_tasks` contiguous row ranges (multiples of 4 rows) in
+    parallel; each weight quad is read once from memory and re-read from L1 for each
+    4-row group of x.
+    """
+    n_rows, k_dim = w.shape
+    per_task = ((n_rows + num_tasks - 1) // num_tasks + 3) // 4 * 4
+    for t in nb.prange(num_tasks):
+        n0 = min(n_rows, t * per_task)
+        _panel(x, w, y, 0, x.shape[0], n0, min(n_rows, n0 + per_task), 0, k_dim, False)
+
+
+@nb.njit(fastmath=True, cache=True)
+def gemm_skinny_serial(x, w, y):
+    """gemm_skinny on the calling thread (small matrices)."""
+    _panel(x, w, y, 0, x.shape[0], 0, w.shape[0], 0, w.shape[1], False)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def gemm_ws(x, w, y, num_tasks, n_block, k_block, m_block):
+    """Weight-stationary tiled GEMM for large M (prefill); shapes as gemm_skinny.
+
+    Each task owns a contiguous range of output rows, walked in panels of
+    [n_block, k_block] weights: a panel is read from memory once (it stays in L2) and
+    applied to every m_block rows of x (an x block [m_block, k_block] stays in L1).
+    m_block % 4 == 0.
+    """
+    n_rows, k_dim = w.shape
+    m_rows = x.shape[0]
+    per_task = ((n_rows + num_tasks - 1) // num_tasks + 3) // 4 * 4
+    for t in nb.prange(num_tasks):
+        t0 = min(n_rows, t * per_task)
+        t1 = min(n_rows, t0 + per_task)
+        for n0 in range(t0, t1, n_block):
+            n1 = min(t1, n0 + n_block)
+            for k0 in range(0, k_dim, k_block):
+                k1 = min(k_dim, k0 + k_block)
+                for m0 in range(0, m_rows, m_block):
+                    m1 = min(m_rows, m0 + m_block)
+                    _panel(x, w, y, m0, m1, n0, n1, k0, k1, k0 > 0)
