@@ -29,12 +29,13 @@ class ServerlessLLM(System):
         profile = self.profile_of[req.model]
         if profile is None:
             return "reject"  # does not fit one GPU
-        live = [i for i in self.model_instances.get(req.model, ()) if i.num_queued < QUEUE_FACTOR * i.max_seqs]
-        if live:
-            return min(live, key=lambda i: i.num_queued)
-        gpu = sim.find_room(PROFILES[profile].units)
+        live = self.model_instances.get(req.model, ())
+        best = min(live, key=lambda i: i.num_queued) if live else None
+        if best is not None and best.num_queued < best.max_seqs:
+            return best
+        gpu = sim.find_room(PROFILES[profile].units)  # scale out: a new (cold) instance
         if gpu is None:
-            return None
+            return best if best is not None and best.num_queued < QUEUE_FACTOR * best.max_seqs else None
         inst = sim.create_instance(gpu, profile)
         inst.model = req.model
         self.model_instances.setdefault(req.model, []).append(inst)
@@ -117,19 +118,20 @@ class TimeShare(System):
         spec = sim.specs[req.model]
         if spec.weight_bytes + kv_reserve_bytes(spec) > PROFILES["7g.96gb"].usable_bytes:
             return "reject"
-        holders = [i for i in self.model_instances.get(req.model, ()) if i.num_queued < QUEUE_FACTOR * i.max_seqs]
-        if holders:
-            return min(holders, key=lambda i: i.num_queued)
-        for inst in sorted(self.instances, key=lambda i: i.num_queued):
-            if inst.num_queued >= QUEUE_FACTOR * inst.max_seqs:
-                return None
-            if self._make_room(inst, req.model):
+        holders = self.model_instances.get(req.model, ())
+        best = min(holders, key=lambda i: i.num_queued) if holders else None
+        if best is not None and best.num_queued < best.max_seqs:
+            return best
+        for inst in sorted(self.instances, key=lambda i: i.num_queued):  # scale out: load a copy
+            if inst.num_queued >= inst.max_seqs:
+                break
+            if inst not in holders and self._make_room(inst, req.model):
                 inst.loading.add(req.model)
                 inst.resident_s[req.model] = sim.now
                 self.model_instances.setdefault(req.model, set()).add(inst)
                 sim.start_load(inst, req.model, spec.weight_bytes, self.loader_gbps)
                 return inst
-        return None
+        return best if best is not None and best.num_queued < QUEUE_FACTOR * best.max_seqs else None
 
     def _make_room(self, inst: Instance, model: int) -> bool:
         """Evict least recently used idle models until `model` fits next to the KV reserve."""
@@ -139,7 +141,7 @@ class TimeShare(System):
         need = resident + spec.weight_bytes + reserve - inst.prof.usable_bytes
         if need <= 0:
             return True
-        busy = inst.active_models() | inst.loading
+        busy = set(inst.active_models()) | inst.loading
         idle = sorted((m for m in inst.resident_s if m not in busy), key=inst.resident_s.get)
         if sum(self.specs[m].weight_bytes for m in idle) < need:
             return False

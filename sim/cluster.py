@@ -19,6 +19,7 @@ from collections import deque
 from sim.cost_model import GB, STEP_OVERHEAD_S, ModelSpec, Profile, step_costs
 
 EPS = 1e-9
+SOLO_CHUNK_MAX = 2048  # prefill chunk when no sequence decodes (one pass over the weights)
 
 
 class Request:
@@ -48,8 +49,11 @@ class Instance:
         self.prefill: list[tuple[float, int, Request]] = []  # admitted, heap by deadline
         self.prefill_target = math.inf  # cycles at which the head's prefill finishes
         self.prefill_head: Request | None = None
+        self.head_chunk = chunk  # chunk of the running prefill (whole prompt when alone)
         self.decode: list[tuple[float, int, Request]] = []  # heap by target cycle
         self.model_decode: dict[int, list] = {}  # model -> [num decoding, ctx tokens]
+        self.model_refs: dict[int, int] = {}  # model -> requests on the instance
+        self.kv_bytes = 0.0  # KV held by decoding sequences
         self.v = 0.0
         self.t_last = 0.0
         self.cycle_s = math.inf
@@ -76,16 +80,12 @@ class Instance:
     def is_idle(self) -> bool:
         return self.num_queued == 0 and not self.loading
 
-    def active_models(self) -> set[int]:
-        models = {m for m, nc in self.model_decode.items() if nc[0] > 0}
-        models.update(r.model for _, _, r in self.prefill)
-        models.update(r.model for r in self.queue)
-        if self.prefill_head is not None:
-            models.add(self.prefill_head.model)
-        return models
+    def active_models(self) -> dict[int, int]:
+        """model -> number of its requests on this instance (queued, prefilling, decoding)."""
+        return self.model_refs
 
-    def kv_used_bytes(self, specs: list[ModelSpec]) -> float:
-        return sum(specs[m].kv_bytes_per_token * nc[1] for m, nc in self.model_decode.items())
+    def kv_used_bytes(self, specs: list[ModelSpec] | None = None) -> float:
+        return self.kv_bytes
 
     # ---- progress
     def advance(self, t_s: float) -> None:
@@ -132,20 +132,42 @@ class Instance:
         self.cycle_s = max(self.t0_s, link_s)
 
     def _chunk_tokens(self, head: Request) -> int:
-        return max(1, min(self.chunk, head.prompt))
+        return max(1, min(self.head_chunk, head.prompt))
 
-    def prefill_cycles(self, req: Request) -> float:
-        return max(1.0, req.prompt / max(1, self.chunk))
+    def start_prefill(self, req: Request) -> None:
+        """No decode to protect: the whole prompt in one step (one pass over the weights)."""
+        self.prefill_head = req
+        self.head_chunk = max(self.chunk, min(req.prompt, SOLO_CHUNK_MAX)) if not self.decode else self.chunk
+        self.prefill_target = self.v + max(1.0, req.prompt / max(1, self.head_chunk))
 
     # ---- queues
     def push_prefill(self, req: Request, seq_no: int) -> None:
         heapq.heappush(self.prefill, (req.deadline, seq_no, req))
 
-    def push_decode(self, req: Request, seq_no: int) -> None:
+    def push_decode(self, req: Request, seq_no: int, kv_bytes_per_token: float) -> None:
         heapq.heappush(self.decode, (self.v + req.output - 1, seq_no, req))
         nc = self.model_decode.setdefault(req.model, [0, 0.0])
         nc[0] += 1
         nc[1] += req.prompt + req.output / 2  # mean context over its decode
+        self.kv_bytes += kv_bytes_per_token * (req.prompt + req.output / 2)
+
+    def pop_decode(self, req: Request, kv_bytes_per_token: float) -> None:
+        counts = self.model_decode[req.model]
+        counts[0] -= 1
+        counts[1] -= req.prompt + req.output / 2
+        if counts[0] <= 0:
+            del self.model_decode[req.model]
+        self.kv_bytes = max(0.0, self.kv_bytes - kv_bytes_per_token * (req.prompt + req.output / 2))
+
+    def add_ref(self, model: int) -> None:
+        self.model_refs[model] = self.model_refs.get(model, 0) + 1
+
+    def drop_ref(self, model: int) -> None:
+        left = self.model_refs[model] - 1
+        if left:
+            self.model_refs[model] = left
+        else:
+            del self.model_refs[model]
 
 
 class LoadFlow:
@@ -179,13 +201,15 @@ class Gpu:
         self.units = units
         self.instances: list[Instance] = []
         self.loads: list[LoadFlow] = []
+        self.demand_gbps = 0.0
 
     @property
     def free_units(self) -> int:
         return self.units - sum(i.prof.units for i in self.instances)
 
     def streaming_demand_gbps(self) -> float:
-        return sum(i.demand_gbps for i in self.instances) + sum(f.demand_gbps for f in self.loads)
+        """Link demand of its instances and loads, as of the last re-share."""
+        return self.demand_gbps
 
 
 def water_fill(demands: list[float], capacity: float, weights: list[float] | None = None) -> list[float]:

@@ -22,10 +22,11 @@ _INSTANCE, _LOAD, _TIMER = 0, 1, 2
 
 class Simulator:
     def __init__(self, catalog: Catalog, trace: TraceArrays, system, num_gpus: int, link_gbps: float,
-                 chunk: int = 512, max_seqs: int = 16, progress=None):
+                 chunk: int = 512, max_seqs: int = 16, progress=None, initial_slices: int = UNITS_PER_GPU):
         self.catalog, self.trace, self.system = catalog, trace, system
         self.specs = catalog.specs
         self.gpus = [Gpu(g, link_gbps, UNITS_PER_GPU) for g in range(num_gpus)]
+        self.initial_slices = initial_slices  # 1g slices c2cserve starts with per GPU
         self.chunk, self.max_seqs = chunk, max_seqs
         self.now = 0.0
         self.heap: list = []
@@ -112,6 +113,7 @@ class Simulator:
         inst.advance(self.now)
         req.instance = inst
         req.is_cold = self.system.on_assign(self, inst, req)
+        inst.add_ref(req.model)
         inst.queue.append(req)
         inst.last_used_s = self.now
         self._admit(inst)
@@ -137,8 +139,7 @@ class Simulator:
             inst.prefill_head, inst.prefill_target = None, math.inf
             return
         _, _, req = heapq.heappop(inst.prefill)
-        inst.prefill_head = req
-        inst.prefill_target = inst.v + inst.prefill_cycles(req)
+        inst.start_prefill(req)
 
     # ---------------------------------------------------------------- instance events
     def _instance_event(self, inst: Instance) -> None:
@@ -166,21 +167,18 @@ class Simulator:
         self.system.on_prefill_done(self, inst, req)
         if req.output > 1:
             self.seq_no += 1
-            inst.push_decode(req, self.seq_no)
+            inst.push_decode(req, self.seq_no, self.specs[req.model].kv_bytes_per_token)
         else:
             self._complete(inst, req)
         self._start_prefill(inst)
 
     def _finish_decode(self, inst: Instance, req: Request) -> None:
-        counts = inst.model_decode[req.model]
-        counts[0] -= 1
-        counts[1] -= req.prompt + req.output / 2
-        if counts[0] <= 0:
-            del inst.model_decode[req.model]
+        inst.pop_decode(req, self.specs[req.model].kv_bytes_per_token)
         self._complete(inst, req)
 
     def _complete(self, inst: Instance, req: Request) -> None:
         req.t_done = self.now
+        inst.drop_ref(req.model)
         inst.last_used_s = self.now
         self.num_finished += 1
         self.system.on_finish(self, inst, req)
@@ -209,7 +207,9 @@ class Simulator:
         for flow in flows:
             flow.advance(self.now)
         weights = [float(f.prof.units) for f in gpu.instances] + [1.0] * len(gpu.loads)
-        shares = water_fill([f.demand_gbps for f in flows], gpu.link_gbps, weights)
+        demands = [f.demand_gbps for f in flows]
+        gpu.demand_gbps = sum(demands)
+        shares = water_fill(demands, gpu.link_gbps, weights)
         for flow, share in zip(flows, shares):
             flow.alloc_gbps = share
         for inst in gpu.instances:
@@ -257,7 +257,7 @@ class Simulator:
         prof = PROFILES[profile]
         if gpu.free_units < prof.units:
             raise RuntimeError(f"gpu {gpu.gid} has {gpu.free_units} free units, {profile} needs {prof.units}")
-        inst = Instance(self.next_iid, gpu, prof, self.chunk, self.max_seqs)
+        inst = Instance(self.next_iid, gpu, prof, self.chunk, self.max_seqs * prof.units)  # batch cap per unit
         self.next_iid += 1
         inst.t_last = inst.last_used_s = self.now
         gpu.instances.append(inst)

@@ -22,6 +22,7 @@ SYSTEMS = ("c2cserve", "serverlessllm", "dedicated", "timeshare")
 @dataclass
 class SimConfig:
     num_gpus: int = 100
+    initial_slices: int = 7  # 1g.12gb slices per GPU at start (c2cserve)
     num_models: int = 500
     duration_s: float = 3600.0
     rate_rps: float = 40.0
@@ -61,7 +62,8 @@ def make_system(name: str, cfg: SimConfig, trace: TraceArrays):
 def run_system(name: str, cfg: SimConfig, catalog: Catalog, trace: TraceArrays, progress=None) -> dict:
     """Simulate `name` on the trace; the summary has attainment, cold starts, wall time."""
     system = make_system(name, cfg, trace)
-    sim = Simulator(catalog, trace, system, cfg.num_gpus, cfg.link_gbps, cfg.chunk, cfg.max_seqs, progress)
+    sim = Simulator(catalog, trace, system, cfg.num_gpus, cfg.link_gbps, cfg.chunk, cfg.max_seqs, progress,
+                    initial_slices=cfg.initial_slices)
     start = time.perf_counter()
     requests = sim.run()
     summary = summarize(requests, catalog.specs)

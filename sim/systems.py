@@ -65,7 +65,7 @@ class C2CServe(System):
         self.model_bytes = {str(m): int(s.weight_bytes) for m, s in enumerate(sim.specs) if self.profile_of[m] == "1g.12gb"}
         self.slo = SLO(ttft_ms=1000 * sim.catalog.slo.ttft_floor_s, tpot_ms=1000 * sim.catalog.slo.tpot_floor_s)
         for gpu in sim.gpus:
-            while gpu.free_units >= 1:
+            for _ in range(min(sim.initial_slices, gpu.free_units)):
                 sim.create_instance(gpu, "1g.12gb")
 
     def on_create(self, sim, inst: Instance) -> None:
@@ -135,7 +135,7 @@ class C2CServe(System):
         return SliceView(
             worker_id=worker_id,
             node=str(gpu.gid), gpu=str(gpu.gid), backend="cuda",
-            models=frozenset(str(m) for m in inst.active_models()),
+            models=frozenset(map(str, inst.model_refs)),
             cached_fraction={str(m): b / sim.specs[m].weight_bytes for m, b in inst.cached_bytes.items()},
             num_running=len(inst.decode), num_waiting=inst.num_queued - len(inst.decode),
             max_num_seqs=inst.max_seqs, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes,
@@ -213,9 +213,10 @@ class C2CServe(System):
             self._apply_knobs(inst, knobs)
 
     def _apply_knobs(self, inst: Instance, knobs: Knobs) -> None:
-        if knobs.chunk_size != inst.chunk and inst.prefill_head is not None:
+        if knobs.chunk_size != inst.chunk and inst.prefill_head is not None and inst.head_chunk == inst.chunk:
             left_tokens = max(0.0, inst.prefill_target - inst.v) * inst.chunk
             inst.prefill_target = inst.v + max(left_tokens / knobs.chunk_size, 0.0)
+            inst.head_chunk = knobs.chunk_size
         inst.chunk, inst.max_seqs, inst.rho_cap = knobs.chunk_size, knobs.max_num_seqs, knobs.rho_cap
 
     # ---- prewarm: the live placer's forecaster and plan

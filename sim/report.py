@@ -1,0 +1,117 @@
+"""The paper-style table: cold starts, SLO attainment with / without link contention,
+GPUs needed for the SLO target. Pure formatting and small searches over `sim.run`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from sim.cost_model import (FAMILIES, PROFILES, fair_link_gbps, make_spec, max_rho, smallest_fitting_profile,
+                            step_time, streaming_profile)
+from sim.run import SimConfig, make_inputs, run_system
+
+
+def isolated_cold_starts(cfg: SimConfig, prompt_tokens: int = 1024) -> list[dict]:
+    """TTFT of one cold request on an idle GPU, per family (cost model only).
+
+    c2cserve: its streaming slice, nothing cached (rho = 0), the whole prompt in one
+    step, the link shared at the fair per-unit share (other slices busy). Baseline: load
+    the whole model at the loader rate plus init, then prefill with every weight in HBM.
+    """
+    rows = []
+    for family in FAMILIES:
+        spec = make_spec(family, family)
+        c_prof = PROFILES[streaming_profile(spec, cfg.slo.tpot_floor_s)]
+        c2c_s = step_time(spec, c_prof, prompt_tokens, 0, 0.0, fair_link_gbps(c_prof))
+        fit = smallest_fitting_profile(spec)
+        if fit is None:
+            continue
+        b_prof = PROFILES[fit]
+        load_s = cfg.sllm_init_s + spec.weight_bytes / (cfg.sllm_loader_gbps * 1e9)
+        base_s = load_s + step_time(spec, b_prof, prompt_tokens, 0, 1.0, b_prof.link_cap_gbps)
+        rows.append(dict(family=family, is_moe=spec.is_moe, weight_gb=round(spec.weight_bytes / 1e9, 1),
+                         c2c_profile=c_prof.name, c2c_s=c2c_s, sllm_profile=fit, sllm_s=base_s,
+                         speedup=base_s / c2c_s, c2c_rho_warm=round(max_rho(spec, c_prof), 2)))
+    return rows
+
+
+def gpus_needed(system: str, cfg: SimConfig, target: float, lo: int, hi: int, progress_cb=None) -> dict:
+    """Smallest GPU count in [lo, hi] whose run reaches `target` SLO attainment (bisection;
+    assumes attainment grows with GPUs). `found` False when even `hi` misses."""
+    catalog, trace = make_inputs(cfg)
+    tried: dict[int, float] = {}
+
+    def attain(num_gpus: int) -> float:
+        if num_gpus not in tried:
+            summary = run_system(system, replace(cfg, num_gpus=num_gpus), catalog, trace)
+            tried[num_gpus] = summary["slo_attainment"]
+            if progress_cb:
+                progress_cb(system, num_gpus, tried[num_gpus])
+        return tried[num_gpus]
+
+    if attain(hi) < target:
+        return dict(system=system, gpus=None, found=False, hi=hi, tried=tried)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if attain(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return dict(system=system, gpus=hi, found=True, hi=hi, tried=tried)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def format_table(result: dict) -> str:
+    """Markdown tables from the summary dict `sim.cli` builds."""
+    lines = [f"## c2cserve sim: {result['config_line']}", ""]
+    runs = result["runs"]
+    c2c, sllm = runs.get("c2cserve"), runs.get("serverlessllm")
+    if c2c and sllm:
+        lines += ["### Cold-start TTFT on the trace (requests that found their model cold)", "",
+                  "| kind | c2cserve p50 / p99 (s) | ServerlessLLM-like p50 / p99 (s) | ratio p50 / p99 | cold requests c2c / sllm |",
+                  "|---|---|---|---|---|"]
+        for kind in ("dense", "moe"):
+            c50, c99 = c2c[f"cold_{kind}_p50_s"], c2c[f"cold_{kind}_p99_s"]
+            s50, s99 = sllm[f"cold_{kind}_p50_s"], sllm[f"cold_{kind}_p99_s"]
+            lines.append(f"| {kind} | {_fmt(c50)} / {_fmt(c99)} | {_fmt(s50)} / {_fmt(s99)} | "
+                         f"{_ratio(s50, c50)} / {_ratio(s99, c99)} | {c2c[f'cold_{kind}_count']} / {sllm[f'cold_{kind}_count']} |")
+        lines.append("")
+    if result.get("isolated"):
+        lines += ["### Isolated cold start (one 1k-token request, idle GPU, cost model)", "",
+                  "| family | GB | c2cserve slice | c2cserve TTFT (s) | baseline slice | baseline TTFT (s) | speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in result["isolated"]:
+            lines.append(f"| {row['family']} | {row['weight_gb']} | {row['c2c_profile']} | {_fmt(row['c2c_s'])} | "
+                         f"{row['sllm_profile']} | {_fmt(row['sllm_s'])} | {row['speedup']:.2f}x |")
+        lines.append("")
+    lines += ["### SLO attainment (fraction of all requests; rejected = missed)", "",
+              "| system | link | TTFT | TPOT | both | TTFT p50 / p99 (s) | TPOT p50 / p99 (s) | rejected | wall (s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, run in list(runs.items()) + list(result.get("no_contention", {}).items()):
+        lines.append(f"| {run['system']} | {run['link']} | {_fmt(run['ttft_attainment'])} | {_fmt(run['tpot_attainment'])} | "
+                     f"{_fmt(run['slo_attainment'])} | {_fmt(run['ttft_p50_s'])} / {_fmt(run['ttft_p99_s'])} | "
+                     f"{_fmt(run['tpot_p50_s'])} / {_fmt(run['tpot_p99_s'])} | {run['num_rejected']} | {run['wall_s']} |")
+    lines.append("")
+    if result.get("search"):
+        search = result["search"]
+        lines += [f"### GPUs needed for {search['target']:.0%} SLO attainment ({search['config_line']})", "",
+                  "| system | GPUs | runs (GPUs: attainment) |", "|---|---|---|"]
+        for row in search["rows"]:
+            gpus = row["gpus"] if row["found"] else f"> {row['hi']}"
+            tried = ", ".join(f"{g}: {a:.3f}" for g, a in sorted(row["tried"].items()))
+            lines.append(f"| {row['system']} | {gpus} | {tried} |")
+        lines.append("")
+    return "\n".join(lines)
