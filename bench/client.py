@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ async def send_one(session: aiohttp.ClientSession, base_url: str, req: PlannedRe
                 record.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
             else:
                 await _read_stream(resp, record, sent)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"[:200]
         record.ok = False
     record.e2e_s = time.perf_counter() - sent
@@ -168,13 +169,21 @@ def _note_extensions(chunk: dict, record: RequestRecord) -> None:
 
 
 async def replay(base_url: str, planned: list[PlannedRequest], request_timeout_s: float = 300.0,
-                 extra: dict | None = None, progress_label: str | None = None) -> list[RequestRecord]:
-    """Send every planned request at its time (open loop); records in the plan's order."""
+                 extra: dict | None = None, progress_label: str | None = None,
+                 poll_metrics_s: float | None = None) -> tuple[list[RequestRecord], list[ColdStartEvent]]:
+    """Send every planned request at its time (open loop); records in the plan's order.
+
+    With `poll_metrics_s`, /metrics is polled meanwhile for cold-start counter increases.
+    """
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     connector = aiohttp.TCPConnector(limit=0)
     bar = _progress(len(planned), progress_label)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         start = time.perf_counter()
+        stop = asyncio.Event()
+        poller = None
+        if poll_metrics_s:
+            poller = asyncio.create_task(poll_cold_starts(session, base_url, start, stop, poll_metrics_s))
         tasks = []
         for req in planned:
             delay = start + req.t_s - time.perf_counter()
@@ -185,9 +194,11 @@ async def replay(base_url: str, planned: list[PlannedRequest], request_timeout_s
                 task.add_done_callback(lambda _t: bar.update(1))
             tasks.append(task)
         records = list(await asyncio.gather(*tasks))
+        stop.set()
+        events = await poller if poller is not None else []
     if bar is not None:
         bar.close()
-    return records
+    return records, events
 
 
 def _progress(total: int, label: str | None):
@@ -196,3 +207,97 @@ def _progress(total: int, label: str | None):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=label, unit="req", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- cluster probes
+
+
+def cold_start_counts(base_url: str, timeout_s: float = 10.0) -> dict[tuple[str, str], float] | None:
+    """c2c_cold_starts_total per (model, worker) from the gateway's /metrics; None if unreachable."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout_s) as resp:
+            return parse_cold_start_lines(resp.read().decode("utf-8", "replace"))
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+PRIVATE_WEIGHT_FIELDS = ("private_weight_bytes", "loaded_weight_bytes", "weight_bytes_private")
+
+
+async def worker_hashes(redis_url: str) -> dict[str, dict[str, str]]:
+    """Every worker's heartbeat hash (`c2c:worker:<id>`), by worker id."""
+    import redis.asyncio as aioredis
+
+    from services import keys
+
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        found = {}
+        async for key in client.scan_iter(match=keys.WORKER_PATTERN, count=100):
+            found[keys.worker_id_of(key)] = await client.hgetall(key)
+        return found
+    finally:
+        await client.aclose()
+
+
+def private_weight_bytes(hashes: dict[str, dict[str, str]]) -> int | None:
+    """Sum over workers of the private weight bytes they report; None if none reports it."""
+    total, seen = 0, False
+    for fields in hashes.values():
+        for name in PRIVATE_WEIGHT_FIELDS:
+            if name in fields:
+                total += int(float(fields[name]))
+                seen = True
+                break
+    return total if seen else None
+
+
+_COLD_LINE = re.compile(r'^c2c_cold_starts_total\{([^}]*)\}\s+([0-9.eE+-]+)', re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def parse_cold_start_lines(text: str) -> dict[tuple[str, str], float]:
+    """c2c_cold_starts_total per (model, worker) from Prometheus text (a cheap regex)."""
+    counts: dict[tuple[str, str], float] = {}
+    for labels, value in _COLD_LINE.findall(text):
+        fields = dict(_LABEL.findall(labels))
+        key = (fields.get("model", ""), fields.get("worker", ""))
+        counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
+
+
+@dataclass(slots=True)
+class ColdStartEvent:
+    t_s: float  # poll time, replay clock
+    prev_t_s: float  # the poll before, when the counter was still lower
+    model_id: str
+    worker_id: str
+    count: int
+
+
+async def poll_cold_starts(session: aiohttp.ClientSession, base_url: str, start_s: float,
+                           stop: asyncio.Event, interval_s: float = 0.25) -> list[ColdStartEvent]:
+    """Poll /metrics until `stop`; one event per increase of a (model, worker) counter."""
+    events: list[ColdStartEvent] = []
+    last: dict[tuple[str, str], float] = {}
+    prev_t = 0.0
+    while True:
+        try:
+            async with session.get(f"{base_url}/metrics") as resp:
+                counts = parse_cold_start_lines(await resp.text())
+        except (TimeoutError, aiohttp.ClientError):
+            counts = last
+        now = time.perf_counter() - start_s
+        for key, value in counts.items():
+            if value > last.get(key, 0.0):
+                events.append(ColdStartEvent(now, prev_t, key[0], key[1], int(value - last.get(key, 0.0))))
+        last, prev_t = counts, now
+        if stop.is_set():
+            return events
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except TimeoutError:
+            pass

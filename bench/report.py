@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.client import RequestRecord
+from bench.client import ColdStartEvent, RequestRecord
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -74,6 +74,48 @@ def cold_overheads_s(records: list[RequestRecord]) -> list[float]:
             nearest = min(warm_median, key=lambda b: abs(math.log2(b) - math.log2(bucket)))
             overheads.append(r.ttft_s - warm_median[nearest])
     return overheads
+
+
+def attribute_cold_starts(records: list[RequestRecord], events: list[ColdStartEvent],
+                          slack_s: float = 0.05) -> int:
+    """Mark cold requests from /metrics counter increases when the stream did not say.
+
+    The gateway counts a cold start when the request's first chunk arrives, so for an
+    increase of (model, worker) seen between two polls, the cold request is the first
+    unmarked request of that model whose first chunk came in that interval (± slack),
+    else the latest one before it. Every other request becomes warm. Returns the number
+    marked; does nothing (0) when some record already carries the stream's flag.
+    """
+    if any(r.cold_start is not None for r in records):
+        return 0
+    ok = [r for r in records if r.ok and r.ttft_s is not None]
+    by_model: dict[str, list[RequestRecord]] = {}
+    for r in sorted(ok, key=lambda r: r.sent_s + r.ttft_s):
+        by_model.setdefault(r.model_id, []).append(r)
+    for r in records:
+        r.cold_start = False
+    marked = 0
+    for event in sorted(events, key=lambda e: e.t_s):
+        for _ in range(event.count):
+            chosen = _cold_candidate(by_model.get(event.model_id, []), event, slack_s)
+            if chosen is not None:
+                chosen.cold_start, chosen.worker_id = True, event.worker_id or chosen.worker_id
+                marked += 1
+    return marked
+
+
+def _cold_candidate(model_records: list[RequestRecord], event: ColdStartEvent, slack_s: float):
+    lo, hi = event.prev_t_s - slack_s, event.t_s + slack_s
+    before = None
+    for r in model_records:
+        first_chunk_s = r.sent_s + r.ttft_s
+        if r.cold_start:
+            continue
+        if lo < first_chunk_s <= hi:
+            return r
+        if first_chunk_s <= lo:
+            before = r
+    return before
 
 
 def summarize(records: list[RequestRecord], ttft_slo_s: float, tpot_slo_s: float) -> dict:

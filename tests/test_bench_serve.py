@@ -115,3 +115,66 @@ def test_write_outputs_writes_json_markdown_and_plots(tmp_path):
     assert "c2cserve bench serve --test" in report and "a note" in report
     assert (tmp_path / "ttft_cdf.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 10
+
+
+def test_pin_models_balances_popularity_and_covers_every_worker():
+    from bench.serve import pin_models
+
+    pinned = pin_models([f"m{i}" for i in range(8)], 2, zipf_s=1.1)
+    assert sorted(sum(pinned.values(), [])) == [f"m{i}" for i in range(8)]
+    assert "m0" in pinned[0] and "m1" in pinned[1]
+    assert len(pinned[1]) > len(pinned[0])  # the worker with the top model gets fewer models
+    assert pin_models(["a"], 3, 1.1) == {0: ["a"], 1: ["a"], 2: ["a"]}
+
+
+def test_cold_starts_are_attributed_from_metrics_increases():
+    from bench.client import ColdStartEvent, parse_cold_start_lines
+    from bench.report import attribute_cold_starts
+
+    text = (
+        "# TYPE c2c_cold_starts_total counter\n"
+        'c2c_cold_starts_total{model="a",worker="w0"} 2.0\n'
+        'c2c_cold_starts_created{model="a",worker="w0"} 1.7e9\n'
+        'c2c_cold_starts_total{model="b",worker="w1"} 1.0\n'
+    )
+    assert parse_cold_start_lines(text) == {("a", "w0"): 2.0, ("b", "w1"): 1.0}
+    records = [_record(i, 0.1, 0.5, cold=None, sent_s=float(i)) for i in range(6)]  # models m0 m1 m2 m0 m1 m2
+    events = [ColdStartEvent(1.25, 0.75, "m1", "w1", 1), ColdStartEvent(3.5, 3.0, "m0", "w0", 1)]
+    assert attribute_cold_starts(records, events) == 2
+    assert [r.cold_start for r in records] == [False, True, False, True, False, False]
+    assert records[1].worker_id == "w1"
+    # a stream that carries the flag wins: nothing is re-attributed
+    assert attribute_cold_starts(records, events) == 0
+
+
+def _write_tiny_catalog(root):
+    from worker.synth import synth_model
+
+    for name, arch, seed in (("smoke-llama", "llama", 1), ("smoke-qwen2", "qwen2", 2)):
+        synth_model(arch, "tiny", root / name, seed=seed)
+    return root
+
+
+def test_bench_serve_end_to_end_smoke(tmp_path):
+    """Two modes, one worker, tiny models, ~5 s of traffic each: real cluster, real client."""
+    from services.cli import main
+
+    catalog = _write_tiny_catalog(tmp_path / "catalog")
+    out = tmp_path / "out"
+    argv = ["bench", "serve", "--modes", "host,load", "--duration", "5", "--workers", "1",
+            "--catalog", str(catalog), "--rate", "1.5", "--on-off", "none", "--ttft-slo-ms", "5000",
+            "--tpot-slo-ms", "2000", "--max-prompt-tokens", "32", "--max-output-tokens", "4",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    host, load = summary["modes"]["host"], summary["modes"]["load"]
+    assert host["num_requests"] == load["num_requests"] > 0
+    for stats in (host, load):
+        assert stats["num_ok"] > 0 and stats["ttft_p50_ms"] > 0
+        assert 0.0 <= stats["slo_attainment"] <= 1.0
+        assert stats["num_cold_starts_metrics"] >= 1
+    # host mode maps each model once per worker; load (budget below one model) reloads
+    assert host["num_cold_starts_metrics"] <= 2 <= load["num_cold_starts_metrics"]
+    assert host["host_store_bytes"] > 0
+    assert "--modes host,load" in (out / "report.md").read_text()
+    assert (out / "ttft_cdf.png").exists() and (out / "slo_over_time.png").exists()
