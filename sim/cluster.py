@@ -68,6 +68,9 @@ class Instance:
         self.ttft_ewma_ms: float | None = None
         self.alive = True
 
+    def __hash__(self) -> int:  # by id number: sets of instances iterate the same every run
+        return self.iid
+
     # ---- load and occupancy
     @property
     def num_active(self) -> int:
