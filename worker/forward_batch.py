@@ -51,24 +51,21 @@ class ForwardBatch:
 
 @dataclass
 class AttentionMetadata:
-    """Per-step indices shared by all layers (built once, not per layer)."""
+    """Per-step indices shared by all layers (built once, not per layer).
+
+    Contexts are gathered a whole KV block at a time (contiguous copies), then trimmed
+    (prefill) or masked (decode) to each sequence's context length.
+    """
 
     slot_mapping: torch.Tensor               # [T] where new k/v are written
     query_lens: list[int]
     query_starts: list[int]
+    context_lens: list[int]
     is_decode: bool                          # every sequence has exactly one new token
-    context_slots: list[torch.Tensor]        # per sequence: [context_len] slot of each KV position
+    context_blocks: list[torch.Tensor]       # per sequence: [ceil(context_len / block_size)] block ids
     prefill_masks: list[torch.Tensor | None] # per sequence: [q_len, context_len] bool, None = plain causal
-    padded_slots: torch.Tensor | None        # decode: [S, Lmax] slots (0 in padding)
-    decode_mask: torch.Tensor | None         # decode: [S, 1, 1, Lmax] bool
-
-
-def context_slots(block_table: list[int], context_len: int, block_size: int) -> torch.Tensor:
-    # [context_len]: physical slot of each position 0..context_len-1
-    num_blocks = -(-context_len // block_size)
-    blocks = torch.tensor(block_table[:num_blocks], dtype=torch.int64)
-    slots = (blocks[:, None] * block_size + torch.arange(block_size)[None, :]).reshape(-1)
-    return slots[:context_len]
+    padded_blocks: torch.Tensor | None       # decode: [S, Bmax] block ids (padding: block 0)
+    decode_mask: torch.Tensor | None         # decode: [S, 1, 1, Bmax * block_size] bool, None = all valid
 
 
 def build_attention_metadata(batch: ForwardBatch, block_size: int,
@@ -77,13 +74,16 @@ def build_attention_metadata(batch: ForwardBatch, block_size: int,
     for q_len in batch.query_lens:
         starts.append(total)
         total += q_len
-    slots = [context_slots(t, n, block_size) for t, n in zip(batch.block_tables, batch.context_lens, strict=True)]
+    num_blocks = [-(-n // block_size) for n in batch.context_lens]
+    tables = [t[:b] for t, b in zip(batch.block_tables, num_blocks, strict=True)]
     is_decode = all(q == 1 for q in batch.query_lens)
-    meta = AttentionMetadata(batch.slot_mapping, list(batch.query_lens), starts, is_decode, slots,
-                             [], None, None)
+    meta = AttentionMetadata(batch.slot_mapping, list(batch.query_lens), starts, list(batch.context_lens),
+                             is_decode, [], [], None, None)
     if is_decode:
-        meta.padded_slots, meta.decode_mask = _decode_padding(slots, batch.context_lens, sliding_window)
+        meta.padded_blocks, meta.decode_mask = _decode_padding(tables, batch.context_lens, block_size,
+                                                               sliding_window)
     else:
+        meta.context_blocks = [torch.tensor(t, dtype=torch.int64) for t in tables]
         meta.prefill_masks = [_prefill_mask(q, n, sliding_window)
                               for q, n in zip(batch.query_lens, batch.context_lens, strict=True)]
     return meta
@@ -101,12 +101,14 @@ def _prefill_mask(q_len: int, context_len: int, window: int | None) -> torch.Ten
     return mask
 
 
-def _decode_padding(slots: list[torch.Tensor], context_lens: list[int], window: int | None):
-    max_len = max(context_lens)
-    padded = torch.zeros(len(slots), max_len, dtype=torch.int64)
-    mask = torch.zeros(len(slots), max_len, dtype=torch.bool)
-    for i, (s, n) in enumerate(zip(slots, context_lens, strict=True)):
-        padded[i, :n] = s
-        low = max(0, n - window) if window is not None else 0
-        mask[i, low:n] = True
+def _decode_padding(tables: list[list[int]], context_lens: list[int], block_size: int,
+                    window: int | None):
+    max_blocks = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
+    span = max_blocks * block_size
+    lows = [max(0, n - window) if window is not None else 0 for n in context_lens]
+    if all(n == span and low == 0 for n, low in zip(context_lens, lows, strict=True)):
+        return padded, None
+    pos = torch.arange(span)[None, :]                                     # [1, span]
+    mask = (pos < torch.tensor(context_lens)[:, None]) & (pos >= torch.tensor(lows)[:, None])
     return padded, mask[:, None, None, :]

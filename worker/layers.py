@@ -135,34 +135,40 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     nKV, D] of one layer; meta: AttentionMetadata. Returns [T, nH * D] fp32.
     """
     num_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
-    k_flat = k_cache.view(-1, num_kv, dim)   # [num_slots, nKV, D]
-    v_flat = v_cache.view(-1, num_kv, dim)
-    k_flat[meta.slot_mapping] = k_new.to(k_flat.dtype)
-    v_flat[meta.slot_mapping] = v_new.to(v_flat.dtype)
+    k_cache.view(-1, num_kv, dim).index_copy_(0, meta.slot_mapping, k_new.to(k_cache.dtype))
+    v_cache.view(-1, num_kv, dim).index_copy_(0, meta.slot_mapping, v_new.to(v_cache.dtype))
     if meta.is_decode:
-        out = _decode_attention(q, k_flat, v_flat, meta)
+        out = _decode_attention(q, k_cache, v_cache, meta)
     else:
-        out = torch.cat([_sequence_attention(q, k_flat, v_flat, meta, i)
+        out = torch.cat([_sequence_attention(q, k_cache, v_cache, meta, i)
                          for i in range(len(meta.query_lens))], dim=0)
     return out.reshape(q.shape[0], -1)
 
 
-def _decode_attention(q, k_flat, v_flat, meta) -> torch.Tensor:
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    # cache: [num_blocks, bs, nKV, D]; blocks: [n] -> [n * bs, nKV, D] fp32
+    out = cache.index_select(0, blocks)
+    return out.view(-1, *cache.shape[2:]).to(torch.float32)
+
+
+def _decode_attention(q, k_cache, v_cache, meta) -> torch.Tensor:
     # one query token per sequence: gather padded contexts, one SDPA call for the batch
-    k = k_flat[meta.padded_slots].float().transpose(1, 2)   # [S, nKV, Lmax, D]
-    v = v_flat[meta.padded_slots].float().transpose(1, 2)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=meta.decode_mask,
-                                         enable_gqa=True)   # [S, nH, 1, D]
+    num_seqs, span = meta.padded_blocks.shape[0], meta.padded_blocks.numel() * k_cache.shape[1]
+    flat = meta.padded_blocks.view(-1)
+    k = _gather_blocks(k_cache, flat).view(num_seqs, span // num_seqs, *k_cache.shape[2:])
+    v = _gather_blocks(v_cache, flat).view(num_seqs, span // num_seqs, *v_cache.shape[2:])
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=meta.decode_mask, enable_gqa=True)  # [S, nH, 1, D]
     return out[:, :, 0, :]
 
 
-def _sequence_attention(q, k_flat, v_flat, meta, i: int) -> torch.Tensor:
-    start, q_len = meta.query_starts[i], meta.query_lens[i]
-    slots = meta.context_slots[i]
-    k = k_flat[slots].float().transpose(0, 1)               # [nKV, L, D]
-    v = v_flat[slots].float().transpose(0, 1)
-    q_i = q[start:start + q_len].transpose(0, 1)            # [nH, q_len, D]
+def _sequence_attention(q, k_cache, v_cache, meta, i: int) -> torch.Tensor:
+    start, q_len, context_len = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
+    blocks = meta.context_blocks[i]
+    k = _gather_blocks(k_cache, blocks)[:context_len].transpose(0, 1)   # [nKV, L, D]
+    v = _gather_blocks(v_cache, blocks)[:context_len].transpose(0, 1)
+    q_i = q[start:start + q_len].transpose(0, 1)                        # [nH, q_len, D]
     mask = meta.prefill_masks[i]
     out = F.scaled_dot_product_attention(q_i, k, v, attn_mask=mask, is_causal=mask is None,
-                                         enable_gqa=True)   # [nH, q_len, D]
-    return out.transpose(0, 1)                              # [q_len, nH, D]
+                                         enable_gqa=True)               # [nH, q_len, D]
+    return out.transpose(0, 1)                                          # [q_len, nH, D]
