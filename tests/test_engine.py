@@ -247,3 +247,30 @@ def test_set_control_changes_chunking(qwen, alone):
     assert batch.num_new_tokens == [2]
     with pytest.raises(InvalidRequest):
         engine.set_control(chunk_size=0)
+
+
+def test_bf16_checkpoint_runs_through_the_kernels(tiny_model):
+    engine = make_engine(("b", tiny_model("qwen2", dtype="bfloat16")))
+    results = run_all(engine, [(f"r{i}", "b", p) for i, p in enumerate(PROMPTS)])
+    assert all(len(ids) == GREEDY.max_tokens and reason == "length" for ids, _, reason in results.values())
+
+
+def test_generate_command_json(qwen, alone, capsys):
+    import json
+
+    from services.cli import main
+
+    code = main(["generate", "--model", str(qwen), "--prompt", PROMPTS[0], "--max-tokens", "10",
+                 "--ignore-eos", "--residency", "load", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["token_ids"] == alone[PROMPTS[0]]
+    assert result["finish_reason"] == "length" and result["num_prompt_tokens"] > 0
+    assert result["ttft_s"] > 0 and result["decode_tokens_per_s"] > 0
+
+
+def test_generate_command_user_error_is_one_line(tmp_path, capsys):
+    from services.cli import main
+
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("c2cserve: error:") and "\n" not in err

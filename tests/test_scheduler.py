@@ -41,7 +41,7 @@ def test_prefill_then_decode_in_one_batch():
     b = _seq("b", 3)
     sched.add(b)
     batch = _run_step(sched)
-    assert {s.request_id: n for s, n in zip(batch.seqs, batch.num_new_tokens)} == {"a": 1, "b": 3}
+    assert {s.request_id: n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)} == {"a": 1, "b": 3}
 
 
 def test_chunked_prefill_respects_chunk_size_and_budget():

@@ -111,7 +111,8 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.chunk_size))
         self.runner = ModelRunner(config.block_size, config.kv_cache_bytes, config.residency,
-                                  config.load_budget_bytes, config.host_store_root)
+                                  config.load_budget_bytes, config.host_store_root,
+                                  max_num_seqs=config.max_num_seqs)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []   # aborts, reported by the next step
@@ -246,7 +247,7 @@ class Engine:
 
     def _count(self, batch) -> None:
         self._stats.num_steps += 1
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.is_prefill or num_new > 1:
                 self._stats.num_prefill_tokens += num_new
             else:

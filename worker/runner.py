@@ -52,7 +52,7 @@ class ModelSlot:
 class ModelRunner:
     def __init__(self, block_size: int, kv_cache_bytes: int, residency: str = "host",
                  load_budget_bytes: int | None = None, host_store_root: str | None = None,
-                 kv_dtype: torch.dtype = torch.float32):
+                 kv_dtype: torch.dtype = torch.float32, max_num_seqs: int = 16):
         if residency not in ("host", "load"):
             raise ValueError(f"residency must be 'host' or 'load', got {residency!r}")
         self.block_size = block_size
@@ -60,6 +60,7 @@ class ModelRunner:
         self.residency = residency
         self.load_budget_bytes = load_budget_bytes
         self.kv_dtype = kv_dtype
+        self.max_num_seqs = max_num_seqs  # caps the KV cache at what that many full contexts use
         self.slots: dict[str, ModelSlot] = {}
         self.sampler = Sampler()
         self._store = None
@@ -69,7 +70,8 @@ class ModelRunner:
     def register(self, model_id: str, model_dir: Path, config: ModelConfig) -> int:
         """Know a model (host mode: make it resident in the host store); returns its KV blocks."""
         bytes_per_block = self.block_size * kv_bytes_per_token(config, self.kv_dtype)
-        num_blocks = max(1, self.kv_cache_bytes // bytes_per_block)
+        useful_blocks = -(-self.max_num_seqs * config.max_position_embeddings // self.block_size)
+        num_blocks = max(1, min(self.kv_cache_bytes // bytes_per_block, useful_blocks))
         slot = ModelSlot(model_id, Path(model_dir), config, num_blocks)
         if self.residency == "host":
             slot.host_key = self.host_store.make_resident(model_dir)
@@ -138,13 +140,11 @@ class ModelRunner:
         seqs = batch.seqs
         forward_batch = ForwardBatch.build(
             [s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]
-             for s, n in zip(seqs, batch.num_new_tokens)],
+             for s, n in zip(seqs, batch.num_new_tokens, strict=True)],
             [s.num_computed_tokens for s in seqs],
             [s.block_table for s in seqs], self.block_size)
         sample_rows = [i for i, flag in enumerate(batch.sample_flags) if flag]
-        if not sample_rows:
-            forward_batch.logits_indices = forward_batch.logits_indices[-1:]  # head on one row only
-        elif len(sample_rows) < len(seqs):
+        if len(sample_rows) < len(seqs):  # mid-prefill chunks need no logits: skip their LM head rows
             forward_batch.logits_indices = forward_batch.logits_indices[sample_rows]
         logits = slot.model.forward(forward_batch, slot.kv)  # [S, vocab] fp32
         if not sample_rows:

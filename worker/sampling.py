@@ -23,7 +23,7 @@ class Sampler:
         if all(p.temperature == 0 for p in params):
             return greedy_ids
         out = []
-        for row, (p, request_id, greedy_id) in enumerate(zip(params, request_ids, greedy_ids)):
+        for row, (p, request_id, greedy_id) in enumerate(zip(params, request_ids, greedy_ids, strict=True)):
             if p.temperature == 0:
                 out.append(greedy_id)
                 continue

@@ -126,7 +126,7 @@ class Scheduler:
         now_s = self.clock()
         tokens = iter(sampled_token_ids)
         updated = []
-        for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags):
+        for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags, strict=True):
             seq.num_computed_tokens += num_new
             if samples:
                 seq.token_ids.append(next(tokens))
