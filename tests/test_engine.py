@@ -11,7 +11,7 @@ PROMPTS = ["hello there", "the quick brown fox jumps over the lazy dog", "a", "o
 
 
 def make_engine(*models, **config):
-    config = {"residency": "load", "block_size": 4, "kv_cache_bytes": 1 << 20} | config
+    config = {"residency": "load", "block_size": 4, "kv_cache_bytes": 1 << 20, "num_threads": 1} | config
     engine = Engine(EngineConfig(**config))
     for model_id, model_dir in models:
         engine.add_model(model_id, model_dir)

@@ -24,7 +24,7 @@ def _hf_greedy(model_dir, prompt_ids, num_new):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_matches_transformers(tiny_model, arch):
     model_dir = tiny_model(arch)
-    engine = Engine(EngineConfig(residency="load", block_size=4, kv_cache_bytes=1 << 20))
+    engine = Engine(EngineConfig(residency="load", block_size=4, kv_cache_bytes=1 << 20, num_threads=1))
     engine.add_model(arch, model_dir)
     prompt_ids = engine.tokenizer(arch).encode(PROMPT)
     assert len(prompt_ids) > 16
