@@ -1,0 +1,236 @@
+"""CUDA HybridGEMM backend: host-mapped weights + a device cache of weight rows, knob ρ.
+
+`HybridWeight` wraps one bf16 weight [N, K] that lives in the host store. The whole
+matrix is registered with the driver as mapped host memory (zero-copy: kernels read it
+over the link); rows [0, n_dev) are also copied into device memory. ρ = n_dev / N is
+the fraction of the weight's bytes served from the cache (see cuda_kernels for why the
+split is along rows). `kernels.linear(x, hybrid_weight)` dispatches here.
+
+`DeviceTileCache` owns the device bytes for all cached rows of a slice (configurable
+capacity; the KV cache has priority, so the worker may shrink it) and applies one ρ to
+every registered weight, capped by capacity. `CudaWeightBackend` is what a worker on a
+GPU slice uses: it wraps a model's linear weights and drives the cache.
+
+Only used when a GPU exists (or under NUMBA_ENABLE_CUDASIM=1 in tests, where "mapped"
+host memory is a plain device array: the simulator has no mapped memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from numba import cuda
+
+import kernels
+from kernels import cuda_kernels
+from kernels.cuda_kernels import IS_SIMULATOR
+
+log = logging.getLogger(__name__)
+
+_DEVICEMAP, _READ_ONLY = 0x02, 0x08  # CU_MEMHOSTREGISTER_* flags
+
+
+def gpu_available() -> bool:
+    """A real CUDA device (not the simulator) is usable from this process."""
+    return not IS_SIMULATOR and cuda.is_available()
+
+
+def map_host_array(arr: np.ndarray):
+    """A device-visible view of host memory `arr` without copying it (mapped, pinned).
+
+    Read-only memory (the host store's mapping) is registered with the READ_ONLY flag,
+    which cuda.mapped/mempin do not pass. Raises CudaDriverError when the driver refuses.
+    In the simulator: a device copy (it has no mapped memory).
+    """
+    if IS_SIMULATOR:
+        return cuda.to_device(arr)
+    ctx = cuda.current_context()
+    if arr.flags.writeable:
+        pm = ctx.mempin(arr, arr.ctypes.data, arr.nbytes, mapped=True)
+    else:
+        from numba.cuda.cudadrv import driver as drv
+
+        ptr = arr.ctypes.data
+        drv.driver.cuMemHostRegister(ptr, arr.nbytes, _DEVICEMAP | _READ_ONLY)
+        pm = drv.MappedMemory(
+            ctx, ptr, arr.nbytes, owner=arr, finalizer=lambda: drv.driver.cuMemHostUnregister(ptr)
+        )
+    from numba.cuda.cudadrv import devicearray
+
+    return devicearray.from_array_like(arr, gpu_data=pm)
+
+
+_dummies: dict[int, object] = {}
+
+
+def _empty_part(k_dim: int):
+    """A [1, K] placeholder for a weight part with no rows (kernels never read it)."""
+    if k_dim not in _dummies:
+        _dummies[k_dim] = cuda.to_device(np.zeros((1, k_dim), dtype=np.uint16))
+    return _dummies[k_dim]
+
+
+class HybridWeight:
+    """One bf16 weight [N, K]: host-mapped in full, rows [0, n_dev) also on the device."""
+
+    def __init__(self, w: torch.Tensor, name: str = ""):
+        if w.dim() != 2 or w.dtype != torch.bfloat16:
+            raise ValueError(f"HybridWeight {name!r}: expected a 2-D bf16 tensor, got {w.dtype}")
+        self.name = name
+        self.shape = tuple(w.shape)
+        self.host_bits = w.detach().contiguous().view(torch.uint16).numpy()  # [N, K]
+        self.host_mapped = map_host_array(self.host_bits)  # device view of host memory
+        self.n_dev = 0
+        self.dev_rows = None  # device array [n_dev, K] uint16, or None
+        self.path: str | None = None  # "os" | "ws" overrides the choice by M
+        self.num_blocks: int | None = None  # cap on blocks launched (slice emulation)
+
+    @property
+    def nbytes(self) -> int:
+        return self.host_bits.nbytes
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[1] * 2
+
+    @property
+    def rho(self) -> float:
+        return self.n_dev / self.shape[0] if self.shape[0] else 0.0
+
+    def set_cached_rows(self, n_dev: int) -> None:
+        """Cache rows [0, n_dev) in device memory (copying only when the count changes)."""
+        n_dev = max(0, min(int(n_dev), self.shape[0]))
+        if n_dev == self.n_dev:
+            return
+        self.dev_rows = cuda.to_device(self.host_bits[:n_dev]) if n_dev else None
+        self.n_dev = n_dev
+
+    def parts(self):
+        """(w_dev, w_host) device arrays for the kernels, placeholders where empty."""
+        n_rows, k_dim = self.shape
+        w_dev = self.dev_rows if self.n_dev else _empty_part(k_dim)
+        w_host = self.host_mapped[self.n_dev :] if self.n_dev < n_rows else _empty_part(k_dim)
+        return w_dev, w_host
+
+    def choose_path(self, m: int) -> str:
+        return self.path or ("os" if m <= kernels.decode_threshold() else "ws")
+
+    def hybrid_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x @ W.T (+ bias); x [..., K] on the host or the GPU -> [..., N] fp32 alike."""
+        lead, k_dim = x.shape[:-1], x.shape[-1]
+        if k_dim != self.shape[1]:
+            raise ValueError(f"linear: x has K={k_dim} but {self.name!r} has shape {self.shape}")
+        x2 = x.detach().reshape(-1, k_dim).to(torch.float32).contiguous()  # [M, K]
+        y = self._matmul(x2)  # [M, N] on x's device
+        if bias is not None:
+            y += bias.to(device=y.device, dtype=torch.float32)
+        return y.reshape(*lead, self.shape[0])
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        m, n_rows = x.shape[0], self.shape[0]
+        on_gpu = x.is_cuda
+        y = torch.empty(m, n_rows, dtype=torch.float32, device=x.device)  # [M, N]
+        if m == 0:
+            return y
+        dx = cuda.as_cuda_array(x) if on_gpu else cuda.to_device(x.numpy())
+        dy = cuda.as_cuda_array(y) if on_gpu else cuda.device_array((m, n_rows), np.float32)
+        path = self.choose_path(m)
+        step = cuda_kernels.OS_CONFIG["max_m"] if path == "os" else m
+        w_dev, w_host = self.parts()
+        for m0 in range(0, m, step):
+            cuda_kernels.launch(
+                path, dx[m0 : m0 + step], w_dev, w_host, self.n_dev, dy[m0 : m0 + step],
+                num_blocks=self.num_blocks,
+            )  # fmt: skip
+        if not on_gpu:
+            dy.copy_to_host(y.numpy())
+        return y
+
+
+class DeviceTileCache:
+    """Device memory for cached weight rows: `capacity_bytes` shared by registered weights."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = max(0, int(capacity_bytes))
+        self.weights: dict[str, HybridWeight] = {}
+        self.target_rho = 0.0
+
+    def register(self, key: str, weight: HybridWeight) -> None:
+        self.weights[key] = weight
+        self.set_rho(self.target_rho)
+
+    def unregister_prefix(self, prefix: str) -> None:
+        """Drop (and free the device rows of) every weight whose key starts with prefix."""
+        for key in [k for k in self.weights if k.startswith(prefix)]:
+            self.weights.pop(key).set_cached_rows(0)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(w.n_dev * w.row_bytes for w in self.weights.values())
+
+    def set_rho(self, rho: float) -> float:
+        """Cache fraction rho of every weight's rows, as far as capacity allows.
+
+        Returns the ρ achieved (bytes cached / bytes registered). Raises ValueError when
+        rho is outside [0, 1].
+        """
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho must be in [0, 1], got {rho}")
+        self.target_rho = rho
+        total = self.total_bytes
+        fits = self.capacity_bytes / total if total else 1.0
+        effective = min(rho, fits)
+        for w in self.weights.values():
+            w.set_cached_rows(math.floor(effective * w.shape[0]))
+        achieved = self.used_bytes / total if total else 0.0
+        log.debug("tile cache: rho target %.3f achieved %.3f", rho, achieved)
+        return achieved
+
+    def set_capacity(self, capacity_bytes: int) -> float:
+        """Resize (e.g. when the KV cache needs the memory) and re-apply the target ρ."""
+        self.capacity_bytes = max(0, int(capacity_bytes))
+        return self.set_rho(self.target_rho)
+
+
+def is_streamed_weight(name: str, t: torch.Tensor) -> bool:
+    """Linear weights (2-D bf16, not embeddings or norms) go through HybridGEMM."""
+    return t.dim() == 2 and t.dtype == torch.bfloat16 and "embed" not in name and "norm" not in name
+
+
+class CudaWeightBackend:
+    """What a worker on a GPU slice uses: host-store weights wrapped as HybridWeights."""
+
+    def __init__(self, cache_bytes: int, num_blocks: int | None = None):
+        self.cache = DeviceTileCache(cache_bytes)
+        self.num_blocks = num_blocks
+
+    def wrap_weights(self, model_key: str, weights: dict[str, torch.Tensor]) -> dict:
+        """Same dict with linear weights replaced by HybridWeights (others unchanged)."""
+        out = {}
+        for name, t in weights.items():
+            if is_streamed_weight(name, t):
+                hw = HybridWeight(t, name=name)
+                hw.num_blocks = self.num_blocks
+                self.cache.register(f"{model_key}/{name}", hw)
+                out[name] = hw
+            else:
+                out[name] = t
+        return out
+
+    def drop_model(self, model_key: str) -> None:
+        self.cache.unregister_prefix(f"{model_key}/")
+
+    def set_rho(self, rho: float) -> float:
+        return self.cache.set_rho(rho)
+
+    def set_path(self, path: str | None) -> None:
+        """Force "os" or "ws" for every weight (None: choose by M)."""
+        for w in self.cache.weights.values():
+            w.path = path

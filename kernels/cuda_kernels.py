@@ -1,0 +1,217 @@
+"""HybridGEMM CUDA kernels (numba-cuda): y[M, N] = x[M, K] @ W[N, K].T, W bf16 split by ρ.
+
+W is split along output rows: rows [0, n_dev) are also cached in device memory
+(`w_dev`), rows [n_dev, N) are read from host memory mapped into the device address
+space (`w_host`, zero-copy over the link). Row split, not K split, because every
+output element then comes from one source with no cross-source reduction, and the
+cached part is one contiguous slice of W (caching = one copy of a byte range).
+
+Both sources are read in the same launch, at the same time, so their bandwidths add:
+blocks are persistent (grid-stride loop; `num_blocks` also emulates a MIG slice by
+limiting the blocks launched) and walk the row tiles in an interleaved order
+(`_tile_of`) in which device tiles and host tiles alternate in the ratio ρ : 1-ρ.
+
+Two paths:
+- output-stationary (`make_os_kernel`, decode, M <= max_m): a block owns one output
+  row at a time; its threads stride over K, each weight element is read once and
+  applied to all M tokens; a shared-memory tree reduction finishes the row.
+- weight-stationary (`make_ws_kernel`, prefill): a block owns a tile of `tn` rows and
+  `tm` tokens (one per thread); each [tn, tk] weight tile is read once per `tm` tokens
+  into shared memory and applied to all of them.
+
+Weights travel as uint16 bf16 bits. The widen is `bits << 16` reinterpreted as fp32
+(libdevice int_as_float on the device; a numpy view in the simulator, which has no
+libdevice). Accumulation is fp32. The kernel factories return plain Python functions
+so tests can `cuda.compile_ptx` them for sm_90 without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import cuda, float32
+
+IS_SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+if IS_SIMULATOR:
+
+    def _widen_py(u):
+        return np.array([np.uint32(u) << np.uint32(16)], dtype=np.uint32).view(np.float32)[0]
+
+else:
+    from numba.cuda import libdevice
+
+    def _widen_py(u):
+        return libdevice.int_as_float(np.int32(np.uint32(u) << np.uint32(16)))
+
+
+widen = cuda.jit(device=True, inline=True)(_widen_py)
+
+
+@cuda.jit(device=True, inline=True)
+def _tile_of(t, num_tiles, num_dev_tiles):
+    """Interleave: the t-th tile processed -> tile index, device tiles spread evenly.
+
+    Among the first t processed tiles, floor(t * D / T) are device tiles (D of T), so at
+    any moment the running blocks read both sources in the ratio ρ : 1-ρ.
+    """
+    d_before = (t * num_dev_tiles) // num_tiles
+    d_after = ((t + 1) * num_dev_tiles) // num_tiles
+    if d_after > d_before:
+        return d_before
+    return num_dev_tiles + t - d_before
+
+
+@cuda.jit(device=True, inline=True)
+def _load_w(w_dev, w_host, n_dev, row, k):
+    """W[row, k] as fp32 from whichever part holds the row."""
+    if row < n_dev:
+        return widen(w_dev[row, k])
+    return widen(w_host[row - n_dev, k])
+
+
+def make_os_kernel(threads: int = 256, max_m: int = 16):
+    """Output-stationary kernel function for blocks of `threads` (a power of two), M <= max_m.
+
+    Signature: (x [M, K] f32, w_dev [>=1, K] u16, w_host [>=1, K] u16, n_dev, y [M, N] f32).
+    """
+
+    def os_kernel(x, w_dev, w_host, n_dev, y):
+        m_rows = x.shape[0]
+        k_dim = x.shape[1]
+        n_rows = y.shape[1]
+        tid = cuda.threadIdx.x
+        partial = cuda.shared.array((max_m, threads), float32)
+        acc = cuda.local.array(max_m, float32)
+        for t in range(cuda.blockIdx.x, n_rows, cuda.gridDim.x):
+            row = _tile_of(t, n_rows, n_dev)
+            for m in range(max_m):
+                acc[m] = 0.0
+            for k in range(tid, k_dim, threads):
+                wk = _load_w(w_dev, w_host, n_dev, row, k)
+                for m in range(max_m):  # constant trip count: acc stays in registers
+                    if m < m_rows:
+                        acc[m] += wk * x[m, k]
+            for m in range(max_m):
+                partial[m, tid] = acc[m]
+            cuda.syncthreads()
+            stride = threads // 2
+            while stride > 0:
+                if tid < stride:
+                    for m in range(m_rows):
+                        partial[m, tid] += partial[m, tid + stride]
+                cuda.syncthreads()
+                stride //= 2
+            if tid < m_rows:
+                y[tid, row] = partial[tid, 0]
+            cuda.syncthreads()
+
+    return os_kernel
+
+
+def make_ws_kernel(tm: int = 128, tn: int = 32, tk: int = 32):
+    """Weight-stationary kernel function for blocks of `tm` threads (one token each).
+
+    Signature as `make_os_kernel`'s; any M (weights are read once per `tm` tokens).
+    """
+
+    def ws_kernel(x, w_dev, w_host, n_dev, y):
+        m_rows = x.shape[0]
+        k_dim = x.shape[1]
+        n_rows = y.shape[1]
+        tid = cuda.threadIdx.x
+        w_s = cuda.shared.array((tn, tk), float32)
+        x_s = cuda.shared.array((tk, tm), float32)
+        acc = cuda.local.array(tn, float32)
+        num_tiles = (n_rows + tn - 1) // tn
+        num_dev_tiles = (n_dev + tn - 1) // tn
+        for t in range(cuda.blockIdx.x, num_tiles, cuda.gridDim.x):
+            n0 = _tile_of(t, num_tiles, num_dev_tiles) * tn
+            for m0 in range(0, m_rows, tm):
+                for r in range(tn):
+                    acc[r] = 0.0
+                for k0 in range(0, k_dim, tk):
+                    for i in range(tid, tn * tk, tm):  # weight tile, widened once
+                        r = i // tk
+                        k = k0 + i % tk
+                        v = float32(0.0)
+                        if n0 + r < n_rows and k < k_dim:
+                            v = _load_w(w_dev, w_host, n_dev, n0 + r, k)
+                        w_s[r, i % tk] = v
+                    for i in range(tid, tk * tm, tm):  # x tile, transposed: x_s[k, m]
+                        mm = m0 + i // tk
+                        k = k0 + i % tk
+                        v = float32(0.0)
+                        if mm < m_rows and k < k_dim:
+                            v = x[mm, k]
+                        x_s[i % tk, i // tk] = v
+                    cuda.syncthreads()
+                    for kk in range(tk):
+                        xv = x_s[kk, tid]
+                        for r in range(tn):
+                            acc[r] += w_s[r, kk] * xv
+                    cuda.syncthreads()
+                m = m0 + tid
+                if m < m_rows:
+                    for r in range(tn):
+                        if n0 + r < n_rows:
+                            y[m, n0 + r] = acc[r]
+
+    return ws_kernel
+
+
+# Production configurations. The simulator runs every CUDA thread as a Python thread,
+# so under it the defaults are small blocks (same code, same tiling logic).
+if IS_SIMULATOR:
+    OS_CONFIG = {"threads": 8, "max_m": 4}
+    WS_CONFIG = {"tm": 8, "tn": 4, "tk": 8}
+else:
+    OS_CONFIG = {"threads": 256, "max_m": 16}
+    WS_CONFIG = {"tm": 128, "tn": 32, "tk": 32}
+KERNEL_SIGNATURE = "void(float32[:, ::1], uint16[:, ::1], uint16[:, ::1], int64, float32[:, ::1])"
+
+_compiled: dict[tuple, object] = {}
+
+
+def get_kernel(path: str, **config):
+    """The jitted kernel for path "os" or "ws" with the given (or production) config."""
+    key = (path, tuple(sorted(config.items())))
+    if key not in _compiled:
+        if path == "os":
+            fn = make_os_kernel(**(config or OS_CONFIG))
+        elif path == "ws":
+            fn = make_ws_kernel(**(config or WS_CONFIG))
+        else:
+            raise ValueError(f"unknown kernel path {path!r} (expected 'os' or 'ws')")
+        _compiled[key] = cuda.jit(fn)
+    return _compiled[key]
+
+
+def block_threads(path: str, **config) -> int:
+    cfg = config or (OS_CONFIG if path == "os" else WS_CONFIG)
+    return cfg["threads"] if path == "os" else cfg["tm"]
+
+
+def default_num_blocks(path: str, n_rows: int, **config) -> int:
+    """Enough blocks to cover the rows (os) or row tiles (ws)."""
+    if path == "os":
+        return max(1, n_rows)
+    tn = (config or WS_CONFIG)["tn"]
+    return max(1, math.ceil(n_rows / tn))
+
+
+def launch(path, x, w_dev, w_host, n_dev, y, num_blocks=None, stream=0, **config):
+    """y = x @ W.T on the device. x, w_dev, w_host, y device (or mapped) arrays.
+
+    `path` "os" requires M <= max_m (the caller chunks M); `num_blocks` caps the grid,
+    which is how a MIG slice of fewer SMs is emulated. Raises ValueError on bad shapes.
+    """
+    if w_dev.shape[1] != x.shape[1] or w_host.shape[1] != x.shape[1]:
+        raise ValueError("launch: K of x and of the weight parts differ")
+    if path == "os" and x.shape[0] > (config or OS_CONFIG)["max_m"]:
+        raise ValueError(f"launch: the os path takes M <= {(config or OS_CONFIG)['max_m']}")
+    kernel = get_kernel(path, **config)
+    blocks = num_blocks or default_num_blocks(path, y.shape[1], **config)
+    kernel[blocks, block_threads(path, **config), stream](x, w_dev, w_host, n_dev, y)
