@@ -49,6 +49,7 @@ class ControlSample:  # one telemetry sample of one worker
     kv_free_frac: float = 1.0  # optional: free fraction of the KV cache
     link_capacity_gbps: float = 0.0  # optional: link rate available to this worker now (0 = unknown)
     step_ms: float | None = None  # optional: mean engine step time
+    oldest_wait_ms: float | None = None  # optional: age of the oldest request without a first token
 
 
 @dataclass
@@ -121,6 +122,8 @@ class WorkerController:  # per worker state of the feedback law
     def _chunk_factor(self, sample: ControlSample) -> float:
         """Multiplicative change of the chunk size (1.0 inside the dead band)."""
         lim, tpot, ttft = self.limits, self._tpot_ms, self._ttft_ms
+        if sample.oldest_wait_ms is not None:  # a long prefill in flight is late before it ends
+            ttft = max(ttft or 0.0, sample.oldest_wait_ms)
         ttft_late = ttft is not None and ttft > self.slo.ttft_ms and sample.num_waiting > 0
         if tpot is not None and tpot > self.slo.tpot_ms and self.is_link_bound(sample):
             # steps wait on host bytes, which cross once per step whatever the chunk: a

@@ -42,6 +42,8 @@ class SliceView:
     link_demand_gbps: float = 0.0  # optional: streaming demand of co-located slices
     link_capacity_gbps: float = 0.0  # optional: capacity of the link domain (0 = unknown)
     cycle_ms: float = 0.0  # optional: current step cycle over its models (telemetry)
+    queued_prefill_tokens: int = 0  # optional: prompt tokens admitted or queued, not yet prefilled
+    prefill_tokens_per_s: float = 0.0  # optional: the slice's prefill throughput (0 = unknown)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class RequestView:
     slo_class: str = "standard"  # "interactive" | "standard" | "batch"
     est_step_ms: float = 0.0  # optional: one decode step of this model on such a slice
     tpot_slo_ms: float = 0.0  # optional: with est_step_ms, keeps co-served models in SLO
+    ttft_slo_ms: float = 0.0  # optional: refuse slices whose prefill backlog alone passes it
+    max_wait_frac: float = 0.5  # ... more precisely: backlog wait > this x the TTFT SLO
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,20 @@ def fits_cycle(req: RequestView, slice_view: SliceView) -> bool:
     return slice_view.cycle_ms + req.est_step_ms <= req.tpot_slo_ms
 
 
+def expected_wait_s(slice_view: SliceView) -> float:
+    """Seconds of prefill already queued on the slice (0 when its throughput is unknown)."""
+    if slice_view.prefill_tokens_per_s <= 0:
+        return 0.0
+    return slice_view.queued_prefill_tokens / slice_view.prefill_tokens_per_s
+
+
+def fits_ttft(req: RequestView, slice_view: SliceView) -> bool:
+    """False when the slice's prefill backlog alone would eat the request's TTFT budget."""
+    if req.ttft_slo_ms <= 0:
+        return True
+    return 1000.0 * expected_wait_s(slice_view) <= req.max_wait_frac * req.ttft_slo_ms
+
+
 def route_score(req: RequestView, slice_view: SliceView) -> float:
     """Higher is better. See the module docstring for the terms."""
     weights = SLO_CLASS_WEIGHTS.get(req.slo_class, SLO_CLASS_WEIGHTS["standard"])
@@ -120,16 +138,17 @@ def choose_slice(req: RequestView, slices: list[SliceView]) -> str | None:
     """The worker_id of the best slice for `req`, or None when none can take it.
 
     None means: no slice may serve the model (all pinned to others), every slice that
-    may is full, or (with `req.tpot_slo_ms`) adding the model would push every slice's step
-    cycle past the TPOT SLO; the caller answers 503 (NoCapacity) or starts a slice. Ties go
-    to the first slice listed.
+    may is full, (with `req.tpot_slo_ms`) adding the model would push every slice's step
+    cycle past the TPOT SLO, or (with `req.ttft_slo_ms`) every slice's prefill backlog is
+    too long; the caller answers 503 (NoCapacity) or starts a slice. Ties go to the first
+    slice listed.
     """
     best_id: str | None = None
     best_score = float("-inf")
     for slice_view in slices:
         if not can_serve(slice_view, req.model_id) or not has_capacity(slice_view):
             continue
-        if not fits_cycle(req, slice_view):
+        if not fits_cycle(req, slice_view) or not fits_ttft(req, slice_view):
             continue
         score = route_score(req, slice_view)
         if score > best_score:
@@ -147,7 +166,9 @@ __all__ = [
     "SliceView",
     "can_serve",
     "choose_slice",
+    "expected_wait_s",
     "fits_cycle",
+    "fits_ttft",
     "has_capacity",
     "link_pressure",
     "plan_prewarm",

@@ -54,6 +54,7 @@ class Instance:
         self.model_decode: dict[int, list] = {}  # model -> [num decoding, ctx tokens]
         self.model_refs: dict[int, int] = {}  # model -> requests on the instance
         self.kv_bytes = 0.0  # KV held by decoding sequences
+        self.queued_prompt_tokens = 0  # prompts assigned here and not prefilled yet
         self.v = 0.0
         self.t_last = 0.0
         self.cycle_s = math.inf

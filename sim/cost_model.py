@@ -26,7 +26,7 @@ BF16_TFLOPS = 989.0  # H100 SXM dense BF16 (datasheet)
 GEMM_EFFICIENCY = 0.6  # achieved / peak for prefill GEMMs (assumed)
 HOST_READ_GBPS_PER_SM = 10.0  # host reads a kernel sustains per SM over C2C (assumed)
 STEP_OVERHEAD_S = 0.002  # launch + sampling + scheduling per step (assumed)
-PCIE5_GBPS = 55.0  # PCIe Gen5 x16 measured ~55-64 GB/s/dir (public); --link pcie
+PCIE5_GBPS = 55.0  # PCIe Gen5 x16 measured ~55-64 GB/s/dir (public); the sensitivity loader rate
 
 # ---- serverless baseline -------------------------------------------------------------
 SLLM_LOADER_GBPS = C2C_GBPS * C2C_EFFICIENCY  # generous: loads at the measured memcpy rate

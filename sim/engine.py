@@ -114,6 +114,7 @@ class Simulator:
         req.instance = inst
         req.is_cold = self.system.on_assign(self, inst, req)
         inst.add_ref(req.model)
+        inst.queued_prompt_tokens += req.prompt
         inst.queue.append(req)
         inst.last_used_s = self.now
         self._admit(inst)
@@ -161,6 +162,7 @@ class Simulator:
 
     def _finish_prefill(self, inst: Instance, req: Request) -> None:
         req.t_first = self.now
+        inst.queued_prompt_tokens -= req.prompt
         ttft_ms = 1000.0 * (self.now - req.t_arrival)
         inst.ttft_ewma_ms = ttft_ms if inst.ttft_ewma_ms is None else 0.7 * inst.ttft_ewma_ms + 0.3 * ttft_ms
         inst.prefill_head = None
@@ -222,6 +224,9 @@ class Simulator:
         inst.apply_alloc()
         inst.version += 1
         t_next = inst.next_event_s()
+        period = self.system.control_period_s
+        if period and inst.prefill_head is not None:  # let the controller see a long prefill
+            t_next = min(t_next, self.now + period)
         if t_next < math.inf:
             self._push(t_next, _INSTANCE, inst, inst.version)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 from controller.policy import SLO, ControlSample, Knobs, WorkerController
 from placer.policy import DemandForecaster, PrewarmAction, RequestView, SliceView, choose_slice, plan_prewarm
@@ -27,6 +28,7 @@ QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batche
 class System:
     name = "system"
     timer_period_s: float | None = None
+    control_period_s: float | None = None  # wake a prefilling instance this often (its controller)
 
     def setup(self, sim) -> None: ...
     def route(self, sim, req: Request): ...
@@ -48,6 +50,7 @@ class System:
 
 class C2CServe(System):
     name = "c2cserve"
+    control_period_s = 1.0
 
     def __init__(self, seed: int = 0, prewarm: bool = True, control: bool = True, num_sampled: int = 4,
                  max_models_per_instance: int = 4, prewarm_period_s: float = 15.0):
@@ -55,6 +58,7 @@ class C2CServe(System):
         self.prewarm, self.control = prewarm, control
         self.num_sampled, self.max_models = num_sampled, max_models_per_instance
         self.timer_period_s = prewarm_period_s if prewarm else None
+        self.control_period_s = 1.0 if control else None
         self.forecaster = DemandForecaster(tau_s=60.0, bin_s=10.0, num_bins=360)
         self.by_profile: dict[str, list[Instance]] = {name: [] for name in PROFILES}
         self.model_instances: dict[int, set[Instance]] = {}
@@ -82,21 +86,27 @@ class C2CServe(System):
 
     # ---- routing
     def route(self, sim, req: Request):
+        """Best slice by the placer's score among those that fit; else a new slice; else
+        the best slice ignoring the TTFT backlog rule; None only when nothing can take it."""
         self.forecaster.observe(str(req.model), sim.now)
         spec = self.specs[req.model]
         profile = prefill_profile(spec, req.prompt, req.ttft_slo, self.profile_of[req.model])
         prof = PROFILES[profile]
         candidates = self._candidates(req, profile)
-        views = [self._view(sim, inst, str(k)) for k, inst in enumerate(candidates)]
+        tokens_per_s = 1.0 / max(1e-9, step_time(spec, prof, 1024, 0, max_rho(spec, prof), fair_link_gbps(prof)) / 1024)
+        views = [self._view(sim, inst, str(k), tokens_per_s) for k, inst in enumerate(candidates)]
         est_step_s = step_time(spec, prof, 1, req.prompt, max_rho(spec, prof), fair_link_gbps(prof))
         view = RequestView(str(req.rid), str(req.model), req.prompt, est_step_ms=1000 * est_step_s,
-                           tpot_slo_ms=1000 * req.tpot_slo)
+                           tpot_slo_ms=1000 * req.tpot_slo, ttft_slo_ms=1000 * req.ttft_slo)
         worker_id = choose_slice(view, views)
         chosen = candidates[int(worker_id)] if worker_id is not None else None
         if chosen is None or chosen.num_queued >= chosen.max_seqs:
-            gpu = sim.find_room(PROFILES[profile].units, gpu_key=lambda g: g.streaming_demand_gbps())
+            gpu = sim.find_room(prof.units, gpu_key=lambda g: g.streaming_demand_gbps())
             if gpu is not None:
                 return sim.create_instance(gpu, profile)
+        if chosen is None:
+            worker_id = choose_slice(replace(view, ttft_slo_ms=0.0), views)
+            chosen = candidates[int(worker_id)] if worker_id is not None else None
         return chosen
 
     def _candidates(self, req: Request, profile: str) -> list[Instance]:
@@ -128,7 +138,7 @@ class C2CServe(System):
         cycle_s = inst.cycle_s if inst.cycle_s < math.inf else inst.t0_s
         return cycle_s + est_s <= req.tpot_slo
 
-    def _view(self, sim, inst: Instance, worker_id: str) -> SliceView:
+    def _view(self, sim, inst: Instance, worker_id: str, prefill_tokens_per_s: float = 0.0) -> SliceView:
         gpu = inst.gpu
         link_util = 0.0 if gpu.link_gbps == math.inf else min(2.0, gpu.streaming_demand_gbps() / gpu.link_gbps)
         kv_used = inst.kv_used_bytes(sim.specs)
@@ -139,7 +149,8 @@ class C2CServe(System):
             cached_fraction={str(m): b / sim.specs[m].weight_bytes for m, b in inst.cached_bytes.items()},
             num_running=len(inst.decode), num_waiting=inst.num_queued - len(inst.decode),
             max_num_seqs=inst.max_seqs, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes,
-            link_util=link_util, cycle_ms=1000 * inst.cycle_s if inst.cycle_s < math.inf else 0.0)
+            link_util=link_util, cycle_ms=1000 * inst.cycle_s if inst.cycle_s < math.inf else 0.0,
+            queued_prefill_tokens=inst.queued_prompt_tokens, prefill_tokens_per_s=prefill_tokens_per_s)
 
     # ---- serving
     def on_assign(self, sim, inst: Instance, req: Request) -> bool:
@@ -207,10 +218,17 @@ class C2CServe(System):
             tpot_p50_ms=1000 * inst.cycle_s if inst.decode and inst.cycle_s < math.inf else None,
             num_waiting=inst.num_queued - len(inst.decode), num_running=len(inst.decode),
             link_gbps=inst.host_bytes / 1e9 / inst.cycle_s if inst.cycle_s < math.inf else 0.0,
-            link_capacity_gbps=inst.alloc_gbps, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes)
+            link_capacity_gbps=inst.alloc_gbps, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes,
+            oldest_wait_ms=self._oldest_wait_ms(sim, inst))
         knobs = inst.ctl.update(sample)
         if knobs is not None:
             self._apply_knobs(inst, knobs)
+
+    def _oldest_wait_ms(self, sim, inst: Instance) -> float | None:
+        waiting = [r.t_arrival for r in inst.queue] + [r.t_arrival for _, _, r in inst.prefill]
+        if inst.prefill_head is not None:
+            waiting.append(inst.prefill_head.t_arrival)
+        return 1000.0 * (sim.now - min(waiting)) if waiting else None
 
     def _apply_knobs(self, inst: Instance, knobs: Knobs) -> None:
         if knobs.chunk_size != inst.chunk and inst.prefill_head is not None and inst.head_chunk == inst.chunk:
