@@ -10,8 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from services.errors import CheckpointError
-from worker.checkpoint import (ARCHITECTURES, checkpoint_tensor_files, index_checkpoint, load_checkpoint,
-                               load_config)
+from worker.checkpoint import (
+    ARCHITECTURES,
+    checkpoint_tensor_files,
+    index_checkpoint,
+    load_checkpoint,
+    load_config,
+)
 from worker.synth_weights import write_weights
 
 

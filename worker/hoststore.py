@@ -5,6 +5,7 @@ Layout under the root (default `/dev/shm/c2cserve`, env `C2C_HOST_STORE`):
     store.lock                  exclusive flock while copying in or evicting
     models/<key>/weights.bin    raw tensor bytes, each tensor 64-byte aligned
     models/<key>/manifest.json  key, source folder, nbytes, [name, dtype, shape, offset, nbytes]
+                                (HF names, plus fused q|k|v and gate|up views over them)
     models/<key>/config.json    (+ generation_config.json) copied from the checkpoint
     models/<key>/lock           a shared flock per process that has the model open
     models/<key>/last_used      its mtime orders the LRU
@@ -33,6 +34,7 @@ import torch
 
 from services.errors import C2CError, ModelNotFound, NoCapacity
 from worker.checkpoint import ModelConfig, TensorEntry, index_checkpoint, load_config
+from worker.layers import fusion_groups
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class HostStore:
         config, entries = index_checkpoint(model_dir)
         with self._store_lock():
             if not self._is_resident(key):      # another process may have finished meanwhile
-                nbytes = _layout(entries)[1]
+                nbytes = _layout(entries)[2]
                 self._make_room(nbytes, key)
                 self._copy_in(key, model_dir, entries)
                 self.last_copied = True
@@ -209,23 +211,44 @@ class HostStore:
         log.info("host store: copied %s in (%.1f MB)", key, manifest["nbytes"] / 1e6)
 
 
-def _layout(entries: dict[str, TensorEntry]) -> tuple[list[tuple[TensorEntry, int]], int]:
-    """Each tensor's aligned offset in weights.bin, and the file's total size."""
-    placed, offset = [], 0
+def _layout(entries: dict[str, TensorEntry]) -> tuple[list[tuple[TensorEntry, int]], list[dict], int]:
+    """Each tensor's offset in weights.bin, the fused tensors, and the file's total size.
+
+    The parts of a fusion group (q|k|v, gate|up) are placed back to back, so the fused
+    matrix is one contiguous view; every other tensor starts 64-byte aligned.
+    """
+    groups = fusion_groups({n: (e.shape, e.dtype) for n, e in entries.items()})
+    placed, fused, offset = [], [], 0
+    for fused_name, parts in groups:
+        offset = _align(offset)
+        first = entries[parts[0]]
+        rows = sum(entries[p].shape[0] for p in parts)
+        fused.append({"name": fused_name, "dtype": first.dtype, "shape": [rows, *first.shape[1:]],
+                      "offset": offset, "nbytes": sum(entries[p].nbytes for p in parts)})
+        for part in parts:
+            placed.append((entries[part], offset))
+            offset += entries[part].nbytes
+    grouped = {p for _, parts in groups for p in parts}
     for entry in sorted(entries.values(), key=lambda e: (str(e.path), e.start)):
-        placed.append((entry, offset))
-        offset += -(-entry.nbytes // ALIGN_BYTES) * ALIGN_BYTES
-    return placed, offset
+        if entry.name not in grouped:
+            offset = _align(offset)
+            placed.append((entry, offset))
+            offset += entry.nbytes
+    return placed, fused, _align(offset)
+
+
+def _align(offset: int) -> int:
+    return -(-offset // ALIGN_BYTES) * ALIGN_BYTES
 
 
 def _write_weights(dest: Path, entries: dict[str, TensorEntry]) -> dict:
-    placed, total = _layout(entries)
+    placed, fused, total = _layout(entries)
     tensors = []
     with open(dest, "wb") as out:
         out.truncate(total)
         sources: dict[Path, object] = {}
         try:
-            for entry, offset in placed:
+            for entry, offset in sorted(placed, key=lambda pair: (str(pair[0].path), pair[0].start)):
                 src = sources.get(entry.path) or sources.setdefault(entry.path, open(entry.path, "rb"))
                 _copy_range(src, entry.start, out, offset, entry.nbytes)
                 tensors.append({"name": entry.name, "dtype": entry.dtype, "shape": list(entry.shape),
@@ -233,7 +256,7 @@ def _write_weights(dest: Path, entries: dict[str, TensorEntry]) -> dict:
         finally:
             for f in sources.values():
                 f.close()
-    return {"nbytes": total, "tensors": tensors}
+    return {"nbytes": total, "tensors": tensors + fused}
 
 
 def _copy_range(src, src_offset: int, out, dst_offset: int, nbytes: int) -> None:
@@ -293,7 +316,11 @@ class ResidentModel:
                    path, manifest, mapped, lock_fd)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """HF name -> read-only tensor view of the shared mapping (writing to one crashes)."""
+        """Name -> read-only view of the shared mapping (writing to one crashes the process).
+
+        HF names, plus fused `*.qkv_proj.weight|bias` and `*.gate_up_proj.weight`: row
+        concatenations whose parts are the HF tensors (same bytes, no copy).
+        """
         if self._lock_fd is None:
             raise C2CError(f"model {self.key} was closed")
         buffer = np.frombuffer(self._mmap, dtype=np.uint8) if self._mmap is not None else np.empty(0, np.uint8)

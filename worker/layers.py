@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,64 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def swiglu_mlp(x: torch.Tensor, gate_w, up_w, down_w, linear) -> torch.Tensor:
     # x: [T, H] -> [T, H]
     return linear(F.silu(linear(x, gate_w)) * linear(x, up_w), down_w)
+
+
+@dataclass
+class SwiGLU:
+    """down(silu(gate(x)) * up(x)); one fused gate|up matrix when the store provides it."""
+
+    gate: torch.Tensor | None      # [I, H] (None when fused)
+    up: torch.Tensor | None        # [I, H]
+    gate_up: torch.Tensor | None   # [2I, H]
+    down: torch.Tensor             # [H, I]
+
+    @classmethod
+    def from_weights(cls, prefix: str, weights: dict[str, torch.Tensor],
+                     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> SwiGLU:
+        down = weights[f"{prefix}.{names[2]}.weight"]
+        fused = weights.get(f"{prefix}.{FUSED_GATE_UP}.weight")
+        if fused is not None:
+            return cls(None, None, fused, down)
+        return cls(weights[f"{prefix}.{names[0]}.weight"], weights[f"{prefix}.{names[1]}.weight"], None, down)
+
+    def __call__(self, x: torch.Tensor, linear) -> torch.Tensor:
+        if self.gate_up is None:
+            return swiglu_mlp(x, self.gate, self.up, self.down, linear)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)   # [T, I] each
+        return linear(F.silu(gate) * up, self.down)
+
+    def tensors(self) -> tuple:
+        return (self.down,) + ((self.gate, self.up) if self.gate_up is None else (self.gate_up,))
+
+
+# ---- fused matrices (built by the host store: row-concatenations, zero-copy) ------
+
+FUSED_QKV = "qkv_proj"
+FUSED_GATE_UP = "gate_up_proj"
+_FUSIONS = (  # (suffix of the first part, suffixes of all parts, fused suffix)
+    ("self_attn.q_proj.weight", ("q_proj.weight", "k_proj.weight", "v_proj.weight"), f"{FUSED_QKV}.weight"),
+    ("self_attn.q_proj.bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias"), f"{FUSED_QKV}.bias"),
+    ("gate_proj.weight", ("gate_proj.weight", "up_proj.weight"), f"{FUSED_GATE_UP}.weight"),
+    (".w1.weight", ("w1.weight", "w3.weight"), f"{FUSED_GATE_UP}.weight"),
+)
+
+
+def fusion_groups(shapes: dict[str, tuple[tuple[int, ...], str]]) -> list[tuple[str, tuple[str, ...]]]:
+    """(fused name, part names) for q|k|v and gate|up; shapes maps name -> (shape, dtype).
+
+    Parts are stacked along rows, so each part is a contiguous row range of the fused one.
+    """
+    groups = []
+    for name in sorted(shapes):
+        for first, suffixes, fused_suffix in _FUSIONS:
+            if not name.endswith(first):
+                continue
+            base = name[: -len(suffixes[0])]
+            parts = tuple(base + s for s in suffixes)
+            infos = [shapes.get(p) for p in parts]
+            if all(i is not None and i[0][1:] == infos[0][0][1:] and i[1] == infos[0][1] for i in infos):
+                groups.append((base + fused_suffix, parts))
+    return groups
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

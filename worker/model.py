@@ -15,8 +15,19 @@ import torch
 import kernels
 from worker.checkpoint import ModelConfig
 from worker.forward_batch import AttentionMetadata, ForwardBatch, build_attention_metadata
-from worker.layers import (EMBED, FINAL_NORM, LM_HEAD, apply_rope, layer_prefix, paged_attention,
-                           rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp)
+from worker.layers import (
+    EMBED,
+    FINAL_NORM,
+    FUSED_QKV,
+    LM_HEAD,
+    SwiGLU,
+    apply_rope,
+    layer_prefix,
+    paged_attention,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from worker.moe import MoEBlock
 
 
@@ -44,13 +55,9 @@ def kv_bytes_per_token(config: ModelConfig, dtype=torch.float32) -> int:
 
 @dataclass
 class AttentionWeights:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
-    q_bias: torch.Tensor | None
-    k_bias: torch.Tensor | None
-    v_bias: torch.Tensor | None
+    qkv: list[torch.Tensor]            # [q|k|v fused] or [q, k, v]: [out, H] each
+    qkv_bias: list[torch.Tensor | None]
+    o: torch.Tensor                    # [H, nH * D]
     o_bias: torch.Tensor | None
 
 
@@ -59,7 +66,7 @@ class DecoderLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     attn: AttentionWeights
-    mlp: tuple | None              # (gate, up, down) for a dense layer
+    mlp: SwiGLU | None             # dense layer
     moe: MoEBlock | None
 
 
@@ -94,17 +101,21 @@ class CausalLM:
     def _attention(self, x, w: AttentionWeights, cos, sin, kv: KVCache, layer: int,
                    meta: AttentionMetadata) -> torch.Tensor:
         cfg, n = self.config, x.shape[0]
-        q = self.linear(x, w.q, w.q_bias).view(n, cfg.num_heads, cfg.head_dim)     # [T, nH, D]
-        k = self.linear(x, w.k, w.k_bias).view(n, cfg.num_kv_heads, cfg.head_dim)  # [T, nKV, D]
-        v = self.linear(x, w.v, w.v_bias).view(n, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if len(w.qkv) == 1:
+            q, k, v = self.linear(x, w.qkv[0], w.qkv_bias[0]).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = (self.linear(x, m, b) for m, b in zip(w.qkv, w.qkv_bias, strict=True))
+        q = apply_rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)         # [T, nH, D]
+        k = apply_rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)      # [T, nKV, D]
+        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         out = paged_attention(q, k, v, kv.k[layer], kv.v[layer], meta)            # [T, nH*D]
         return self.linear(out.contiguous(), w.o, w.o_bias)
 
     def _mlp(self, x: torch.Tensor, layer: DecoderLayer) -> torch.Tensor:
         if layer.moe is not None:
             return layer.moe(x, self.linear)
-        return swiglu_mlp(x, *layer.mlp, linear=self.linear)
+        return layer.mlp(x, self.linear)
 
     def kv_bytes_per_token(self, dtype=None) -> int:
         return kv_bytes_per_token(self.config, dtype or self.compute_dtype)
@@ -121,27 +132,33 @@ class CausalLM:
     def _all_weights(self):
         yield from (self.embed, self.final_norm, self.lm_head)
         for layer in self.layers:
-            yield from (layer.input_norm, layer.post_norm, *vars(layer.attn).values())
+            yield from (layer.input_norm, layer.post_norm, layer.attn.o, layer.attn.o_bias,
+                        *layer.attn.qkv, *layer.attn.qkv_bias)
             if layer.mlp is not None:
-                yield from layer.mlp
+                yield from layer.mlp.tensors()
             if layer.moe is not None:
-                yield from (layer.moe.router, layer.moe.shared_gate, *(layer.moe.shared or ()))
-                for e in layer.moe.experts:
-                    yield from (e.gate, e.up, e.down) if e.gate_up is None else (e.gate_up, e.down)
+                yield from (layer.moe.router, layer.moe.shared_gate)
+                for mlp in [*layer.moe.experts, *([layer.moe.shared] if layer.moe.shared else [])]:
+                    yield from mlp.tensors()
 
 
 def _decoder_layer(config: ModelConfig, i: int, weights: dict[str, torch.Tensor]) -> DecoderLayer:
     p = layer_prefix(i)
-    a = f"{p}.self_attn"
-    attn = AttentionWeights(
-        weights[f"{a}.q_proj.weight"], weights[f"{a}.k_proj.weight"],
-        weights[f"{a}.v_proj.weight"], weights[f"{a}.o_proj.weight"],
-        weights.get(f"{a}.q_proj.bias"), weights.get(f"{a}.k_proj.bias"),
-        weights.get(f"{a}.v_proj.bias"), weights.get(f"{a}.o_proj.bias"))
     if i in config.moe_layers:
         mlp, moe = None, MoEBlock.from_weights(config, i, weights)
     else:
-        mlp = tuple(weights[f"{p}.mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-        moe = None
+        mlp, moe = SwiGLU.from_weights(f"{p}.mlp", weights), None
     return DecoderLayer(weights[f"{p}.input_layernorm.weight"], weights[f"{p}.post_attention_layernorm.weight"],
-                        attn, mlp, moe)
+                        _attention_weights(f"{p}.self_attn", weights), mlp, moe)
+
+
+def _attention_weights(a: str, weights: dict[str, torch.Tensor]) -> AttentionWeights:
+    """Uses the host store's fused q|k|v matrix (one kernel call) when it is there."""
+    o, o_bias = weights[f"{a}.o_proj.weight"], weights.get(f"{a}.o_proj.bias")
+    has_fused_bias = f"{a}.{FUSED_QKV}.bias" in weights or f"{a}.q_proj.bias" not in weights
+    if f"{a}.{FUSED_QKV}.weight" in weights and has_fused_bias:
+        return AttentionWeights([weights[f"{a}.{FUSED_QKV}.weight"]], [weights.get(f"{a}.{FUSED_QKV}.bias")],
+                                o, o_bias)
+    names = ("q_proj", "k_proj", "v_proj")
+    return AttentionWeights([weights[f"{a}.{n}.weight"] for n in names],
+                            [weights.get(f"{a}.{n}.bias") for n in names], o, o_bias)

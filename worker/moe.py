@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from worker.checkpoint import ModelConfig
-from worker.layers import layer_prefix, swiglu_mlp
+from worker.layers import SwiGLU, layer_prefix
 
 _PER_EXPERT = {"w123": ("w1", "w3", "w2"), "proj": ("gate_proj", "up_proj", "down_proj")}
 
@@ -59,26 +58,12 @@ def expected_moe_tensors(config: ModelConfig, layer: int, present) -> dict[str, 
 
 
 @dataclass
-class Expert:
-    gate: torch.Tensor | None      # [I, H] (None when fused)
-    up: torch.Tensor | None        # [I, H]
-    gate_up: torch.Tensor | None   # [2I, H] fused
-    down: torch.Tensor             # [H, I]
-
-    def __call__(self, x: torch.Tensor, linear) -> torch.Tensor:
-        if self.gate_up is None:
-            return swiglu_mlp(x, self.gate, self.up, self.down, linear)
-        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)   # [n, I] each
-        return linear(F.silu(gate) * up, self.down)
-
-
-@dataclass
 class MoEBlock:
     router: torch.Tensor                 # [E, H]
-    experts: list[Expert]
+    experts: list[SwiGLU]
     top_k: int
     renormalize: bool
-    shared: tuple | None = None          # (gate, up, down) of the shared expert
+    shared: SwiGLU | None = None         # Qwen2-MoE shared expert
     shared_gate: torch.Tensor | None = None   # [1, H]
 
     @classmethod
@@ -89,8 +74,7 @@ class MoEBlock:
         block = cls(weights[f"{prefix}.gate.weight"], experts, config.num_experts_per_tok,
                     config.arch == "mixtral" or config.norm_topk_prob)
         if f"{prefix}.shared_expert_gate.weight" in weights:
-            block.shared = tuple(weights[f"{prefix}.shared_expert.{n}.weight"]
-                                 for n in ("gate_proj", "up_proj", "down_proj"))
+            block.shared = SwiGLU.from_weights(f"{prefix}.shared_expert", weights)
             block.shared_gate = weights[f"{prefix}.shared_expert_gate.weight"]
         return block
 
@@ -99,7 +83,7 @@ class MoEBlock:
         out = self._routed(x, linear)
         if self.shared is not None:
             gate = torch.sigmoid(linear(x, self.shared_gate))         # [T, 1]
-            out = out + gate * swiglu_mlp(x, *self.shared, linear=linear)
+            out = out + gate * self.shared(x, linear)
         return out
 
     def _routed(self, x: torch.Tensor, linear) -> torch.Tensor:
@@ -124,11 +108,10 @@ class MoEBlock:
         return out
 
 
-def _experts(prefix: str, layout: str, num_experts: int, weights) -> list[Expert]:
+def _experts(prefix: str, layout: str, num_experts: int, weights) -> list[SwiGLU]:
     if layout == "fused":
         gate_up = weights[f"{prefix}.experts.gate_up_proj"]   # [E, 2I, H]
         down = weights[f"{prefix}.experts.down_proj"]         # [E, H, I]
-        return [Expert(None, None, gate_up[e], down[e]) for e in range(num_experts)]
-    gate, up, down = _PER_EXPERT[layout]
-    return [Expert(weights[f"{prefix}.experts.{e}.{gate}.weight"], weights[f"{prefix}.experts.{e}.{up}.weight"],
-                   None, weights[f"{prefix}.experts.{e}.{down}.weight"]) for e in range(num_experts)]
+        return [SwiGLU(None, None, gate_up[e], down[e]) for e in range(num_experts)]
+    return [SwiGLU.from_weights(f"{prefix}.experts.{e}", weights, _PER_EXPERT[layout])
+            for e in range(num_experts)]
