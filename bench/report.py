@@ -190,6 +190,7 @@ _TABLE_COLUMNS = [
     ("slo_attainment", "both SLOs"), ("num_cold_starts", "cold starts"),
     ("cold_ttft_p50_ms", "cold TTFT p50 ms"), ("cold_overhead_p50_ms", "cold overhead p50 ms"),
     ("host_store_bytes", "host store MB"), ("private_weight_bytes", "private weights MB"),
+    ("private_weight_peak_bytes", "private weights peak MB"),
 ]
 
 
@@ -200,6 +201,8 @@ def _cell(key: str, value) -> str:
         return f"{value / 2**20:.1f}"
     if key.endswith("attainment"):
         return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
     return str(value)
 
 

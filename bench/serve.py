@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
 import shutil
 import time
@@ -309,6 +310,8 @@ def _run_mode(mode: str, args, model_dirs, planned, budget_bytes) -> tuple[list[
             hashes = asyncio.run(client.worker_hashes(cluster.redis_url))
             extra = {"host_store_bytes": _host_store_bytes(store_root),
                      "private_weight_bytes": client.private_weight_bytes(hashes)}
+            if extra["private_weight_bytes"] is None:
+                extra.update(_private_bytes_from_logs(cluster))
     finally:
         shutil.rmtree(store_root, ignore_errors=True)
     if mode == "dedicated":
@@ -353,6 +356,29 @@ def pin_models(model_ids: list[str], num_workers: int, zipf_s: float) -> dict[in
     for worker in pinned:
         pinned[worker] = pinned[worker] or [model_ids[0]]
     return pinned
+
+
+_LOADED = re.compile(r"model (\S+) loaded \((\d+) bytes\)")
+_EVICTED = re.compile(r"evicting model (\S+) \((\d+) bytes\)")
+
+
+def _private_bytes_from_logs(cluster) -> dict:
+    """Workers' private weight bytes (now and peak), replayed from their load/evict log lines.
+
+    A fallback while the heartbeat hash does not carry `private_weight_bytes`.
+    """
+    now_total, peak_total = 0, 0
+    for worker_id in cluster.worker_ids:
+        current, peak = 0, 0
+        for line in cluster.log_tail(worker_id, num_lines=1_000_000).splitlines():
+            if match := _LOADED.search(line):
+                current += int(match.group(2))
+            elif match := _EVICTED.search(line):
+                current -= int(match.group(2))
+            peak = max(peak, current)
+        now_total, peak_total = now_total + current, peak_total + peak
+    return {"private_weight_bytes": now_total, "private_weight_peak_bytes": peak_total,
+            "private_weight_source": "worker logs (load/evict lines)"}
 
 
 def _host_store_bytes(store_root: Path) -> int:
