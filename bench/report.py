@@ -7,7 +7,9 @@ on synthetic records. Definitions (per mode):
 - SLO attainment: the fraction of ALL requests of the trace (failed ones count as
   misses) whose TTFT (resp. TPOT) is within the SLO; `slo_attainment` needs both.
 - cold-start overhead: for each cold request, its TTFT minus the median TTFT of warm
-  requests of the same prompt-length bucket (powers of two), p50 over cold requests.
+  requests of the same prompt-length bucket (powers of two), p50 over cold requests;
+  `cold_overhead_local_p50_ms` takes the warm median over requests sent within ±10 s
+  only, so a cold start in a quiet moment is not compared with warm ones in a burst.
 matplotlib is imported lazily (Agg backend), only when plots are written.
 """
 
@@ -21,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.client import ColdStartEvent, RequestRecord
+
+LOCAL_WINDOW_S = 10.0  # cold overhead vs warm requests sent within ±10 s
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -53,26 +57,30 @@ def prompt_bucket(num_prompt_tokens: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, num_prompt_tokens))))
 
 
-def cold_overheads_s(records: list[RequestRecord]) -> list[float]:
+def cold_overheads_s(records: list[RequestRecord], window_s: float | None = None) -> list[float]:
     """Cold TTFT minus the warm TTFT median of the same prompt bucket, per cold request.
 
     A cold request whose bucket has no warm request is compared with the nearest bucket
-    that has one (by bucket ratio); with no warm request at all the list is empty.
+    that has one (by bucket ratio); with no warm request at all the list is empty. With
+    `window_s`, the warm reference is taken from requests sent within ±window_s of the
+    cold one (same queueing conditions), falling back to the whole run when there are none.
     """
     ok = [r for r in records if r.ok and r.ttft_s is not None]
-    warm_by_bucket: dict[int, list[float]] = {}
+    warm_by_bucket: dict[int, list[RequestRecord]] = {}
     for r in ok:
         if r.cold_start is False:
-            warm_by_bucket.setdefault(prompt_bucket(r.prompt_tokens), []).append(r.ttft_s)
+            warm_by_bucket.setdefault(prompt_bucket(r.prompt_tokens), []).append(r)
     if not warm_by_bucket:
         return []
-    warm_median = {b: float(np.median(v)) for b, v in warm_by_bucket.items()}
     overheads = []
     for r in ok:
         if r.cold_start:
             bucket = prompt_bucket(r.prompt_tokens)
-            nearest = min(warm_median, key=lambda b: abs(math.log2(b) - math.log2(bucket)))
-            overheads.append(r.ttft_s - warm_median[nearest])
+            nearest = min(warm_by_bucket, key=lambda b: abs(math.log2(b) - math.log2(bucket)))
+            warm = warm_by_bucket[nearest]
+            if window_s is not None:
+                warm = [w for w in warm if abs(w.sent_s - r.sent_s) <= window_s] or warm
+            overheads.append(r.ttft_s - float(np.median([w.ttft_s for w in warm])))
     return overheads
 
 
@@ -148,6 +156,7 @@ def summarize(records: list[RequestRecord], ttft_slo_s: float, tpot_slo_s: float
         "cold_ttft_p50_ms": _ms(percentile((r.ttft_s for r in cold), 50)),
         "warm_ttft_p50_ms": _ms(percentile((r.ttft_s for r in ok if r.cold_start is False), 50)),
         "cold_overhead_p50_ms": _ms(percentile(cold_overheads_s(records), 50)),
+        "cold_overhead_local_p50_ms": _ms(percentile(cold_overheads_s(records, LOCAL_WINDOW_S), 50)),
     }
 
 
@@ -189,6 +198,7 @@ _TABLE_COLUMNS = [
     ("ttft_slo_attainment", "TTFT SLO"), ("tpot_slo_attainment", "TPOT SLO"),
     ("slo_attainment", "both SLOs"), ("num_cold_starts", "cold starts"),
     ("cold_ttft_p50_ms", "cold TTFT p50 ms"), ("cold_overhead_p50_ms", "cold overhead p50 ms"),
+    ("cold_overhead_local_p50_ms", "cold overhead (±10 s) p50 ms"),
     ("host_store_bytes", "host store MB"), ("private_weight_bytes", "private weights MB"),
     ("private_weight_peak_bytes", "private weights peak MB"),
 ]

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--trace", default=None, help="Azure LLM inference trace CSV to replay (default: synthetic)")
     add("--time-scale", type=float, default=1.0, help="--trace: multiply its times (0.5 = twice as fast)")
     add("--rate", type=float, default=None, help="mean requests/s (default: --load-factor x measured capacity)")
-    add("--load-factor", type=float, default=1.0, help="default rate = this x workers / warm e2e latency")
+    add("--load-factor", type=float, default=0.5, help="default rate = this x workers / warm e2e latency")
     add("--workers", type=int, default=2, help="workers (CPU slices) per cluster")
     add("--catalog", default=None, help=f"checkpoint folders to serve (default: {DEFAULT_CATALOG})")
     add("--models", type=int, default=None, help="serve the first N models of the catalog")

@@ -78,6 +78,18 @@ def test_cold_overhead_compares_with_warm_requests_of_the_same_prompt_bucket():
     assert s["cold_start_known"] is True
 
 
+def test_local_cold_overhead_uses_warm_requests_sent_nearby():
+    quiet = [_record(i, 0.010, 0.5, sent_s=float(i)) for i in range(5)]  # t = 0..4 s: 10 ms
+    burst = [_record(10 + i, 1.000, 2.0, sent_s=100.0 + i) for i in range(9)]  # t = 100..108 s: 1 s
+    cold = _record(30, 1.050, 2.0, sent_s=104.0, cold=True)
+    records = quiet + burst + [cold]
+    assert cold_overheads_s(records) == pytest.approx([1.050 - 1.000])  # median of all 14 warm is 1 s
+    assert cold_overheads_s(quiet + [cold], window_s=10.0) == pytest.approx([1.040])  # no neighbour: all
+    early_cold = _record(31, 0.030, 0.5, sent_s=2.0, cold=True)
+    assert cold_overheads_s(records + [early_cold], window_s=10.0)[-1] == pytest.approx(0.020)
+    assert cold_overheads_s(records + [early_cold])[-1] == pytest.approx(0.030 - 1.000)
+
+
 def test_unknown_cold_starts_give_no_overhead():
     records = [_record(i, 0.01, 0.5, cold=None) for i in range(4)]
     s = summarize(records, 1.0, 1.0)
