@@ -98,7 +98,7 @@ async def _full_response(req, stream: RequestStream, chunk) -> web.Response:
         raise error_of(chunk)
     usage = openai_api.usage(stream.num_prompt_tokens, stream.num_generated_tokens)
     body = openai_api.full_response(req, "".join(parts), FINISH_REASON_TEXT[chunk.finish_reason], usage)
-    return web.json_response(body)
+    return web.json_response(body, headers={"X-Request-Id": req.request_id, "X-Worker-Id": stream.worker_id})
 
 
 def _sse(obj: dict) -> bytes:
@@ -107,7 +107,8 @@ def _sse(obj: dict) -> bytes:
 
 async def _stream_response(request: web.Request, req, stream: RequestStream, chunk) -> web.StreamResponse:
     response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": req.request_id,
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "X-Request-Id": req.request_id, "X-Worker-Id": stream.worker_id,
     })
     await response.prepare(request)
     try:

@@ -126,6 +126,9 @@ class RequestStream:
         self._start_s = time.monotonic()
         self._last_s = self._start_s
         self._got_first = False
+        self.token_ids: list[int] = []  # generated so far (re-dispatch appends them to the prompt)
+        self.num_chars = 0  # text characters received so far
+        self._counted_worker = ""  # the worker label the running gauge was raised for
 
     async def __aenter__(self) -> RequestStream:
         core, submit = self.core, self.req.submit
@@ -137,9 +140,9 @@ class RequestStream:
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
-        if self._got_first:
-            self.core.metrics.running.labels(self.req.model, self.worker_id).dec()
-        else:
+        if self._counted_worker:
+            self.core.metrics.running.labels(self.req.model, self._counted_worker).dec()
+        if not self._got_first:
             self.core.metrics.waiting.labels(self.req.model).dec()
         if self.finished:
             self.core._queues.pop(self.req.request_id, None)
@@ -169,6 +172,9 @@ class RequestStream:
         timeout_s = config.chunk_timeout_s if self._got_first else config.first_chunk_timeout_s
         try:
             chunk = await asyncio.wait_for(self.queue.get(), timeout_s)
+            while chunk.redispatch:
+                await self._resubmit(chunk.worker_id)
+                chunk = await asyncio.wait_for(self.queue.get(), config.first_chunk_timeout_s)
         except asyncio.TimeoutError:
             self.finished = True  # nothing more will come; abort below would be moot
             self.core.metrics.requests.labels(self.req.model, "timeout").inc()
@@ -179,14 +185,32 @@ class RequestStream:
         self._account(chunk)
         return chunk
 
+    async def _resubmit(self, dead_worker_id: str) -> None:
+        """The worker died: submit again with the tokens the client already has."""
+        submit = self.req.submit
+        resumed = msgspec.structs.replace(
+            submit, worker_id="", resumed_token_ids=list(self.token_ids), resumed_num_chars=self.num_chars,
+        )
+        if self._counted_worker:
+            self.core.metrics.running.labels(self.req.model, self._counted_worker).dec()
+            self._counted_worker = ""
+        self.worker_id = ""
+        self.core.metrics.redispatches.labels(self.req.model).inc()
+        inbox = subjects.gateway_inbox(self.core.gateway_id, submit.request_id)
+        await self.core.nc.publish(subjects.SUBMIT, schemas.encode(resumed), reply=inbox)
+        self.rlog.warning("worker %s died: resubmitted with %d tokens already streamed",
+                          dead_worker_id, len(self.token_ids))
+
     def _account(self, chunk: TokenChunk) -> None:
         m, now = self.core.metrics, time.monotonic()
         if chunk.worker_id:
             self.worker_id = chunk.worker_id
+        if self.worker_id and not self._counted_worker:
+            self._counted_worker = self.worker_id
+            m.running.labels(self.req.model, self.worker_id).inc()
         if not self._got_first:
             self._got_first = True
             m.waiting.labels(self.req.model).dec()
-            m.running.labels(self.req.model, self.worker_id).inc()
             if chunk.error_code == 0:
                 m.ttft_s.labels(self.req.model, self.worker_id).observe(now - self._start_s)
                 m.queue_s.labels(self.req.model, self.worker_id).observe(chunk.queue_s)
@@ -195,7 +219,11 @@ class RequestStream:
         elif chunk.token_ids:
             m.itl_s.labels(self.req.model, self.worker_id).observe(now - self._last_s)
         self._last_s = now
+        self.num_chars += len(chunk.text)
+        if chunk.num_resumed_tokens:  # the rest of the streamed tokens are generated again
+            del self.token_ids[chunk.num_resumed_tokens :]
         if chunk.token_ids:
+            self.token_ids += chunk.token_ids
             m.tokens.labels(self.req.model, self.worker_id).inc(len(chunk.token_ids))
         if chunk.is_final:
             self._finish(chunk, now)

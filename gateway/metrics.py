@@ -29,6 +29,8 @@ class GatewayMetrics:
                                    labels, registry=self.registry)
         self.requests = Counter("c2c_requests_total", "finished requests by outcome",
                                 ("model", "outcome"), registry=self.registry)
+        self.redispatches = Counter("c2c_redispatches_total", "requests resubmitted after their worker died",
+                                    ("model",), registry=self.registry)
         self.tokens = Counter("c2c_generated_tokens_total", "generated tokens", labels, registry=self.registry)
 
     def render(self) -> bytes:

@@ -27,6 +27,7 @@ from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerInfo
 
 log = logging.getLogger(__name__)
 _submit_decoder = schemas.decoder(SubmitRequest)
+_SETTLE_S = 1.0  # a request shows up in its worker's telemetry within this
 
 
 def slice_view_of(t: WorkerTelemetry) -> SliceView:
@@ -54,6 +55,8 @@ class Placer:
         self.views: dict[str, SliceView] = {}
         self.last_seen_s: dict[str, float] = {}
         self.num_assigned_since_telemetry: dict[str, int] = {}
+        # worker -> request id -> (gateway inbox, monotonic time assigned): for re-dispatch
+        self.inflight: dict[str, dict[str, tuple[str, float]]] = {}
         self._tasks: set[asyncio.Task] = set()
         self.placer_id = uuid.uuid4().hex[:8]
 
@@ -87,9 +90,15 @@ class Placer:
 
     def on_telemetry(self, t: WorkerTelemetry, msg: Msg) -> None:
         """c2c.telemetry.<id> (WorkerTelemetry): refresh that worker's view."""
+        now_s = time.monotonic()
         self.views[t.worker_id] = slice_view_of(t)
-        self.last_seen_s[t.worker_id] = time.monotonic()
+        self.last_seen_s[t.worker_id] = now_s
         self.num_assigned_since_telemetry[t.worker_id] = 0
+        inflight = self.inflight.get(t.worker_id)
+        if inflight:  # forget finished requests (ones too new to show up yet are kept)
+            running = set(t.request_ids)
+            for request_id in [r for r, (_, at_s) in inflight.items() if r not in running and now_s - at_s > _SETTLE_S]:
+                del inflight[request_id]
 
     async def _expire_loop(self) -> None:
         while True:
@@ -100,6 +109,18 @@ class Placer:
                 log.warning("worker %s stopped reporting; no longer routed to", worker_id)
                 self.views.pop(worker_id, None)
                 self.last_seen_s.pop(worker_id, None)
+                await self._redispatch(worker_id)
+
+    async def _redispatch(self, worker_id: str) -> None:
+        """Tell each gateway whose request was on a dead worker to resubmit it.
+
+        The gateway knows which tokens its client already got; it resubmits with them
+        appended to the prompt, so the stream continues with no loss or duplicates.
+        """
+        for request_id, (reply, _) in self.inflight.pop(worker_id, {}).items():
+            log.warning("[req=%s] worker %s died mid-request: re-dispatching", request_id, worker_id)
+            chunk = TokenChunk(request_id, worker_id, redispatch=True)
+            await self.nc.publish(reply, schemas.encode(chunk))
 
     def _live_views(self) -> list[SliceView]:
         """Views with the requests assigned since their last telemetry counted as waiting."""
@@ -127,6 +148,8 @@ class Placer:
             await self._reject(req, msg.reply)
             return
         req.worker_id = worker_id
+        if msg.reply:
+            self.inflight.setdefault(worker_id, {})[req.request_id] = (msg.reply, time.monotonic())
         self.num_assigned_since_telemetry[worker_id] = self.num_assigned_since_telemetry.get(worker_id, 0) + 1
         await self.nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=msg.reply)
         log.debug("[req=%s] model=%s -> worker %s", req.request_id, req.model_id, worker_id)

@@ -197,6 +197,15 @@ class LocalCluster:
             shutil.rmtree(self._logdir, ignore_errors=True)
             self._logdir = None
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one service by name (a worker id, "gateway", ...): for failure tests."""
+        for proc_name, proc, _ in self._procs:
+            if proc_name == name and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                return
+        raise C2CError(f"no running service named {name!r}")
+
     def log_tail(self, name: str, num_lines: int = 30) -> str:
         """The end of one service's log (for test failure messages)."""
         for proc_name, _proc, path in self._procs:

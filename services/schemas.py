@@ -76,6 +76,7 @@ class SubmitRequest(msgspec.Struct, **_HOT):
     worker_id: str = ""  # set by the placer
     resumed_token_ids: list[int] = []  # re-dispatch: tokens already streamed to the client
     num_prompt_chars: int = 0  # for the placer's token estimate (chars / 4)
+    resumed_num_chars: int = 0  # re-dispatch: characters of text the client already got
 
 
 class TokenChunk(msgspec.Struct, **_HOT):
@@ -96,6 +97,8 @@ class TokenChunk(msgspec.Struct, **_HOT):
     error: str = ""
     cold_start: bool = False
     queue_s: float = 0.0  # first chunk: time the request waited on the worker before running
+    redispatch: bool = False  # from the placer: the worker died; resubmit with the tokens so far
+    num_resumed_tokens: int = 0  # first chunk after a re-dispatch: streamed tokens kept as prompt
 
     @property
     def is_final(self) -> bool:

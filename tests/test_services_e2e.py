@@ -34,7 +34,7 @@ def models(tiny_model):
 @pytest.fixture(scope="module")
 def cluster(servers, models):
     with LocalCluster(list(models.values()), num_workers=2, nats_url=servers.nats_url,
-                      redis_url=servers.redis_url) as running:
+                      redis_url=servers.redis_url, extra_env={"C2C_WORKER_EXPIRY_S": "2"}) as running:
         yield running
 
 
@@ -241,3 +241,34 @@ async def test_bad_inputs_get_errors_and_service_continues(cluster, models):
         async with session.post(url, json={"model": model_id, "prompt": "still alive", "max_tokens": 2}) as resp:
             assert resp.status == 200
             assert (await resp.json())["usage"]["completion_tokens"] >= 1
+
+
+# Keep this test last in the module: it kills one of the cluster's two workers.
+async def test_stream_survives_worker_death(cluster, models):
+    from worker.engine import Engine, SamplingParams
+
+    model_dir = models["llama"]
+    max_tokens = 300
+    engine = Engine()
+    engine.add_model(model_dir.name, model_dir)
+    want = engine.generate(model_dir.name, PROMPTS[0],
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    body = {"model": model_dir.name, "prompt": PROMPTS[0], "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    texts = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            cluster.kill(resp.headers["X-Worker-Id"])  # mid-request: the stream has just begun
+            async for line in resp.content:
+                line = line.decode().strip()
+                if line.startswith("data: {"):
+                    event = json.loads(line.removeprefix("data: "))
+                    if event["choices"]:
+                        texts.append(event["choices"][0]["text"])
+                    else:
+                        usage = event["usage"]
+    assert "".join(texts) == want.new_text  # nothing lost, nothing repeated
+    assert usage["completion_tokens"] == max_tokens
+    assert usage["prompt_tokens"] == want.num_prompt_tokens
+    assert re.search(r'c2c_redispatches_total\{model="%s"\} 1\.0' % model_dir.name, await _metrics(cluster))

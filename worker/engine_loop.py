@@ -52,6 +52,8 @@ class _Inflight:
     received_s: float  # monotonic, on this worker
     num_chunks: int = 0
     last_token_s: float = 0.0
+    num_resumed: int = 0  # re-dispatched: tokens generated elsewhere, now part of the prompt
+    num_skip_chars: int = 0  # re-dispatched: text the client already has, dropped once
 
 
 class EngineLoop:
@@ -124,6 +126,11 @@ class EngineLoop:
                 self._evict(command[1])
         except C2CError as exc:
             log.warning("%s failed: %s", kind, exc)
+        except Exception as exc:  # a bug here must not kill the loop nor leave a client waiting
+            log.exception("%s failed", kind)
+            if kind == "submit":
+                req, reply = command[1], command[2]
+                self._send([(reply, _error_chunk(req.request_id, self.worker_id, ErrorCode.INTERNAL, str(exc)))])
 
     def _prewarm(self, model_id: str, model_dir: str) -> None:
         """Resident in the host store and mapped on this slice before any request."""
@@ -149,19 +156,43 @@ class EngineLoop:
             top_k=req.top_k, seed=req.seed, stop=list(req.stop),
             stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
         )
+        info = _Inflight(reply, req.arrival_s, time.monotonic())
         try:
-            self.engine.add_request(
-                req.request_id, req.model_id,
-                prompt=req.prompt if req.kind == RequestKind.COMPLETION else None,
-                prompt_token_ids=req.prompt_token_ids, params=params,
-                messages=req.messages if req.kind == RequestKind.CHAT else None,
-                arrival_s=req.arrival_s or None,
-            )
+            prompt = self._prompt_of(req, info)
+            params.max_tokens = max(1, req.max_tokens - info.num_resumed)
+            self.engine.add_request(req.request_id, req.model_id, params=params,
+                                    arrival_s=req.arrival_s or None, **prompt)
         except C2CError as exc:
             log.info("[req=%s] rejected: %s", req.request_id, exc)
             self._send([(reply, _error_chunk(req.request_id, self.worker_id, exc.code, str(exc)))])
             return
-        self._inflight[req.request_id] = _Inflight(reply, req.arrival_s, time.monotonic())
+        self._inflight[req.request_id] = info
+
+    def _prompt_of(self, req: SubmitRequest, info: _Inflight) -> dict[str, Any]:
+        """The prompt kwargs of add_request. A re-dispatched request continues after the
+        longest run of its streamed tokens whose text the client fully got; tokens whose
+        text was held back (a UTF-8 character cut in two) are generated again."""
+        if not req.resumed_token_ids:
+            if req.kind == RequestKind.CHAT:
+                return {"messages": req.messages}
+            return {"prompt": req.prompt, "prompt_token_ids": req.prompt_token_ids}
+        from worker.tokenizer import IncrementalDetokenizer
+
+        tokenizer = self.engine.tokenizer(req.model_id)
+        if req.kind == RequestKind.CHAT:
+            ids = tokenizer.encode_chat(req.messages)
+        else:
+            ids = list(req.prompt_token_ids) if req.prompt_token_ids else tokenizer.encode(req.prompt)
+        detok, num_chars, num_chars_kept = IncrementalDetokenizer(tokenizer, ids), 0, 0
+        for i, token_id in enumerate(req.resumed_token_ids):
+            delta = detok.add(token_id)  # '' while a character's bytes are incomplete
+            num_chars += len(delta)
+            if delta and num_chars <= req.resumed_num_chars:
+                info.num_resumed, num_chars_kept = i + 1, num_chars
+        info.num_skip_chars = req.resumed_num_chars - num_chars_kept
+        log.info("[req=%s] resumed after %d of %d streamed tokens", req.request_id,
+                 info.num_resumed, len(req.resumed_token_ids))
+        return {"prompt_token_ids": ids + list(req.resumed_token_ids[: info.num_resumed])}
 
     def _abort(self, request_id: str) -> None:
         if request_id in self._inflight:
@@ -186,7 +217,11 @@ class EngineLoop:
         info = self._inflight[out.request_id]
         now_s = time.monotonic()
         chunk = TokenChunk(out.request_id, self.worker_id, list(out.new_token_ids), out.new_text)
+        if info.num_skip_chars:  # re-dispatched: the client has this text already
+            skipped = min(info.num_skip_chars, len(chunk.text))
+            chunk.text, info.num_skip_chars = chunk.text[skipped:], info.num_skip_chars - skipped
         if info.num_chunks == 0:
+            chunk.num_resumed_tokens = info.num_resumed
             chunk.cold_start = bool(getattr(out, "cold_start", False))
             chunk.queue_s = max(0.0, step_start_s - info.received_s)
             self._ttft_ms.append(max(0.0, time.time() - info.arrival_s) * 1e3)
@@ -196,15 +231,15 @@ class EngineLoop:
         if out.new_token_ids:
             info.last_token_s = now_s
         if out.finished:
-            self._finish(chunk, out)
+            self._finish(chunk, out, info)
         return info.reply, schemas.encode(chunk)
 
-    def _finish(self, chunk: TokenChunk, out) -> None:
+    def _finish(self, chunk: TokenChunk, out, info: _Inflight) -> None:
         self._inflight.pop(out.request_id, None)
         self._num_finished += 1
         chunk.finish_reason = FINISH_REASON_FROM_TEXT.get(out.finish_reason or "stop", FinishReason.STOP)
-        chunk.num_prompt_tokens = out.num_prompt_tokens
-        chunk.num_generated_tokens = out.num_generated_tokens
+        chunk.num_prompt_tokens = out.num_prompt_tokens - info.num_resumed
+        chunk.num_generated_tokens = out.num_generated_tokens + info.num_resumed
         if chunk.finish_reason == FinishReason.ERROR or out.error:
             chunk.finish_reason = FinishReason.ERROR
             chunk.error_code = out.error_code or ErrorCode.INTERNAL
