@@ -41,25 +41,27 @@ def gpu_available() -> bool:
 def map_host_array(arr: np.ndarray):
     """A device-visible view of host memory `arr` without copying it (mapped, pinned).
 
-    Read-only memory (the host store's mapping) is registered with the READ_ONLY flag,
-    which cuda.mapped/mempin do not pass. Raises CudaDriverError when the driver refuses.
+    Registered read-only first (kernels only read weights, and the host store's pages
+    are a read-only mapping, which plain cuda.mapped/mempin registration rejects);
+    falls back to numba's mempin. Raises CudaDriverError when the driver refuses both.
     In the simulator: a device copy (it has no mapped memory).
     """
     if IS_SIMULATOR:
         return cuda.to_device(arr)
-    ctx = cuda.current_context()
-    if arr.flags.writeable:
-        pm = ctx.mempin(arr, arr.ctypes.data, arr.nbytes, mapped=True)
-    else:
-        from numba.cuda.cudadrv import driver as drv
-
-        ptr = arr.ctypes.data
-        drv.driver.cuMemHostRegister(ptr, arr.nbytes, _DEVICEMAP | _READ_ONLY)
-        pm = drv.MappedMemory(
-            ctx, ptr, arr.nbytes, owner=arr, finalizer=lambda: drv.driver.cuMemHostUnregister(ptr)
-        )
     from numba.cuda.cudadrv import devicearray
+    from numba.cuda.cudadrv import driver as drv
 
+    ctx = cuda.current_context()
+    ptr, size = arr.ctypes.data, arr.nbytes
+    try:
+        drv.driver.cuMemHostRegister(ptr, size, _DEVICEMAP | _READ_ONLY)
+    except drv.CudaAPIError as exc:
+        log.info("read-only host registration refused (%s); using mempin", exc)
+        pm = ctx.mempin(arr, ptr, size, mapped=True)
+    else:
+        pm = drv.MappedMemory(
+            ctx, ptr, size, owner=arr, finalizer=lambda: drv.driver.cuMemHostUnregister(ptr)
+        )
     return devicearray.from_array_like(arr, gpu_data=pm)
 
 
