@@ -274,3 +274,16 @@ def test_generate_command_user_error_is_one_line(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("c2cserve: error:") and "\n" not in err
+
+
+def test_prewarm_and_evict(qwen, host_store_root):
+    engine = make_engine(("q", qwen), residency="host", host_store_root=str(host_store_root))
+    assert engine.prewarm("q") and not engine.prewarm("q")
+    assert not engine.generate("q", PROMPTS[0], GREEDY).cold_start  # already mapped
+    engine.add_request("busy", "q", prompt=PROMPTS[0], params=GREEDY)
+    engine.step()
+    assert not engine.evict("q")  # a running request uses it
+    engine.abort("busy")
+    engine.step()
+    assert engine.evict("q") and not engine.stats().per_model["q"].is_loaded
+    assert engine.generate("q", PROMPTS[0], GREEDY).cold_start

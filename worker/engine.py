@@ -12,7 +12,6 @@ running requests (finish_reason "error", with the message) and the engine keeps 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import uuid
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from services.errors import ContextLengthExceeded, ErrorCode, InvalidRequest, ModelNotFound
 from worker.checkpoint import load_config
+from worker.sampling import check_params
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import Sequence
 from worker.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -131,7 +131,20 @@ class Engine:
         self.scheduler.add_model(model_id, num_blocks, self.config.block_size)
         self._tokenizers[model_id] = tokenizer
         if preload:
-            self.runner.ensure_loaded(model_id, self.scheduler.is_model_busy)
+            self.prewarm(model_id)
+
+    def prewarm(self, model_id) -> bool:
+        """Map (host) or load (load mode) the model now; True if it was not yet."""
+        self._check_model(model_id)
+        return self.runner.ensure_loaded(model_id, self.scheduler.is_model_busy)
+
+    def evict(self, model_id) -> bool:
+        """Drop the model's weights and KV cache; False (kept) while a request of it runs."""
+        self._check_model(model_id)
+        if self.scheduler.is_model_busy(model_id):
+            return False
+        self.runner.unload(model_id)
+        return True
 
     def has_model(self, model_id) -> bool:
         return model_id in self._tokenizers
@@ -164,7 +177,7 @@ class Engine:
         self._check_model(model_id)
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        _check_params(params)
+        check_params(params)
         token_ids = self._prompt_ids(model_id, prompt, prompt_token_ids, messages)
         self._check_length(model_id, len(token_ids), params.max_tokens)
         seq = Sequence(request_id, model_id, token_ids, len(token_ids), params,
@@ -374,26 +387,3 @@ def _held_back(text: str, start: int, stops: list[str]) -> int:
                 longest = k
                 break
     return longest
-
-
-def _check_params(p: SamplingParams) -> None:
-    """InvalidRequest naming the parameter for any value out of range."""
-    def bad(param, why):
-        raise InvalidRequest(f"{param} {why}", param=param)
-
-    if not isinstance(p.max_tokens, int) or isinstance(p.max_tokens, bool) or p.max_tokens < 1:
-        bad("max_tokens", f"must be an integer >= 1, got {p.max_tokens!r}")
-    if not isinstance(p.temperature, int | float) or not math.isfinite(p.temperature) or p.temperature < 0:
-        bad("temperature", f"must be a number >= 0, got {p.temperature!r}")
-    if not isinstance(p.top_p, int | float) or not 0 < p.top_p <= 1:
-        bad("top_p", f"must be in (0, 1], got {p.top_p!r}")
-    if not isinstance(p.top_k, int) or p.top_k < 0:
-        bad("top_k", f"must be an integer >= 0, got {p.top_k!r}")
-    if p.seed is not None and not isinstance(p.seed, int):
-        bad("seed", f"must be an integer, got {p.seed!r}")
-    if isinstance(p.stop, str):
-        p.stop = [p.stop]
-    if not all(isinstance(s, str) and s for s in p.stop):
-        bad("stop", "must be a list of non-empty strings")
-    if not all(isinstance(t, int) for t in p.stop_token_ids):
-        bad("stop_token_ids", "must be a list of integers")

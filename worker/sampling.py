@@ -6,9 +6,12 @@ own logits, never on what else shares the batch. Rows with temperature 0 are gre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence as Seq
 
 import torch
+
+from services.errors import InvalidRequest
 
 
 class Sampler:
@@ -65,3 +68,26 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(sorted_ids[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_params(p) -> None:
+    """engine.SamplingParams check: InvalidRequest naming the parameter for a value out of range."""
+    def bad(param, why):
+        raise InvalidRequest(f"{param} {why}", param=param)
+
+    if not isinstance(p.max_tokens, int) or isinstance(p.max_tokens, bool) or p.max_tokens < 1:
+        bad("max_tokens", f"must be an integer >= 1, got {p.max_tokens!r}")
+    if not isinstance(p.temperature, int | float) or not math.isfinite(p.temperature) or p.temperature < 0:
+        bad("temperature", f"must be a number >= 0, got {p.temperature!r}")
+    if not isinstance(p.top_p, int | float) or not 0 < p.top_p <= 1:
+        bad("top_p", f"must be in (0, 1], got {p.top_p!r}")
+    if not isinstance(p.top_k, int) or p.top_k < 0:
+        bad("top_k", f"must be an integer >= 0, got {p.top_k!r}")
+    if p.seed is not None and not isinstance(p.seed, int):
+        bad("seed", f"must be an integer, got {p.seed!r}")
+    if isinstance(p.stop, str):
+        p.stop = [p.stop]
+    if not all(isinstance(s, str) and s for s in p.stop):
+        bad("stop", "must be a list of non-empty strings")
+    if not all(isinstance(t, int) for t in p.stop_token_ids):
+        bad("stop_token_ids", "must be a list of integers")
