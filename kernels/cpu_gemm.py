@@ -3,6 +3,9 @@
 Candidates, all exact fp32 accumulation over the checkpoint's bf16/fp16 weights:
 - "numba_ws": `cpu_gemv.gemm_ws`, weight panels read once and widened in registers;
 - "torch_upcast": widen the whole weight to fp32 then MKL sgemm (`F.linear`).
+Opt-in, not exact: with C2C_PREFILL_BF16_ACTIVATIONS=1 (read at import) a third
+candidate "torch_bf16" rounds x to bf16 and runs oneDNN's bf16 GEMM (fp32 accumulate;
+several times faster where the CPU has AVX512-BF16/AMX, at ~3 significant digits of x).
 
 The first call for a shape key (M bucket, N, K, weight dtype) times every candidate
 once and remembers the fastest (`_choice`); later calls go straight to it. Set
@@ -48,10 +51,16 @@ def _torch_upcast(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Te
     return F.linear(x, w.to(torch.float32))  # [M, N]
 
 
+def _torch_bf16(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
+    return F.linear(x.to(w.dtype), w).to(torch.float32)  # [M, N]
+
+
 CANDIDATES: dict[str, Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]] = {
     "numba_ws": _numba_ws,
     "torch_upcast": _torch_upcast,
 }
+if os.environ.get("C2C_PREFILL_BF16_ACTIVATIONS", "") == "1":
+    CANDIDATES["torch_bf16"] = _torch_bf16
 
 
 def m_bucket(m: int) -> int:
