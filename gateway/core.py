@@ -161,7 +161,7 @@ class RequestStream:
             abort = schemas.AbortRequest(self.req.request_id)
             await self.core.nc.publish(subjects.worker_abort(self.worker_id), schemas.encode(abort))
             self.rlog.info("client went away: abort sent to worker %s", self.worker_id)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.rlog.warning("client went away; no worker ever answered")
         finally:
             self.core._queues.pop(self.req.request_id, None)
@@ -175,7 +175,7 @@ class RequestStream:
             while chunk.redispatch:
                 await self._resubmit(chunk.worker_id)
                 chunk = await asyncio.wait_for(self.queue.get(), config.first_chunk_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.finished = True  # nothing more will come; abort below would be moot
             self.core.metrics.requests.labels(self.req.model, "timeout").inc()
             if self.worker_id:

@@ -41,7 +41,7 @@ async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:
                 reconnect_time_wait=0.5, allow_reconnect=True,
                 error_cb=_log_error, disconnected_cb=_log_disconnected,
             )
-        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
             last = exc
             await asyncio.sleep(0.3)
     raise C2CError(f"cannot connect to NATS at {url} within {timeout_s:.0f} s: {last}")
@@ -102,7 +102,7 @@ async def close_nats(nc: NATS | None) -> None:
         return
     try:
         await asyncio.wait_for(nc.drain(), timeout=5)
-    except (asyncio.TimeoutError, nats.errors.Error, OSError) as exc:
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
         log.debug("drain failed (%s); closing", exc)
         with contextlib.suppress(Exception):
             await nc.close()

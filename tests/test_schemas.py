@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import msgspec
 import pytest
@@ -11,8 +12,15 @@ from services import keys, schemas, subjects
 from services.config import GatewayConfig, WorkerConfig, add_config_arguments, load_config
 from services.errors import C2CError, ErrorCode
 from services.schemas import (
-    AbortRequest, ControlUpdate, FinishReason, RequestKind, ResidencyAction, ResidencyCommand,
-    SubmitRequest, TokenChunk, WorkerTelemetry,
+    AbortRequest,
+    ControlUpdate,
+    FinishReason,
+    RequestKind,
+    ResidencyAction,
+    ResidencyCommand,
+    SubmitRequest,
+    TokenChunk,
+    WorkerTelemetry,
 )
 
 MESSAGES = [
@@ -83,8 +91,8 @@ def test_config_precedence_flag_env_default():
     config = load_config(GatewayConfig, parser.parse_args(["--port", "9002"]), env, log_it=False)
     assert config.port == 9002 and config.api_key == "k"
     assert load_config(GatewayConfig, None, {}, log_it=False).port == 8000
-    with pytest.raises(Exception):
-        config.port = 1  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1
 
 
 @pytest.mark.parametrize("env,name", [

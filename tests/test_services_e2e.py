@@ -271,4 +271,39 @@ async def test_stream_survives_worker_death(cluster, models):
     assert "".join(texts) == want.new_text  # nothing lost, nothing repeated
     assert usage["completion_tokens"] == max_tokens
     assert usage["prompt_tokens"] == want.num_prompt_tokens
-    assert re.search(r'c2c_redispatches_total\{model="%s"\} 1\.0' % model_dir.name, await _metrics(cluster))
+    pattern = rf'c2c_redispatches_total\{{model="{model_dir.name}"\}} 1\.0'
+    assert re.search(pattern, await _metrics(cluster))
+
+
+async def test_controller_answers_slow_telemetry_with_control_update(servers):
+    import nats
+    import redis.asyncio as aioredis
+
+    from controller.service import Controller
+    from services import keys
+    from services.config import ControllerConfig
+    from services.schemas import ControlUpdate
+
+    controller = Controller(ControllerConfig(nats_url=servers.nats_url, redis_url=servers.redis_url,
+                                             tpot_slo_ms=50.0))
+    await controller.start()
+    nc = await nats.connect(servers.nats_url)
+    try:
+        sub = await nc.subscribe(subjects.control("ctl-test-w0"))
+        slow = WorkerTelemetry("ctl-test-w0", num_running=8, num_waiting=4, tpot_p50_ms=500.0, ttft_p50_ms=100.0)
+        await nc.publish(subjects.telemetry("ctl-test-w0"), schemas.encode(slow))
+        update = schemas.decode(ControlUpdate, (await sub.next_msg(timeout=5)).data)
+        assert update.worker_id == "ctl-test-w0"
+        assert update.chunk_size is not None and update.chunk_size < 256  # TPOT over SLO: smaller chunks
+        stored = {}
+        redis = aioredis.from_url(servers.redis_url, decode_responses=True)
+        for _ in range(50):
+            stored = await redis.hgetall(keys.control("ctl-test-w0"))
+            if stored:
+                break
+            await asyncio.sleep(0.05)
+        await redis.aclose()
+        assert int(stored["chunk_size"]) == update.chunk_size
+    finally:
+        await nc.close()
+        await controller.stop()

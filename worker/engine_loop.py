@@ -21,7 +21,13 @@ from typing import Any
 
 from services import schemas
 from services.errors import C2CError, ErrorCode
-from services.schemas import FINISH_REASON_FROM_TEXT, FinishReason, RequestKind, SubmitRequest, TokenChunk
+from services.schemas import (
+    FINISH_REASON_FROM_TEXT,
+    FinishReason,
+    RequestKind,
+    SubmitRequest,
+    TokenChunk,
+)
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05

@@ -28,8 +28,15 @@ from services import catalog, keys, natsutil, schemas, subjects
 from services.config import WorkerConfig, add_config_arguments, load_config
 from services.errors import ErrorCode
 from services.schemas import (
-    AbortRequest, ControlUpdate, FinishReason, ResidencyAction, ResidencyCommand, SubmitRequest,
-    TokenChunk, WorkerInfo, WorkerTelemetry,
+    AbortRequest,
+    ControlUpdate,
+    FinishReason,
+    ResidencyAction,
+    ResidencyCommand,
+    SubmitRequest,
+    TokenChunk,
+    WorkerInfo,
+    WorkerTelemetry,
 )
 from worker.slices import SliceSpec, apply_slice, discover_slices
 
