@@ -120,9 +120,8 @@ class LocalCluster:
             client.close()
 
     def _worker_args(self, index: int, worker_id: str) -> list[str]:
-        residency = "load" if self.residency == "load" else "host"
         return ["worker", "--slice-index", str(index), "--num-slices", str(self.num_workers),
-                "--device", "cpu", "--worker-id", worker_id, "--residency", residency]
+                "--device", "cpu", "--worker-id", worker_id, "--residency", self.residency]
 
     def _worker_env(self, index: int) -> dict[str, str]:
         if self.residency != "dedicated":

@@ -13,11 +13,24 @@ import sys
 import time
 
 import aiohttp
+import nats
 import pytest
+import redis.asyncio as aioredis
 
-from services import schemas, subjects
+from controller.service import Controller
+from services import keys, schemas, subjects
+from services.config import ControllerConfig
+from services.embedded import EmbeddedServers
 from services.launcher import LocalCluster
-from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerTelemetry
+from services.schemas import (
+    ControlUpdate,
+    FinishReason,
+    ResidencyAction,
+    ResidencyCommand,
+    SubmitRequest,
+    TokenChunk,
+    WorkerTelemetry,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -67,6 +80,22 @@ def test_services_do_not_import_torch():
 def test_models_listed(client, models):
     ids = {m.id for m in client.models.list().data}
     assert {d.name for d in models.values()} <= ids
+
+
+async def test_prewarm_maps_a_model_before_any_request(cluster, models):
+    worker_id, model_id = cluster.worker_ids[1], models["qwen2"].name
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        assert model_id not in (await _telemetry(nc, 0.3))[worker_id].models  # nothing served yet
+        command = ResidencyCommand(worker_id, ResidencyAction.PREWARM, model_id)
+        await nc.publish(subjects.worker_residency(worker_id), schemas.encode(command))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if model_id in (await _telemetry(nc, 0.2)).get(worker_id, WorkerTelemetry(worker_id)).models:
+                break
+        assert model_id in (await _telemetry(nc, 0.3))[worker_id].models
+    finally:
+        await nc.close()
 
 
 def test_completions_match_engine(client, models, expected):
@@ -148,8 +177,6 @@ async def _request_on_worker(nc, worker_id: str, model_id: str, prompt: str) -> 
 
 
 async def test_two_models_alternate_on_one_worker(cluster, models, expected):
-    import nats
-
     nc = await nats.connect(cluster.nats_url)
     try:
         worker_id = cluster.worker_ids[0]
@@ -175,8 +202,6 @@ async def _telemetry(nc, duration_s: float) -> dict[str, WorkerTelemetry]:
 
 
 async def test_client_disconnect_aborts_on_worker(cluster, models):
-    import nats
-
     nc = await nats.connect(cluster.nats_url)
     try:
         before = await _telemetry(nc, 0.5)
@@ -275,35 +300,28 @@ async def test_stream_survives_worker_death(cluster, models):
     assert re.search(pattern, await _metrics(cluster))
 
 
-async def test_controller_answers_slow_telemetry_with_control_update(servers):
-    import nats
-    import redis.asyncio as aioredis
-
-    from controller.service import Controller
-    from services import keys
-    from services.config import ControllerConfig
-    from services.schemas import ControlUpdate
-
-    controller = Controller(ControllerConfig(nats_url=servers.nats_url, redis_url=servers.redis_url,
-                                             tpot_slo_ms=50.0))
-    await controller.start()
-    nc = await nats.connect(servers.nats_url)
-    try:
-        sub = await nc.subscribe(subjects.control("ctl-test-w0"))
-        slow = WorkerTelemetry("ctl-test-w0", num_running=8, num_waiting=4, tpot_p50_ms=500.0, ttft_p50_ms=100.0)
-        await nc.publish(subjects.telemetry("ctl-test-w0"), schemas.encode(slow))
-        update = schemas.decode(ControlUpdate, (await sub.next_msg(timeout=5)).data)
-        assert update.worker_id == "ctl-test-w0"
-        assert update.chunk_size is not None and update.chunk_size < 256  # TPOT over SLO: smaller chunks
-        stored = {}
+async def test_controller_answers_slow_telemetry_with_control_update():
+    with EmbeddedServers() as servers:  # private: the cluster's own controller must not answer
+        controller = Controller(ControllerConfig(nats_url=servers.nats_url, redis_url=servers.redis_url,
+                                                 tpot_slo_ms=50.0))
+        await controller.start()
+        nc = await nats.connect(servers.nats_url)
         redis = aioredis.from_url(servers.redis_url, decode_responses=True)
-        for _ in range(50):
-            stored = await redis.hgetall(keys.control("ctl-test-w0"))
-            if stored:
-                break
-            await asyncio.sleep(0.05)
-        await redis.aclose()
-        assert int(stored["chunk_size"]) == update.chunk_size
-    finally:
-        await nc.close()
-        await controller.stop()
+        try:
+            sub = await nc.subscribe(subjects.control("ctl-w0"))
+            slow = WorkerTelemetry("ctl-w0", num_running=8, num_waiting=4, tpot_p50_ms=500.0, ttft_p50_ms=100.0)
+            await nc.publish(subjects.telemetry("ctl-w0"), schemas.encode(slow))
+            update = schemas.decode(ControlUpdate, (await sub.next_msg(timeout=5)).data)
+            assert update.worker_id == "ctl-w0"
+            assert update.chunk_size is not None and update.chunk_size < 256  # TPOT over SLO: smaller chunks
+            stored = {}
+            for _ in range(50):
+                stored = await redis.hgetall(keys.control("ctl-w0"))
+                if stored:
+                    break
+                await asyncio.sleep(0.05)
+            assert int(stored["chunk_size"]) == update.chunk_size
+        finally:
+            await redis.aclose()
+            await nc.close()
+            await controller.stop()
