@@ -93,19 +93,26 @@ class ModelRunner:
         if slot.is_loaded:
             return False
         start_s = time.perf_counter()
-        if self.residency == "host":
-            slot.resident = self.host_store.open(slot.host_key)
-            weights = slot.resident.tensors()
-        else:
-            self._evict_for(model_id, _files_bytes(slot.model_dir), is_busy)
-            weights = _load_private(slot.model_dir)
-            slot.private_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-        slot.model = CausalLM(slot.config, weights, linear=kernels.linear)
-        slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype)
+        try:
+            self._load(slot, is_busy)
+        except BaseException:
+            self.unload(model_id)  # leave nothing half-mapped; the next request retries
+            raise
         logger.info("model %s %s in %.3f s", model_id,
                     "mapped" if self.residency == "host" else f"loaded ({slot.private_bytes} bytes)",
                     time.perf_counter() - start_s)
         return True
+
+    def _load(self, slot: ModelSlot, is_busy) -> None:
+        if self.residency == "host":
+            slot.resident = self.host_store.open(slot.host_key)
+            weights = slot.resident.tensors()
+        else:
+            self._evict_for(slot.model_id, _files_bytes(slot.model_dir), is_busy)
+            weights = _load_private(slot.model_dir)
+            slot.private_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype)
+        slot.model = CausalLM(slot.config, weights, linear=kernels.linear)
 
     def unload(self, model_id: str) -> None:
         """Drop the model's weights and KV cache (its sequences must hold no KV blocks)."""
