@@ -301,3 +301,27 @@ async def poll_cold_starts(session: aiohttp.ClientSession, base_url: str, start_
             await asyncio.wait_for(stop.wait(), interval_s)
         except TimeoutError:
             pass
+
+
+_LOADED = re.compile(r"model (\S+) loaded \((\d+) bytes\)")
+_EVICTED = re.compile(r"evicting model (\S+) \((\d+) bytes\)")
+
+
+def private_bytes_from_logs(worker_logs: list[str]) -> dict:
+    """Workers' private weight bytes (at the end and peak), replayed from their logs.
+
+    A fallback while the heartbeat hash does not carry `private_weight_bytes`: the
+    worker logs "model M loaded (N bytes)" and "evicting model M (N bytes)".
+    """
+    end_total, peak_total = 0, 0
+    for text in worker_logs:
+        current, peak = 0, 0
+        for line in text.splitlines():
+            if match := _LOADED.search(line):
+                current += int(match.group(2))
+            elif match := _EVICTED.search(line):
+                current -= int(match.group(2))
+            peak = max(peak, current)
+        end_total, peak_total = end_total + current, peak_total + peak
+    return {"private_weight_bytes": end_total, "private_weight_peak_bytes": peak_total,
+            "private_weight_source": "worker logs (load/evict lines)"}

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shlex
 import shutil
 import time
@@ -232,23 +231,35 @@ def _plan(trace: list[TraceRequest], model_dirs: list[Path], seed: int) -> list[
 
 
 def _calibrate(args, model_dirs: list[Path], lengths: dict) -> tuple[dict, float]:
-    """SLOs and rate: from the flags, or measured on a warm host-mode cluster."""
+    """SLOs and rate: from the flags, or measured on a warm host-mode cluster.
+
+    Every model gets a few sequential requests; its warm figure is the best of all but
+    the first (which maps it). SLO = --slo-scale x the slowest model's warm figure, so an
+    unloaded system meets it for every model; rate = --load-factor x workers / the mean
+    warm e2e latency.
+    """
     if args.ttft_slo_ms and args.tpot_slo_ms and (args.rate or args.trace):
         slo = {"ttft_slo_ms": args.ttft_slo_ms, "tpot_slo_ms": args.tpot_slo_ms, "slo_source": "flags"}
         return slo, args.rate or 0.0
     probe = _probe_shape(args, lengths)
-    print(f"calibrating: warm single requests to {model_dirs[0].name} "
-          f"({probe['prompt_tokens']} prompt tokens, {probe['max_tokens']} output tokens)")
-    ttft_s, tpot_s, e2e_s = _measure_warm(args, model_dirs[0], probe)
+    print(f"calibrating: warm single requests to each model ({probe['prompt_tokens']} prompt tokens, "
+          f"{probe['max_tokens']} output tokens)", flush=True)
+    warm = _measure_warm(args, model_dirs, probe)
+    ttft_model = max(warm, key=lambda m: warm[m][0])
+    tpot_model = max(warm, key=lambda m: warm[m][1])
+    ttft_s, tpot_s = warm[ttft_model][0], warm[tpot_model][1]
+    e2e_s = sum(w[2] for w in warm.values()) / len(warm)
     slo = {
         "ttft_slo_ms": args.ttft_slo_ms or round(args.slo_scale * ttft_s * 1e3, 1),
         "tpot_slo_ms": args.tpot_slo_ms or round(args.slo_scale * tpot_s * 1e3, 1),
-        "slo_source": f"{args.slo_scale:g} x warm single request (TTFT {ttft_s * 1e3:.1f} ms at "
-                      f"{probe['prompt_tokens']} prompt tokens, TPOT {tpot_s * 1e3:.1f} ms), unless flagged",
-        "warm_ttft_ms": round(ttft_s * 1e3, 2), "warm_tpot_ms": round(tpot_s * 1e3, 2), "warm_e2e_ms": round(e2e_s * 1e3, 2),
+        "slo_source": f"{args.slo_scale:g} x the slowest model's warm single request (TTFT {ttft_s * 1e3:.1f} ms "
+                      f"of {ttft_model} at {probe['prompt_tokens']} prompt tokens, TPOT {tpot_s * 1e3:.1f} ms "
+                      f"of {tpot_model}), unless flagged",
+        "warm_ms_by_model": {m: {"ttft": round(t * 1e3, 2), "tpot": round(p * 1e3, 2), "e2e": round(e * 1e3, 2)}
+                             for m, (t, p, e) in warm.items()},
     }
     rate = args.rate or round(args.load_factor * args.workers / e2e_s, 3)
-    print(f"SLOs: TTFT {slo['ttft_slo_ms']} ms, TPOT {slo['tpot_slo_ms']} ms; rate {rate} req/s")
+    print(f"SLOs: TTFT {slo['ttft_slo_ms']} ms, TPOT {slo['tpot_slo_ms']} ms; rate {rate} req/s", flush=True)
     return slo, rate
 
 
@@ -261,20 +272,23 @@ def _probe_shape(args, lengths: dict) -> dict:
     return {"prompt_tokens": prompts[int(0.9 * len(prompts))], "max_tokens": max(4, outputs[len(outputs) // 2])}
 
 
-def _measure_warm(args, model_dir: Path, probe: dict, num_requests: int = 6) -> tuple[float, float, float]:
-    from bench.report import percentile, tpot_s
+def _measure_warm(args, model_dirs: list[Path], probe: dict, num_requests: int = 3) -> dict[str, tuple]:
+    """model id -> (warm TTFT s, warm TPOT s, warm e2e s), each the best after the first request."""
+    from bench.report import tpot_s
     from services.launcher import LocalCluster
 
-    maker = PromptMaker(model_dir, seed=args.seed)
-    with LocalCluster([model_dir], num_workers=args.workers, residency="host") as cluster:
-        records = asyncio.run(_sequential(cluster.url, model_dir.name, maker, probe, num_requests))
-    warm = [r for r in records[2:] if r.ok]  # the first requests map the model on the workers
-    if not warm:
-        errors = "; ".join(sorted({r.error for r in records if r.error}))[:300]
-        raise InvalidRequest(f"calibration requests failed: {errors or 'no tokens'}")
-    ttft = percentile((r.ttft_s for r in warm), 50)
-    tpot = percentile((t for t in map(tpot_s, warm) if t is not None), 50) or ttft
-    return ttft, tpot, percentile((r.e2e_s for r in warm), 50)
+    warm = {}
+    with LocalCluster(model_dirs, num_workers=args.workers, residency="host") as cluster:
+        for model_dir in model_dirs:
+            maker = PromptMaker(model_dir, seed=args.seed)
+            records = asyncio.run(_sequential(cluster.url, model_dir.name, maker, probe, num_requests))
+            ok = [r for r in records[1:] if r.ok]
+            if not ok:
+                errors = "; ".join(sorted({r.error for r in records if r.error}))[:300]
+                raise InvalidRequest(f"calibration requests to {model_dir.name} failed: {errors or 'no tokens'}")
+            tpots = [t for t in map(tpot_s, ok) if t is not None]
+            warm[model_dir.name] = (min(r.ttft_s for r in ok), min(tpots, default=0.0), min(r.e2e_s for r in ok))
+    return warm
 
 
 async def _sequential(url: str, model_id: str, maker: PromptMaker, probe: dict, n: int) -> list[RequestRecord]:
@@ -311,7 +325,8 @@ def _run_mode(mode: str, args, model_dirs, planned, budget_bytes) -> tuple[list[
             extra = {"host_store_bytes": _host_store_bytes(store_root),
                      "private_weight_bytes": client.private_weight_bytes(hashes)}
             if extra["private_weight_bytes"] is None:
-                extra.update(_private_bytes_from_logs(cluster))
+                logs = [cluster.log_tail(w, num_lines=1_000_000) for w in cluster.worker_ids]
+                extra.update(client.private_bytes_from_logs(logs))
     finally:
         shutil.rmtree(store_root, ignore_errors=True)
     if mode == "dedicated":
@@ -356,29 +371,6 @@ def pin_models(model_ids: list[str], num_workers: int, zipf_s: float) -> dict[in
     for worker in pinned:
         pinned[worker] = pinned[worker] or [model_ids[0]]
     return pinned
-
-
-_LOADED = re.compile(r"model (\S+) loaded \((\d+) bytes\)")
-_EVICTED = re.compile(r"evicting model (\S+) \((\d+) bytes\)")
-
-
-def _private_bytes_from_logs(cluster) -> dict:
-    """Workers' private weight bytes (now and peak), replayed from their load/evict log lines.
-
-    A fallback while the heartbeat hash does not carry `private_weight_bytes`.
-    """
-    now_total, peak_total = 0, 0
-    for worker_id in cluster.worker_ids:
-        current, peak = 0, 0
-        for line in cluster.log_tail(worker_id, num_lines=1_000_000).splitlines():
-            if match := _LOADED.search(line):
-                current += int(match.group(2))
-            elif match := _EVICTED.search(line):
-                current -= int(match.group(2))
-            peak = max(peak, current)
-        now_total, peak_total = now_total + current, peak_total + peak
-    return {"private_weight_bytes": now_total, "private_weight_peak_bytes": peak_total,
-            "private_weight_source": "worker logs (load/evict lines)"}
 
 
 def _host_store_bytes(store_root: Path) -> int:

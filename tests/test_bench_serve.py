@@ -159,6 +159,18 @@ def test_cold_starts_are_attributed_from_metrics_increases():
     assert attribute_cold_starts(records, events) == 0
 
 
+def test_private_bytes_are_replayed_from_worker_logs():
+    from bench.client import private_bytes_from_logs
+
+    w0 = ("x INFO worker.runner: model a loaded (100 bytes) in 0.1 s\n"
+          "x INFO worker.runner: model b loaded (50 bytes) in 0.1 s\n"
+          "x INFO worker.runner: evicting model a (100 bytes) to load c\n"
+          "x INFO worker.runner: model c loaded (70 bytes) in 0.1 s\n")
+    w1 = "x INFO worker.runner: model a mapped in 0.001 s\n"
+    got = private_bytes_from_logs([w0, w1])
+    assert got["private_weight_bytes"] == 120 and got["private_weight_peak_bytes"] == 150
+
+
 def _write_tiny_catalog(root):
     from worker.synth import synth_model
 
