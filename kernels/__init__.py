@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu_gemm import prefill_linear
-from kernels.cpu_gemv import gemm_skinny, gemm_skinny_serial, gemv_m1, gemv_m1_serial
+from kernels.cpu_gemv import (
+    PARALLEL_LOCK,
+    gemm_skinny,
+    gemm_skinny_serial,
+    gemv_m1,
+    gemv_m1_serial,
+)
 
 _decode_threshold = 16
 # Below this many weight bytes a decode call runs on the calling thread: waking the
@@ -64,7 +70,11 @@ def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.T
     is_serial = w16.nbytes < SERIAL_MAX_BYTES or _synced_threads == 1
     if m == 1:
         y = torch.empty(1, w.shape[0], dtype=torch.float32)  # [1, N]
-        (gemv_m1_serial if is_serial else gemv_m1)(x.numpy(), w16, y.numpy())
+        if is_serial:
+            gemv_m1_serial(x.numpy(), w16, y.numpy())
+        else:
+            with PARALLEL_LOCK:
+                gemv_m1(x.numpy(), w16, y.numpy())
         return y
     m4 = (m + 3) // 4 * 4
     if m4 != m:
@@ -75,7 +85,8 @@ def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.T
     if is_serial:
         gemm_skinny_serial(x.numpy(), w16, y.numpy())
     else:
-        gemm_skinny(x.numpy(), w16, y.numpy(), numba.get_num_threads())
+        with PARALLEL_LOCK:
+            gemm_skinny(x.numpy(), w16, y.numpy(), numba.get_num_threads())
     return y[:m]
 
 

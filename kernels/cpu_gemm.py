@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_gemv import gemm_ws
+from kernels.cpu_gemv import PARALLEL_LOCK, gemm_ws
 from services.errors import InvalidRequest
 
 # Tiles of gemm_ws: a weight panel [N_BLOCK, K_BLOCK] (bf16: 128 KiB) stays in L2 while
@@ -43,7 +43,8 @@ def _numba_ws(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor
         xp[:m] = x
         x = xp
     y = torch.empty(m4, w.shape[0], dtype=torch.float32)  # [M4, N]
-    gemm_ws(x.numpy(), w16, y.numpy(), numba.get_num_threads(), N_BLOCK, K_BLOCK, M_BLOCK)
+    with PARALLEL_LOCK:
+        gemm_ws(x.numpy(), w16, y.numpy(), numba.get_num_threads(), N_BLOCK, K_BLOCK, M_BLOCK)
     return y[:m]
 
 

@@ -138,3 +138,15 @@ def test_grouped_linear():
 
 def test_memory_bandwidth_probe_is_positive():
     assert measure_read_gbps(num_bytes=16 << 20, repeats=2) > 0.1
+
+
+def test_concurrent_calls_from_threads_are_safe():
+    # Numba's workqueue layer aborts the process on concurrent entry; linear serializes.
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, w, bias = make(3, 600, 520, torch.bfloat16, seed=11)
+    x_big, _, _ = make(40, 600, 520, torch.bfloat16, seed=11)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        ys = list(pool.map(lambda i: kernels.linear(x if i % 2 else x_big, w, bias), range(12)))
+    for i, y in enumerate(ys):
+        assert_close(y, x if i % 2 else x_big, w, bias)
