@@ -120,7 +120,7 @@ def _arch_features(arch: str, preset: str, p: dict) -> dict:
     return {  # qwen2_moe
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": p["layers"],
         "num_experts": p["experts"], "num_experts_per_tok": 2, "moe_intermediate_size": p["moe_inter"],
-        "shared_expert_intermediate_size": p["shared_inter"], "norm_topk_prob": preset == "tiny",
+        "shared_expert_intermediate_size": p["shared_inter"], "norm_topk_prob": False,
         "decoder_sparse_step": 1, "mlp_only_layers": [1] if preset == "tiny" else [],
         "qkv_bias": True, "router_aux_loss_coef": 0.001, "output_router_logits": False,
     }
