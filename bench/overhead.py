@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=200, help="timed requests per path (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests first (default 20)")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: a synthesized tiny llama)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on both paths (default 1)")
     parser.add_argument("--out", default=str(RESULTS), help="results file")
 
 
@@ -65,10 +67,10 @@ async def _through_services(url: str, model_id: str, n: int, warmup: int) -> lis
     return samples
 
 
-def _direct(model_dir: Path, n: int, warmup: int) -> list[float]:
-    from worker.engine import Engine, SamplingParams
+def _direct(model_dir: Path, n: int, warmup: int, num_threads: int) -> list[float]:
+    from worker.engine import Engine, EngineConfig, SamplingParams
 
-    engine = Engine()
+    engine = Engine(EngineConfig(num_threads=num_threads))
     engine.add_model(model_dir.name, model_dir)
     params = SamplingParams(max_tokens=1, temperature=0.0)
     samples = []
@@ -86,6 +88,7 @@ def _report(command: str, model_dir: Path, services: dict, direct: dict) -> str:
     lines = [
         f"$ {command}",
         f"model: {model_dir.name} ({model_dir}); one-token completion, prompt {PROMPT!r}; requests one at a time",
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
         f"{'path':<44}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'mean ms':>9}",
     ]
     for name, s in (("HTTP -> gateway -> placer -> worker (NATS)", services), ("Engine.generate in process", direct)):
@@ -102,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise C2CError("--n must be at least 2")
     model_dir = _model_dir(args.model)
-    with LocalCluster([model_dir], num_workers=1) as cluster:
+    env = {"C2C_NUM_THREADS": str(args.threads)}
+    with LocalCluster([model_dir], num_workers=1, extra_env=env) as cluster:
         services = percentiles_ms(asyncio.run(_through_services(cluster.url, model_dir.name, args.n, args.warmup)))
-    direct = percentiles_ms(_direct(model_dir, args.n, args.warmup))
+    direct = percentiles_ms(_direct(model_dir, args.n, args.warmup, args.threads))
     command = "c2cserve bench overhead " + " ".join(sys.argv[sys.argv.index("overhead") + 1:]) if "overhead" in sys.argv else "c2cserve bench overhead"
     report = _report(command.strip(), model_dir, services, direct)
     print(report, end="")

@@ -27,6 +27,7 @@ from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerInfo
 
 log = logging.getLogger(__name__)
 _submit_decoder = schemas.decoder(SubmitRequest)
+_RECORD_EVERY_S = 0.05
 _SETTLE_S = 1.0  # a request shows up in its worker's telemetry within this
 
 
@@ -59,6 +60,7 @@ class Placer:
         self.inflight: dict[str, dict[str, tuple[str, float]]] = {}
         self._tasks: set[asyncio.Task] = set()
         self.placer_id = uuid.uuid4().hex[:8]
+        self._unrecorded: dict[str, dict[str, str]] = {}  # request id -> assignment, not yet in Redis
 
     async def start(self) -> None:
         self.nc = await natsutil.connect_nats(self.config.nats_url, "placer", self.config.connect_timeout_s)
@@ -67,6 +69,7 @@ class Placer:
         await self.nc.subscribe(subjects.SUBMIT, queue=subjects.PLACER_QUEUE, cb=self.on_submit)
         await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerTelemetry, self.on_telemetry)
         natsutil.spawn(self._expire_loop(), self._tasks, "worker expiry")
+        natsutil.spawn(self._record_loop(), self._tasks, "record assignments")
         log.info("placer ready; %d workers known", len(self.views))
 
     async def stop(self) -> None:
@@ -153,7 +156,8 @@ class Placer:
         self.num_assigned_since_telemetry[worker_id] = self.num_assigned_since_telemetry.get(worker_id, 0) + 1
         await self.nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=msg.reply)
         log.debug("[req=%s] model=%s -> worker %s", req.request_id, req.model_id, worker_id)
-        natsutil.spawn(self._record(req, msg.reply), self._tasks, "record assignment")
+        self._unrecorded[req.request_id] = {"worker_id": worker_id, "model_id": req.model_id,
+                                            "reply": msg.reply or "", "t_s": f"{time.time():.3f}"}
 
     async def _reject(self, req: SubmitRequest, reply: str) -> None:
         reason = "no worker is running" if not self.views else f"no worker can take model '{req.model_id}' now"
@@ -163,14 +167,21 @@ class Placer:
                                error_code=ErrorCode.NO_CAPACITY, error=reason)
             await self.nc.publish(reply, schemas.encode(chunk))
 
-    async def _record(self, req: SubmitRequest, reply: str) -> None:
-        """c2c:req:<id>: the assignment, for re-dispatch and inspection (TTL)."""
-        key = keys.request(req.request_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping={"worker_id": req.worker_id, "model_id": req.model_id,
-                                    "reply": reply or "", "t_s": f"{time.time():.3f}"})
-            pipe.expire(key, self.config.request_ttl_s)
-            await pipe.execute()
+    async def _record_loop(self) -> None:
+        """c2c:req:<id> (hash, TTL): assignments, written in batches off the hot path."""
+        while True:
+            await asyncio.sleep(_RECORD_EVERY_S)
+            if not self._unrecorded:
+                continue
+            batch, self._unrecorded = self._unrecorded, {}
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for request_id, fields in batch.items():
+                        pipe.hset(keys.request(request_id), mapping=fields)
+                        pipe.expire(keys.request(request_id), self.config.request_ttl_s)
+                    await pipe.execute()
+            except (OSError, ConnectionError) as exc:
+                log.warning("could not record %d assignments: %s", len(batch), exc)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

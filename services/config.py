@@ -90,6 +90,7 @@ class WorkerConfig(CommonConfig):
     chunk_size: int = field(default=256, metadata=_help("prefill chunk"))
     kv_cache_bytes: int = field(default=256 << 20, metadata=_help("KV cache bytes per model"))
     load_budget_bytes: int = field(default=0, metadata=_help("residency=load: private weight bytes (0: no limit)"))
+    num_threads: int = field(default=0, metadata=_help("torch threads (0: every core of the slice)"))
     telemetry_interval_s: float = field(default=0.1, metadata=_help("telemetry period"))
     heartbeat_ttl_s: int = field(default=3, metadata=_help("heartbeat key TTL"))
 

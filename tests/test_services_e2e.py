@@ -145,7 +145,9 @@ async def test_raw_sse_wire_format(cluster, models, expected):
         async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")
+            request_id, worker_id = resp.headers["X-Request-Id"], resp.headers["X-Worker-Id"]
             raw = (await resp.read()).decode()
+    await _assert_assignment_recorded(cluster, request_id, worker_id)
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     objs = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
@@ -156,6 +158,21 @@ async def test_raw_sse_wire_format(cluster, models, expected):
         assert set(obj["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
     assert "".join(o["choices"][0]["text"] for o in objs) == expected[model_id, PROMPTS[1]].new_text
     assert objs[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+async def _assert_assignment_recorded(cluster, request_id: str, worker_id: str) -> None:
+    """The placer writes c2c:req:<id> in the background, shortly after routing."""
+    redis = aioredis.from_url(cluster.redis_url, decode_responses=True)
+    try:
+        for _ in range(40):
+            record = await redis.hgetall(keys.request(request_id))
+            if record:
+                break
+            await asyncio.sleep(0.05)
+        assert record["worker_id"] == worker_id and record["reply"].endswith(request_id)
+        assert 0 < await redis.ttl(keys.request(request_id)) <= 600
+    finally:
+        await redis.aclose()
 
 
 async def _request_on_worker(nc, worker_id: str, model_id: str, prompt: str) -> str:

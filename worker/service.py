@@ -71,7 +71,7 @@ class WorkerService:
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             chunk_size=c.chunk_size, kv_cache_bytes=c.kv_cache_bytes,
             residency="load" if c.residency == "load" else "host",
-            load_budget_bytes=c.load_budget_bytes or None,
+            load_budget_bytes=c.load_budget_bytes or None, num_threads=c.num_threads or None,
         ))
 
     async def start(self) -> None:
