@@ -15,7 +15,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# Torch's OpenMP threads and Numba's parallel threads spin against each other on small
+# machines: with spinning OpenMP a batched 0.5B decode step took 3.1 s instead of 0.8 s.
+# Must be set before torch is imported, so it lives at the very top of the entry point.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # command path -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {

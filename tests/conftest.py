@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Before torch is imported anywhere (see services/cli.py): passive OpenMP waiting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from services.embedded import EmbeddedServers
 
 _SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
