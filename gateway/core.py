@@ -115,6 +115,7 @@ class RequestStream:
 
     def __init__(self, core: GatewayCore, req: ParsedRequest):
         self.core = core
+        self.m = core.metrics
         self.req = req
         self.rlog = request_log(log, req.request_id)
         self.queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
@@ -133,7 +134,7 @@ class RequestStream:
     async def __aenter__(self) -> RequestStream:
         core, submit = self.core, self.req.submit
         core._queues[submit.request_id] = self.queue
-        core.metrics.waiting.labels(self.req.model).inc()
+        self.m.child(self.m.waiting, self.req.model).inc()
         inbox = subjects.gateway_inbox(core.gateway_id, submit.request_id)
         await core.nc.publish(subjects.SUBMIT, schemas.encode(submit), reply=inbox)
         self.rlog.debug("submitted model=%s stream=%s", self.req.model, self.req.stream)
@@ -141,13 +142,13 @@ class RequestStream:
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         if self._counted_worker:
-            self.core.metrics.running.labels(self.req.model, self._counted_worker).dec()
+            self.m.child(self.m.running, self.req.model, self._counted_worker).dec()
         if not self._got_first:
-            self.core.metrics.waiting.labels(self.req.model).dec()
+            self.m.child(self.m.waiting, self.req.model).dec()
         if self.finished:
             self.core._queues.pop(self.req.request_id, None)
             return
-        self.core.metrics.requests.labels(self.req.model, "aborted").inc()
+        self.m.child(self.m.requests, self.req.model, "aborted").inc()
         natsutil.spawn(self._abort(), self.core._tasks, "abort")
 
     async def _abort(self) -> None:
@@ -177,7 +178,7 @@ class RequestStream:
                 chunk = await asyncio.wait_for(self.queue.get(), config.first_chunk_timeout_s)
         except TimeoutError:
             self.finished = True  # nothing more will come; abort below would be moot
-            self.core.metrics.requests.labels(self.req.model, "timeout").inc()
+            self.m.child(self.m.requests, self.req.model, "timeout").inc()
             if self.worker_id:
                 abort = schemas.AbortRequest(self.req.request_id, "gateway timeout")
                 await self.core.nc.publish(subjects.worker_abort(self.worker_id), schemas.encode(abort))
@@ -192,52 +193,52 @@ class RequestStream:
             submit, worker_id="", resumed_token_ids=list(self.token_ids), resumed_num_chars=self.num_chars,
         )
         if self._counted_worker:
-            self.core.metrics.running.labels(self.req.model, self._counted_worker).dec()
+            self.m.child(self.m.running, self.req.model, self._counted_worker).dec()
             self._counted_worker = ""
         self.worker_id = ""
-        self.core.metrics.redispatches.labels(self.req.model).inc()
+        self.m.child(self.m.redispatches, self.req.model).inc()
         inbox = subjects.gateway_inbox(self.core.gateway_id, submit.request_id)
         await self.core.nc.publish(subjects.SUBMIT, schemas.encode(resumed), reply=inbox)
         self.rlog.warning("worker %s died: resubmitted with %d tokens already streamed",
                           dead_worker_id, len(self.token_ids))
 
     def _account(self, chunk: TokenChunk) -> None:
-        m, now = self.core.metrics, time.monotonic()
+        m, now = self.m, time.monotonic()
         if chunk.worker_id:
             self.worker_id = chunk.worker_id
         if self.worker_id and not self._counted_worker:
             self._counted_worker = self.worker_id
-            m.running.labels(self.req.model, self.worker_id).inc()
+            m.child(m.running, self.req.model, self.worker_id).inc()
         if not self._got_first:
             self._got_first = True
-            m.waiting.labels(self.req.model).dec()
+            m.child(m.waiting, self.req.model).dec()
             if chunk.error_code == 0:
-                m.ttft_s.labels(self.req.model, self.worker_id).observe(now - self._start_s)
-                m.queue_s.labels(self.req.model, self.worker_id).observe(chunk.queue_s)
+                m.child(m.ttft_s, self.req.model, self.worker_id).observe(now - self._start_s)
+                m.child(m.queue_s, self.req.model, self.worker_id).observe(chunk.queue_s)
             if chunk.cold_start:
-                m.cold_starts.labels(self.req.model, self.worker_id).inc()
+                m.child(m.cold_starts, self.req.model, self.worker_id).inc()
         elif chunk.token_ids:
-            m.itl_s.labels(self.req.model, self.worker_id).observe(now - self._last_s)
+            m.child(m.itl_s, self.req.model, self.worker_id).observe(now - self._last_s)
         self._last_s = now
         self.num_chars += len(chunk.text)
         if chunk.num_resumed_tokens:  # the rest of the streamed tokens are generated again
             del self.token_ids[chunk.num_resumed_tokens :]
         if chunk.token_ids:
             self.token_ids += chunk.token_ids
-            m.tokens.labels(self.req.model, self.worker_id).inc(len(chunk.token_ids))
+            m.child(m.tokens, self.req.model, self.worker_id).inc(len(chunk.token_ids))
         if chunk.is_final:
             self._finish(chunk, now)
 
     def _finish(self, chunk: TokenChunk, now: float) -> None:
-        m = self.core.metrics
+        m = self.m
         self.finished = True
         self.finish_reason = chunk.finish_reason
         self.num_prompt_tokens = chunk.num_prompt_tokens
         self.num_generated_tokens = chunk.num_generated_tokens
         outcome = "error" if chunk.finish_reason == FinishReason.ERROR else "ok"
-        m.requests.labels(self.req.model, outcome).inc()
+        m.child(m.requests, self.req.model, outcome).inc()
         if outcome == "ok":
-            m.e2e_s.labels(self.req.model, self.worker_id).observe(now - self._start_s)
+            m.child(m.e2e_s, self.req.model, self.worker_id).observe(now - self._start_s)
         self.rlog.info("finished worker=%s reason=%s prompt=%d generated=%d in %.1f ms",
                        self.worker_id, chunk.finish_reason.name.lower(), chunk.num_prompt_tokens,
                        chunk.num_generated_tokens, (now - self._start_s) * 1e3)

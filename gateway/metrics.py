@@ -33,5 +33,15 @@ class GatewayMetrics:
                                     ("model",), registry=self.registry)
         self.tokens = Counter("c2c_generated_tokens_total", "generated tokens", labels, registry=self.registry)
 
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *label_values: str):
+        """metric.labels(*label_values), cached (labels() validates and locks on every call)."""
+        key = (id(metric), *label_values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*label_values)
+        return found
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ The `*_response` / `*_chunk` functions build OpenAI's exact wire objects.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,9 +55,13 @@ class ParsedRequest:
         return self.submit.request_id
 
 
+_ID_PREFIX = uuid.uuid4().hex[:16]  # unique per gateway process; a counter makes each id unique
+_id_counter = itertools.count()
+
+
 def new_request_id(kind: RequestKind) -> str:
     prefix = "chatcmpl" if kind == RequestKind.CHAT else "cmpl"
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    return f"{prefix}-{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 def _get(body: dict, name: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:

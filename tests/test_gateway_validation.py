@@ -148,3 +148,13 @@ async def test_gateway_keeps_serving_after_errors(client):
         await client.post("/v1/completions", data=b"][")
     await asyncio.sleep(0)
     assert (await client.get("/health")).status == 200
+
+
+async def test_models_dir_is_registered_at_start(aiohttp_client, servers, tmp_path):
+    model_dir = tmp_path / "from-models-dir"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "qwen2", "max_position_embeddings": 64}))
+    (tmp_path / "not-a-model").mkdir()
+    client = await aiohttp_client(create_app(_config(servers, models_dir=str(tmp_path))))
+    ids = {m["id"] for m in (await (await client.get("/v1/models")).json())["data"]}
+    assert "from-models-dir" in ids and "not-a-model" not in ids
