@@ -109,3 +109,13 @@ def test_bad_config_names_the_variable(env, name):
 def test_pinned_models_from_env():
     config = load_config(WorkerConfig, None, {"C2C_WORKER_MODELS": "a, b,"}, log_it=False)
     assert config.pinned_models == ["a", "b"]
+
+
+def test_cpu_slices_split_cores_without_overlap():
+    from worker.slices import cpu_slices, discover_slices
+
+    specs = cpu_slices(3, cpu_ids=list(range(7)), node="n")
+    assert [s.cpu_ids for s in specs] == [(0, 1), (2, 3), (4, 5, 6)]
+    assert {s.gpu for s in specs} == {"n-cpu"} and [s.name for s in specs] == ["cpu0", "cpu1", "cpu2"]
+    assert len(cpu_slices(4, cpu_ids=[0, 1])) == 4  # more slices than cores: shared, still one each
+    assert discover_slices("cpu", 2)[1].backend == "cpu"
