@@ -158,3 +158,21 @@ async def test_models_dir_is_registered_at_start(aiohttp_client, servers, tmp_pa
     client = await aiohttp_client(create_app(_config(servers, models_dir=str(tmp_path))))
     ids = {m["id"] for m in (await (await client.get("/v1/models")).json())["data"]}
     assert "from-models-dir" in ids and "not-a-model" not in ids
+
+
+async def test_silent_upstream_is_504(aiohttp_client, servers, catalog_model):
+    import nats
+
+    from services import subjects
+
+    nc = await nats.connect(servers.nats_url)
+    await nc.subscribe(subjects.SUBMIT, queue=subjects.PLACER_QUEUE)  # takes requests, never answers
+    try:
+        client = await aiohttp_client(create_app(_config(servers, first_chunk_timeout_s=0.5)))
+        started = time.monotonic()
+        resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        assert resp.status == 504
+        _assert_error(await resp.json(), "server_error", code="timeout")
+        assert time.monotonic() - started < 5
+    finally:
+        await nc.close()
