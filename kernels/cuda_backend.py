@@ -68,11 +68,11 @@ def map_host_array(arr: np.ndarray):
 _dummies: dict[int, object] = {}
 
 
-def _empty_part(k_dim: int):
-    """A [1, K] placeholder for a weight part with no rows (kernels never read it)."""
-    if k_dim not in _dummies:
-        _dummies[k_dim] = cuda.to_device(np.zeros((1, k_dim), dtype=np.uint16))
-    return _dummies[k_dim]
+def _empty_part(k_words: int):
+    """A [1, K4/4] placeholder for a weight part with no rows (kernels never read it)."""
+    if k_words not in _dummies:
+        _dummies[k_words] = cuda.to_device(np.zeros((1, k_words), dtype=np.uint64))
+    return _dummies[k_words]
 
 
 class HybridWeight:
@@ -83,8 +83,10 @@ class HybridWeight:
             raise ValueError(f"HybridWeight {name!r}: expected a 2-D bf16 tensor, got {w.dtype}")
         self.name = name
         self.shape = tuple(w.shape)
-        self.host_bits = w.detach().contiguous().view(torch.uint16).numpy()  # [N, K]
-        self.host_mapped = map_host_array(self.host_bits)  # device view of host memory
+        bits = w.detach().contiguous().view(torch.uint16).numpy()  # [N, K]
+        self.host_words = cuda_kernels.as_words(bits)  # [N, K4/4] u64, zero-copy if aligned
+        self.k_padded = self.host_words.shape[1] * 4
+        self.host_mapped = map_host_array(self.host_words)  # device view of host memory
         self.n_dev = 0
         self.dev_rows = None  # device array [n_dev, K] uint16, or None
         self.path: str | None = None  # "os" | "ws" overrides the choice by M
@@ -92,11 +94,11 @@ class HybridWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.host_bits.nbytes
+        return self.host_words.nbytes
 
     @property
     def row_bytes(self) -> int:
-        return self.shape[1] * 2
+        return self.host_words.shape[1] * 8
 
     @property
     def rho(self) -> float:
@@ -107,14 +109,14 @@ class HybridWeight:
         n_dev = max(0, min(int(n_dev), self.shape[0]))
         if n_dev == self.n_dev:
             return
-        self.dev_rows = cuda.to_device(self.host_bits[:n_dev]) if n_dev else None
+        self.dev_rows = cuda.to_device(self.host_words[:n_dev]) if n_dev else None
         self.n_dev = n_dev
 
     def parts(self):
         """(w_dev, w_host) device arrays for the kernels, placeholders where empty."""
-        n_rows, k_dim = self.shape
-        w_dev = self.dev_rows if self.n_dev else _empty_part(k_dim)
-        w_host = self.host_mapped[self.n_dev :] if self.n_dev < n_rows else _empty_part(k_dim)
+        n_rows, k_words = self.shape[0], self.host_words.shape[1]
+        w_dev = self.dev_rows if self.n_dev else _empty_part(k_words)
+        w_host = self.host_mapped[self.n_dev :] if self.n_dev < n_rows else _empty_part(k_words)
         return w_dev, w_host
 
     def choose_path(self, m: int) -> str:
@@ -137,6 +139,8 @@ class HybridWeight:
         y = torch.empty(m, n_rows, dtype=torch.float32, device=x.device)  # [M, N]
         if m == 0:
             return y
+        if self.k_padded != x.shape[1]:
+            x = torch.nn.functional.pad(x, (0, self.k_padded - x.shape[1]))  # [M, K4]
         dx = cuda.as_cuda_array(x) if on_gpu else cuda.to_device(x.numpy())
         dy = cuda.as_cuda_array(y) if on_gpu else cuda.device_array((m, n_rows), np.float32)
         path = self.choose_path(m)

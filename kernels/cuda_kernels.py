@@ -19,9 +19,11 @@ Two paths:
   `tm` tokens (one per thread); each [tn, tk] weight tile is read once per `tm` tokens
   into shared memory and applied to all of them.
 
-Weights travel as uint16 bf16 bits. The widen is `bits << 16` reinterpreted as fp32
-(libdevice int_as_float on the device; a numpy view in the simulator, which has no
-libdevice). Accumulation is fp32. The kernel factories return plain Python functions
+Weights travel as 64-bit words of 4 bf16 each (W's bytes viewed as uint64 [rows, K/4];
+K padded to a multiple of 4 by the caller), so a thread's load moves 8 bytes, and the
+OS kernel issues two independent loads per step to keep more bytes in flight. The
+widen is `bits << 16` reinterpreted as fp32 (libdevice int_as_float on the device; a
+numpy view in the simulator, which has no libdevice). Accumulation is fp32. The kernel factories return plain Python functions
 so tests can `cuda.compile_ptx` them for sm_90 without a GPU.
 """
 
@@ -65,22 +67,29 @@ def _tile_of(t, num_tiles, num_dev_tiles):
 
 
 @cuda.jit(device=True, inline=True)
-def _load_w(w_dev, w_host, n_dev, row, k):
-    """W[row, k] as fp32 from whichever part holds the row."""
+def _load_word(w_dev, w_host, n_dev, row, kw):
+    """Word kw (bf16 elements 4kw..4kw+3) of W's row, from whichever part holds the row."""
     if row < n_dev:
-        return widen(w_dev[row, k])
-    return widen(w_host[row - n_dev, k])
+        return w_dev[row, kw]
+    return w_host[row - n_dev, kw]
+
+
+@cuda.jit(device=True, inline=True)
+def _unpack(word, j):
+    """The j-th bf16 (little-endian) of a 64-bit word, as fp32."""
+    return widen((word >> np.uint64(16 * j)) & np.uint64(0xFFFF))
 
 
 def make_os_kernel(threads: int = 256, max_m: int = 16):
     """Output-stationary kernel function for blocks of `threads` (a power of two), M <= max_m.
 
-    Signature: (x [M, K] f32, w_dev [>=1, K] u16, w_host [>=1, K] u16, n_dev, y [M, N] f32).
+    Signature: (x [M, K4] f32, w_dev [>=1, K4/4] u64, w_host [>=1, K4/4] u64, n_dev,
+    y [M, N] f32).
     """
 
     def os_kernel(x, w_dev, w_host, n_dev, y):
         m_rows = x.shape[0]
-        k_dim = x.shape[1]
+        k_words = x.shape[1] // 4
         n_rows = y.shape[1]
         tid = cuda.threadIdx.x
         partial = cuda.shared.array((max_m, threads), float32)
@@ -89,11 +98,20 @@ def make_os_kernel(threads: int = 256, max_m: int = 16):
             row = _tile_of(t, n_rows, n_dev)
             for m in range(max_m):
                 acc[m] = 0.0
-            for k in range(tid, k_dim, threads):
-                wk = _load_w(w_dev, w_host, n_dev, row, k)
-                for m in range(max_m):  # constant trip count: acc stays in registers
-                    if m < m_rows:
-                        acc[m] += wk * x[m, k]
+            for kw0 in range(tid, k_words, 2 * threads):
+                kw1 = kw0 + threads
+                word0 = _load_word(w_dev, w_host, n_dev, row, kw0)
+                word1 = np.uint64(0)  # zero bits widen to +0.0: adds nothing
+                if kw1 < k_words:
+                    word1 = _load_word(w_dev, w_host, n_dev, row, kw1)
+                for j in range(4):
+                    w0 = _unpack(word0, j)
+                    w1 = _unpack(word1, j)
+                    for m in range(max_m):  # constant trip count: acc stays in registers
+                        if m < m_rows:
+                            acc[m] += w0 * x[m, 4 * kw0 + j]
+                            if kw1 < k_words:
+                                acc[m] += w1 * x[m, 4 * kw1 + j]
             for m in range(max_m):
                 partial[m, tid] = acc[m]
             cuda.syncthreads()
@@ -114,8 +132,10 @@ def make_os_kernel(threads: int = 256, max_m: int = 16):
 def make_ws_kernel(tm: int = 128, tn: int = 32, tk: int = 32):
     """Weight-stationary kernel function for blocks of `tm` threads (one token each).
 
-    Signature as `make_os_kernel`'s; any M (weights are read once per `tm` tokens).
+    tk % 4 == 0. Signature as `make_os_kernel`'s; any M (weights are read once per
+    `tm` tokens).
     """
+    tkw = tk // 4  # words per weight-tile row
 
     def ws_kernel(x, w_dev, w_host, n_dev, y):
         m_rows = x.shape[0]
@@ -133,13 +153,14 @@ def make_ws_kernel(tm: int = 128, tn: int = 32, tk: int = 32):
                 for r in range(tn):
                     acc[r] = 0.0
                 for k0 in range(0, k_dim, tk):
-                    for i in range(tid, tn * tk, tm):  # weight tile, widened once
-                        r = i // tk
-                        k = k0 + i % tk
-                        v = float32(0.0)
-                        if n0 + r < n_rows and k < k_dim:
-                            v = _load_w(w_dev, w_host, n_dev, n0 + r, k)
-                        w_s[r, i % tk] = v
+                    for i in range(tid, tn * tkw, tm):  # weight tile: words, widened once
+                        r = i // tkw
+                        kw = k0 // 4 + i % tkw
+                        word = np.uint64(0)
+                        if n0 + r < n_rows and 4 * kw < k_dim:
+                            word = _load_word(w_dev, w_host, n_dev, n0 + r, kw)
+                        for j in range(4):
+                            w_s[r, 4 * (i % tkw) + j] = _unpack(word, j)
                     for i in range(tid, tk * tm, tm):  # x tile, transposed: x_s[k, m]
                         mm = m0 + i // tk
                         k = k0 + i % tk
@@ -170,7 +191,7 @@ if IS_SIMULATOR:
 else:
     OS_CONFIG = {"threads": 256, "max_m": 16}
     WS_CONFIG = {"tm": 128, "tn": 32, "tk": 32}
-KERNEL_SIGNATURE = "void(float32[:, ::1], uint16[:, ::1], uint16[:, ::1], int64, float32[:, ::1])"
+KERNEL_SIGNATURE = "void(float32[:, ::1], uint64[:, ::1], uint64[:, ::1], int64, float32[:, ::1])"
 
 _compiled: dict[tuple, object] = {}
 
@@ -203,15 +224,31 @@ def default_num_blocks(path: str, n_rows: int, **config) -> int:
 
 
 def launch(path, x, w_dev, w_host, n_dev, y, num_blocks=None, stream=0, **config):
-    """y = x @ W.T on the device. x, w_dev, w_host, y device (or mapped) arrays.
+    """y = x @ W.T on the device. x, w_dev, w_host, y device (or mapped) arrays; weights
+    as uint64 words (see `as_words`).
 
     `path` "os" requires M <= max_m (the caller chunks M); `num_blocks` caps the grid,
     which is how a MIG slice of fewer SMs is emulated. Raises ValueError on bad shapes.
     """
-    if w_dev.shape[1] != x.shape[1] or w_host.shape[1] != x.shape[1]:
-        raise ValueError("launch: K of x and of the weight parts differ")
+    if x.shape[1] % 4 or w_dev.shape[1] * 4 != x.shape[1] or w_host.shape[1] * 4 != x.shape[1]:
+        raise ValueError("launch: x must be [M, K4] with K4 % 4 == 0 and weights [rows, K4/4]")
     if path == "os" and x.shape[0] > (config or OS_CONFIG)["max_m"]:
         raise ValueError(f"launch: the os path takes M <= {(config or OS_CONFIG)['max_m']}")
     kernel = get_kernel(path, **config)
     blocks = num_blocks or default_num_blocks(path, y.shape[1], **config)
     kernel[blocks, block_threads(path, **config), stream](x, w_dev, w_host, n_dev, y)
+
+
+def as_words(bits: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bits [N, K] -> uint64 words [N, K4/4], K4 = K rounded up to 4.
+
+    Zero-copy when K % 4 == 0 and the data is 8-byte aligned; otherwise a zero-padded
+    copy (zero bits are +0.0 and add nothing). Pad x to K4 columns to match.
+    """
+    n_rows, k_dim = bits.shape
+    k4 = (k_dim + 3) // 4 * 4
+    if k4 != k_dim or bits.ctypes.data % 8 or not bits.flags.c_contiguous:
+        padded = np.zeros((n_rows, k4), dtype=np.uint16)
+        padded[:, :k_dim] = bits
+        bits = padded
+    return bits.view(np.uint64)

@@ -59,13 +59,30 @@ def test_kernel_split_by_rho(shape, rho, path):
     m = min(m, cuda_kernels.OS_CONFIG["max_m"]) if path == "os" else m
     _, bits = bf16_bits(n, k, seed=n * k)
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    words = cuda_kernels.as_words(bits)  # [N, K4/4] uint64
+    k4 = words.shape[1] * 4
+    x4 = np.zeros((m, k4), np.float32)  # [M, K4]: zero columns meet zero weights
+    x4[:, :k] = x
     n_dev = round(rho * n)
-    dummy = np.zeros((1, k), np.uint16)
-    w_dev = cuda.to_device(bits[:n_dev] if n_dev else dummy)
-    w_host = cuda.to_device(bits[n_dev:] if n_dev < n else dummy)  # "mapped" host part
+    dummy = np.zeros((1, k4 // 4), np.uint64)
+    w_dev = cuda.to_device(words[:n_dev] if n_dev else dummy)
+    w_host = cuda.to_device(words[n_dev:] if n_dev < n else dummy)  # "mapped" host part
     dy = cuda.device_array((m, n), np.float32)
-    cuda_kernels.launch(path, cuda.to_device(x), w_dev, w_host, n_dev, dy, num_blocks=3)
+    cuda_kernels.launch(path, cuda.to_device(x4), w_dev, w_host, n_dev, dy, num_blocks=3)
     assert_close(dy.copy_to_host(), x, bits)
+
+
+@sim_only
+def test_words_pad_odd_k_with_zeros():
+    from kernels.cuda_kernels import as_words
+
+    bits = np.arange(1, 16, dtype=np.uint16).reshape(3, 5)
+    words = as_words(bits)
+    assert words.dtype == np.uint64 and words.shape == (3, 2)
+    back = words.view(np.uint16)
+    assert (back[:, :5] == bits).all() and (back[:, 5:] == 0).all()
+    even = np.arange(8, dtype=np.uint16).reshape(2, 4)
+    assert np.shares_memory(as_words(even), even)  # zero-copy when K % 4 == 0
 
 
 @sim_only
@@ -88,9 +105,9 @@ def test_hybrid_weight_through_kernels_linear(rho, path):
     from kernels.cuda_backend import DeviceTileCache, HybridWeight
     from kernels.reference import linear_ref
 
-    w, _ = bf16_bits(19, 24, seed=7)
+    w, _ = bf16_bits(19, 23, seed=7)  # odd K: the weight and x are zero-padded to 24
     hw = HybridWeight(w, name="layer.q_proj.weight")
-    cache = DeviceTileCache(capacity_bytes=w.numel() * 2)
+    cache = DeviceTileCache(capacity_bytes=19 * 24 * 2)
     cache.register("m/q", hw)
     assert cache.set_rho(rho) == pytest.approx(np.floor(rho * 19) / 19)
     assert hw.choose_path(1) == "os" and hw.choose_path(kernels.decode_threshold() + 1) == "ws"
@@ -98,7 +115,7 @@ def test_hybrid_weight_through_kernels_linear(rho, path):
     hw.num_blocks = 2  # a "slice" of two blocks still covers every row
     g = torch.Generator().manual_seed(1)
     for m in [0, 1, 5]:  # 5 > the simulator's max_m: the os path chunks M
-        x = torch.randn(m, 24, generator=g)
+        x = torch.randn(m, 23, generator=g)
         bias = torch.randn(19, generator=g)
         y = kernels.linear(x, hw, bias)
         assert y.shape == (m, 19) and y.dtype == torch.float32
