@@ -44,15 +44,15 @@ def run(args) -> int:
     threads = torch.get_num_threads()
     vocab = min(engine.tokenizer(model_id).vocab_size, engine.runner.slots[model_id].config.vocab_size)
     prompts = _random_prompts(max(batch_sizes), args.prompt_len, vocab)
-    _ours(engine, model_id, prompts[:1], 4, 2)  # warm-up: kernel compilation, page faults
     rows = []
-    for batch in batch_sizes:
+    for batch in batch_sizes:  # warm-up on the same shapes first: compilation, per-shape autotune
+        _ours(engine, model_id, prompts[:batch], args.prompt_len, 2)
         row = {"batch": batch, "ours": _ours(engine, model_id, prompts[:batch], args.prompt_len, args.decode_tokens)}
         rows.append(row)
     if not args.no_hf:
         hf_model = _hf_model(args.model, args.hf_dtype)
-        _hf(hf_model, prompts[:1], 2)
         for row in rows:
+            _hf(hf_model, prompts[: row["batch"]], 2)
             row["hf"] = _hf(hf_model, prompts[: row["batch"]], args.decode_tokens)
             row["prefill_ratio"] = row["ours"]["prefill_tokens_per_s"] / row["hf"]["prefill_tokens_per_s"]
             row["decode_ratio"] = row["ours"]["decode_tokens_per_s"] / row["hf"]["decode_tokens_per_s"]
