@@ -48,7 +48,7 @@ class GatewayCore:
     async def start(self) -> None:
         self.nc = await natsutil.connect_nats(self.config.nats_url, f"gateway-{self.gateway_id}", self.config.connect_timeout_s)
         self.redis = await natsutil.connect_redis(self.config.redis_url, self.config.connect_timeout_s)
-        await self.nc.subscribe(subjects.gateway_inbox_all(self.gateway_id), cb=self._on_reply_async)
+        await self.nc.subscribe(subjects.gateway_inbox_all(self.gateway_id), cb=self._on_reply)
         if self.config.models_dir:
             await catalog.register(self.redis, catalog.checkpoint_dirs(self.config.models_dir))
         await self.refresh_catalog()
@@ -88,23 +88,19 @@ class GatewayCore:
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
         return entry
 
-    def _on_reply(self, msg: Msg) -> None:
+    async def _on_reply(self, msg: Msg) -> None:
         request_id = subjects.request_id_of_inbox(msg.subject)
         queue = self._queues.get(request_id)
         if queue is None:
             return
         if natsutil.is_no_responders(msg):
             queue.put_nowait(TokenChunk(request_id, finish_reason=FinishReason.ERROR,
-                                        error_code=ErrorCode.NO_CAPACITY, error="no placer is running"))
+                                        error_code=ErrorCode.NO_CAPACITY, error="no placer or worker is listening"))
             return
         try:
             queue.put_nowait(_chunk_decoder.decode(msg.data))
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             log.warning("[req=%s] dropped a malformed chunk: %s", request_id, exc)
-
-    # nats-py runs subscription callbacks as coroutines
-    async def _on_reply_async(self, msg: Msg) -> None:
-        self._on_reply(msg)
 
     def open(self, req: ParsedRequest) -> RequestStream:
         return RequestStream(self, req)
@@ -199,7 +195,7 @@ class RequestStream:
         self.m.child(self.m.redispatches, self.req.model).inc()
         inbox = subjects.gateway_inbox(self.core.gateway_id, submit.request_id)
         await self.core.nc.publish(subjects.SUBMIT, schemas.encode(resumed), reply=inbox)
-        self.rlog.warning("worker %s died: resubmitted with %d tokens already streamed",
+        self.rlog.warning("worker %s left mid-request: resubmitted with %d tokens already streamed",
                           dead_worker_id, len(self.token_ids))
 
     def _account(self, chunk: TokenChunk) -> None:

@@ -93,6 +93,12 @@ class Placer:
 
     def on_telemetry(self, t: WorkerTelemetry, msg: Msg) -> None:
         """c2c.telemetry.<id> (WorkerTelemetry): refresh that worker's view."""
+        if t.is_stopping:  # its unfinished requests come back through their gateways
+            log.info("worker %s is stopping; no longer routed to", t.worker_id)
+            self.views.pop(t.worker_id, None)
+            self.last_seen_s.pop(t.worker_id, None)
+            self.inflight.pop(t.worker_id, None)
+            return
         now_s = time.monotonic()
         self.views[t.worker_id] = slice_view_of(t)
         self.last_seen_s[t.worker_id] = now_s

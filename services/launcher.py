@@ -196,12 +196,12 @@ class LocalCluster:
             shutil.rmtree(self._logdir, ignore_errors=True)
             self._logdir = None
 
-    def kill(self, name: str) -> None:
-        """SIGKILL one service by name (a worker id, "gateway", ...): for failure tests."""
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one service by name (a worker id, "gateway", ...) and wait for it to exit."""
         for proc_name, proc, _ in self._procs:
             if proc_name == name and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                proc.send_signal(sig)
+                proc.wait(timeout=_STOP_TIMEOUT_S)
                 return
         raise C2CError(f"no running service named {name!r}")
 

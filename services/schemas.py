@@ -135,6 +135,7 @@ class WorkerTelemetry(msgspec.Struct, **_HOT):
     num_finished: int = 0  # requests finished since the worker started
     num_aborted: int = 0
     request_ids: list[str] = []  # requests in flight (for re-dispatch)
+    is_stopping: bool = False  # last message of a worker shutting down: route nothing more here
 
 
 class ControlUpdate(msgspec.Struct, omit_defaults=True):

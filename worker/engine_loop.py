@@ -96,10 +96,18 @@ class EngineLoop:
     # ---- the thread --------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain_commands(block=not self.engine.has_work())
-            if self.engine.has_work():
-                self._step()
-            self._maybe_snapshot()
+            try:
+                self._drain_commands(block=not self.engine.has_work())
+                if self.engine.has_work():
+                    self._step()
+                self._maybe_snapshot()
+            except Exception as exc:  # the loop must outlive any bug; clients still hear
+                log.exception("engine loop error")
+                self._fail_all(f"engine loop error: {exc}")
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        """(request id, reply inbox) of requests still in flight; call after stop()."""
+        return [(request_id, info.reply) for request_id, info in self._inflight.items()]
 
     def _drain_commands(self, block: bool) -> None:
         try:

@@ -107,15 +107,32 @@ class WorkerService:
                 log.warning("pinned model %s is not in the catalog", model_id)
 
     async def stop(self) -> None:
+        """Leave cleanly: placers stop routing here, unfinished requests move elsewhere."""
         for task in list(self._tasks):
             task.cancel()
+        if self.nc is not None and self.nc.is_connected and self.loop_thread is not None:
+            await self._telemetry(is_stopping=True)
+        if self.loop_thread is not None:
+            await asyncio.to_thread(self.loop_thread.stop)
+            await self._hand_over(self.loop_thread.unfinished())
         if self.redis is not None:
             await self.redis.delete(keys.worker(self.worker_id))
         await natsutil.close_nats(self.nc)
-        if self.loop_thread is not None:
-            await asyncio.to_thread(self.loop_thread.stop)
         if self.redis is not None:
             await self.redis.aclose()
+
+    async def _hand_over(self, unfinished: list[tuple[str, str]]) -> None:
+        """Ask each gateway to resubmit its unfinished request (as if this worker died)."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        while not self._out.empty():  # chunks already produced go first, in order
+            for subject, payload in self._out.get_nowait():
+                await self.nc.publish(subject, payload)
+        for request_id, reply in unfinished:
+            chunk = TokenChunk(request_id, self.worker_id, redispatch=True)
+            await self.nc.publish(reply, schemas.encode(chunk))
+        if unfinished:
+            log.info("handed %d unfinished requests back for re-dispatch", len(unfinished))
 
     async def _ensure_model(self, model_id: str) -> bool:
         """Register a catalog model with the engine (one Redis read the first time)."""
@@ -182,7 +199,7 @@ class WorkerService:
             except (OSError, ConnectionError) as exc:
                 log.warning("%s failed: %s", action.__name__, exc)
 
-    async def _telemetry(self) -> None:
+    async def _telemetry(self, is_stopping: bool = False) -> None:
         """c2c.telemetry.<id> (WorkerTelemetry) from the engine thread's latest snapshot."""
         s = self.loop_thread.snapshot
         t = WorkerTelemetry(
@@ -192,6 +209,7 @@ class WorkerService:
             kv_free_frac=s.kv_free_frac, ttft_p50_ms=s.ttft_p50_ms, tpot_p50_ms=s.tpot_p50_ms,
             pinned_models=self.config.pinned_models, residency=self.config.residency,
             num_finished=s.num_finished, num_aborted=s.num_aborted, request_ids=s.request_ids,
+            is_stopping=is_stopping,
         )
         await self.nc.publish(subjects.telemetry(self.worker_id), schemas.encode(t))
 
