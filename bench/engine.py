@@ -11,6 +11,7 @@ file with the command line on top.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shlex
 import sys
@@ -58,6 +59,7 @@ def run(args) -> int:
             row["decode_ratio"] = row["ours"]["decode_tokens_per_s"] / row["hf"]["decode_tokens_per_s"]
     config = engine.runner.slots[model_id].config
     report = {"model": str(args.model), "arch": config.arch, "dtype": config.dtype, "threads": threads,
+              "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
               "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
               "hf_dtype": None if args.no_hf else args.hf_dtype, "results": rows}
     text = json.dumps(report) if args.json else _table(report)
@@ -138,6 +140,7 @@ def _hf(model, prompts, decode_tokens: int) -> dict:
 def _table(report: dict) -> str:
     lines = [f"model {report['model']} ({report['arch']}, {report['dtype']}), threads {report['threads']}, "
              f"prompt {report['prompt_len']}, decode {report['decode_tokens']}, transformers dtype {report['hf_dtype']}",
+             f"machine: {report['cpu_count']} cores, 1-minute load average {report['load_avg_1m']} at the end",
              f"{'batch':>5} {'ours prefill':>13} {'hf prefill':>11} {'ratio':>6} "
              f"{'ours decode':>12} {'hf decode':>10} {'ratio':>6}  (tokens/s)"]
     for row in report["results"]:

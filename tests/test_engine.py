@@ -287,3 +287,15 @@ def test_prewarm_and_evict(qwen, host_store_root):
     engine.step()
     assert engine.evict("q") and not engine.stats().per_model["q"].is_loaded
     assert engine.generate("q", PROMPTS[0], GREEDY).cold_start
+
+
+def test_bench_engine_command_runs(qwen, capsys):
+    import json
+
+    from services.cli import main
+
+    assert main(["bench", "engine", "--model", str(qwen), "--batch-sizes", "1,2", "--prompt-len", "8",
+                 "--decode-tokens", "3", "--no-hf", "--threads", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["batch"] for row in report["results"]] == [1, 2]
+    assert all(row["ours"]["decode_tokens_per_s"] > 0 for row in report["results"])
