@@ -151,7 +151,7 @@ class RequestStream:
         """Abort on the worker; if no chunk named the worker yet, wait for the first one."""
         try:
             if not self.worker_id:
-                chunk = await asyncio.wait_for(self.queue.get(), _ABORT_WAIT_S)
+                chunk = await self._get(_ABORT_WAIT_S)
                 self.worker_id = chunk.worker_id
                 if chunk.is_final or not self.worker_id:
                     return
@@ -168,10 +168,10 @@ class RequestStream:
         config = self.core.config
         timeout_s = config.chunk_timeout_s if self._got_first else config.first_chunk_timeout_s
         try:
-            chunk = await asyncio.wait_for(self.queue.get(), timeout_s)
+            chunk = await self._get(timeout_s)
             while chunk.redispatch:
                 await self._resubmit(chunk.worker_id)
-                chunk = await asyncio.wait_for(self.queue.get(), config.first_chunk_timeout_s)
+                chunk = await self._get(config.first_chunk_timeout_s)
         except TimeoutError:
             self.finished = True  # nothing more will come; abort below would be moot
             self.m.child(self.m.requests, self.req.model, "timeout").inc()
@@ -181,6 +181,13 @@ class RequestStream:
             raise C2CError(f"no response from the workers within {timeout_s:.0f} s", code=ErrorCode.TIMEOUT) from None
         self._account(chunk)
         return chunk
+
+    async def _get(self, timeout_s: float) -> TokenChunk:
+        """The next queued chunk; no timer when one is already there (the streaming case)."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        async with asyncio.timeout(timeout_s):
+            return await self.queue.get()
 
     async def _resubmit(self, dead_worker_id: str) -> None:
         """The worker died: submit again with the tokens the client already has."""
