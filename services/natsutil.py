@@ -34,13 +34,21 @@ async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:
     """Connect, retrying until `timeout_s`; raises C2CError naming the URL if it never answers."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
+    holder: list[NATS] = []
+
+    async def on_disconnected() -> None:
+        if holder and not (holder[0].is_closed or holder[0].is_draining):
+            log.warning("NATS connection lost; reconnecting to %s", url)
+
     while time.monotonic() < deadline:
         try:
-            return await nats.connect(
+            nc = await nats.connect(
                 url, name=name, connect_timeout=2, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, allow_reconnect=True,
-                error_cb=_log_error, disconnected_cb=_log_disconnected,
+                error_cb=_log_error, disconnected_cb=on_disconnected,
             )
+            holder.append(nc)
+            return nc
         except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
             last = exc
             await asyncio.sleep(0.3)
@@ -49,10 +57,6 @@ async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:
 
 async def _log_error(exc: Exception) -> None:
     log.warning("NATS error: %s", exc)
-
-
-async def _log_disconnected() -> None:
-    log.warning("NATS disconnected; reconnecting")
 
 
 async def connect_redis(url: str, timeout_s: float = 20.0):
