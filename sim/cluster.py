@@ -24,7 +24,7 @@ SOLO_CHUNK_MAX = 2048  # prefill chunk when no sequence decodes (one pass over t
 
 class Request:
     __slots__ = ("rid", "model", "t_arrival", "prompt", "output", "ttft_slo", "tpot_slo",
-                 "t_first", "t_done", "is_cold", "instance", "rejected", "deadline")
+                 "t_first", "t_done", "is_cold", "instance", "rejected", "deadline", "num_tries")
 
     def __init__(self, rid, model, t_arrival, prompt, output, ttft_slo, tpot_slo):
         self.rid, self.model, self.t_arrival = rid, model, t_arrival
@@ -34,6 +34,7 @@ class Request:
         self.is_cold = False
         self.instance = None
         self.rejected = False
+        self.num_tries = 0  # routing attempts (a waiting request is retried)
         self.deadline = t_arrival + ttft_slo  # step_policy.deadline_s of a prefill sequence
 
 

@@ -96,6 +96,7 @@ class Simulator:
 
     def _route(self, req: Request) -> bool:
         target = self.system.route(self, req)
+        req.num_tries += 1
         if target == "reject":
             self._reject(req)
         elif target is None:
@@ -185,13 +186,18 @@ class Simulator:
         self.num_finished += 1
         self.system.on_finish(self, inst, req)
 
-    def drain_pending(self, max_tries: int = 8) -> None:
+    def drain_pending(self, max_tries: int = 4, max_failures: int = 2) -> None:
+        """Retry a few waiting requests, oldest first. One that still finds no slice keeps
+        its place but does not block the next; after `max_failures` the cluster is full."""
+        still = []
         for _ in range(min(max_tries, len(self.pending))):
             req = self.pending.popleft()
             if not self._route(req):
-                self.pending.remove(req)
-                self.pending.appendleft(req)
-                return
+                self.pending.pop()  # _route queued it at the back
+                still.append(req)
+                if len(still) >= max_failures:
+                    break
+        self.pending.extendleft(reversed(still))
 
     # ---------------------------------------------------------------- link sharing
     def refresh(self, inst: Instance) -> None:

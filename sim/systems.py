@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from dataclasses import replace
@@ -20,7 +21,7 @@ from dataclasses import replace
 from controller.policy import SLO, ControlSample, Knobs, WorkerController
 from placer.policy import DemandForecaster, PrewarmAction, RequestView, SliceView, choose_slice, plan_prewarm
 from sim.cluster import Instance, Request
-from sim.cost_model import PROFILES, fair_link_gbps, max_rho, prefill_profile, step_time, streaming_profile
+from sim.cost_model import PROFILE_ORDER, PROFILES, fair_link_gbps, max_rho, prefill_profile, step_time, streaming_profile
 
 QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batches
 
@@ -62,6 +63,8 @@ class C2CServe(System):
         self.forecaster = DemandForecaster(tau_s=60.0, bin_s=10.0, num_bins=360)
         self.by_profile: dict[str, list[Instance]] = {name: [] for name in PROFILES}
         self.model_instances: dict[int, set[Instance]] = {}
+        self._profile_memo: dict[tuple[int, int], str] = {}
+        self._model_memo: dict[tuple[int, str], tuple[float, float]] = {}
 
     def setup(self, sim) -> None:
         self.specs = sim.specs
@@ -88,14 +91,15 @@ class C2CServe(System):
     def route(self, sim, req: Request):
         """Best slice by the placer's score among those that fit; else a new slice; else
         the best slice ignoring the TTFT backlog rule; None only when nothing can take it."""
-        self.forecaster.observe(str(req.model), sim.now)
+        if req.num_tries == 0:
+            self.forecaster.observe(str(req.model), sim.now)
         spec = self.specs[req.model]
-        profile = prefill_profile(spec, req.prompt, req.ttft_slo, self.profile_of[req.model])
+        profile = self._request_profile(req)
         prof = PROFILES[profile]
+        rho, tokens_per_s = self._model_on(req.model, profile)
         candidates = self._candidates(req, profile)
-        tokens_per_s = 1.0 / max(1e-9, step_time(spec, prof, 1024, 0, max_rho(spec, prof), fair_link_gbps(prof)) / 1024)
-        views = [self._view(sim, inst, str(k), tokens_per_s) for k, inst in enumerate(candidates)]
-        est_step_s = step_time(spec, prof, 1, req.prompt, max_rho(spec, prof), fair_link_gbps(prof))
+        views = [self._view(sim, inst, str(k), tokens_per_s, req.model) for k, inst in enumerate(candidates)]
+        est_step_s = step_time(spec, prof, 1, req.prompt, rho, fair_link_gbps(prof))
         view = RequestView(str(req.rid), str(req.model), req.prompt, est_step_ms=1000 * est_step_s,
                            tpot_slo_ms=1000 * req.tpot_slo, ttft_slo_ms=1000 * req.ttft_slo)
         worker_id = choose_slice(view, views)
@@ -109,11 +113,37 @@ class C2CServe(System):
             chosen = candidates[int(worker_id)] if worker_id is not None else None
         return chosen
 
+    def _request_profile(self, req: Request) -> str:
+        key = (req.model, req.prompt)
+        profile = self._profile_memo.get(key)
+        if profile is None:
+            spec = self.specs[req.model]
+            profile = prefill_profile(spec, req.prompt, req.ttft_slo, self.profile_of[req.model])
+            self._profile_memo[key] = profile
+        return profile
+
+    def _model_on(self, model: int, profile: str) -> tuple[float, float]:
+        """(largest rho, prefill tokens/s at the fair link share) of a model on a profile."""
+        key = (model, profile)
+        if key not in self._model_memo:
+            spec, prof = self.specs[model], PROFILES[profile]
+            rho = max_rho(spec, prof)
+            per_token_s = step_time(spec, prof, 1024, 0, rho, fair_link_gbps(prof)) / 1024
+            self._model_memo[key] = (rho, 1.0 / max(1e-9, per_token_s))
+        return self._model_memo[key]
+
     def _candidates(self, req: Request, profile: str) -> list[Instance]:
-        """Slices already holding the model, plus a few sampled ones it fits beside."""
-        same = [i for i in self.model_instances.get(req.model, ()) if i.prof.name == profile]
-        pool = self.by_profile[profile]
-        sampled = self.rng.sample(pool, min(self.num_sampled, len(pool)))
+        """Slices already holding the model, plus a few sampled ones it fits beside; any
+        slice at least as big as `profile` qualifies (a bigger slice serves it faster)."""
+        units = PROFILES[profile].units
+        same = [i for i in self.model_instances.get(req.model, ()) if i.prof.units >= units]
+        if len(same) > 6:  # a popular model: its least loaded holders
+            same = heapq.nsmallest(6, same, key=lambda i: (i.num_queued, i.iid))
+        sampled = []
+        for name in PROFILE_ORDER[PROFILE_ORDER.index(profile):]:  # its size, then one of each bigger
+            pool = self.by_profile[name]
+            num = self.num_sampled if name == profile else 1
+            sampled += self.rng.sample(pool, min(num, len(pool)))
         seen, out = set(), []
         for inst in same + sampled:
             if inst.iid in seen:
@@ -133,20 +163,29 @@ class C2CServe(System):
             return True
         spec, prof = self.specs[req.model], inst.prof
         taken = sum(inst.cached_bytes.get(m, 0.0) for m in active) + inst.kv_used_bytes(self.specs)
-        rho = min(max_rho(spec, prof), max(0.0, prof.usable_bytes - taken) / spec.weight_bytes)
+        rho = min(self._model_on(req.model, prof.name)[0], max(0.0, prof.usable_bytes - taken) / spec.weight_bytes)
         est_s = step_time(spec, prof, 1, req.prompt, rho, fair_link_gbps(prof))
         cycle_s = inst.cycle_s if inst.cycle_s < math.inf else inst.t0_s
         return cycle_s + est_s <= req.tpot_slo
 
-    def _view(self, sim, inst: Instance, worker_id: str, prefill_tokens_per_s: float = 0.0) -> SliceView:
+    def _view(self, sim, inst: Instance, worker_id: str, prefill_tokens_per_s: float = 0.0,
+              model: int | None = None) -> SliceView:
+        """The placer's view of a slice; for routing `model`, only that model's entries
+        (the only ones the score reads), which keeps a view cheap to build."""
         gpu = inst.gpu
+        if model is not None:
+            models = frozenset((str(model),)) if model in inst.model_refs else frozenset()
+            cached = inst.cached_bytes.get(model)
+            cached_fraction = {str(model): cached / sim.specs[model].weight_bytes} if cached else {}
+        else:
+            models = frozenset(map(str, inst.model_refs))
+            cached_fraction = {str(m): b / sim.specs[m].weight_bytes for m, b in inst.cached_bytes.items()}
         link_util = 0.0 if gpu.link_gbps == math.inf else min(2.0, gpu.streaming_demand_gbps() / gpu.link_gbps)
         kv_used = inst.kv_used_bytes(sim.specs)
         return SliceView(
             worker_id=worker_id,
             node=str(gpu.gid), gpu=str(gpu.gid), backend="cuda",
-            models=frozenset(map(str, inst.model_refs)),
-            cached_fraction={str(m): b / sim.specs[m].weight_bytes for m, b in inst.cached_bytes.items()},
+            models=models, cached_fraction=cached_fraction,
             num_running=len(inst.decode), num_waiting=inst.num_queued - len(inst.decode),
             max_num_seqs=inst.max_seqs, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes,
             link_util=link_util, cycle_ms=1000 * inst.cycle_s if inst.cycle_s < math.inf else 0.0,

@@ -145,3 +145,14 @@ def test_rho_target_is_the_bandwidth_split():
     assert math.isclose(rho_target(500.0, 160.0), 500.0 / 660.0)
     assert rho_target(0.0, 100.0) == 0.0
     assert rho_target(100.0, 0.0) == 1.0
+
+
+def test_prefill_backlog_rule_skips_slices_that_would_miss_ttft():
+    backlog = SliceView("backlog", "n0", "g0", "cuda", frozenset({"m"}), {"m": 0.7}, 1, 3, 16, 1.0, 0.0,
+                        queued_prefill_tokens=20000, prefill_tokens_per_s=10000.0)  # 2 s queued
+    fresh = view("fresh")
+    r = req(ttft_slo_ms=1000.0)
+    assert choose_slice(r, [backlog, fresh]) == "fresh"
+    assert choose_slice(r, [backlog]) is None  # caller forms a new slice or queues
+    assert choose_slice(req(), [backlog]) == "backlog"  # no TTFT given: rule off
+    assert choose_slice(req(ttft_slo_ms=5000.0), [backlog, fresh]) == "backlog"  # fits: affinity wins
