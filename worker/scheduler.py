@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from worker import step_policy
 from worker.block_manager import BlockManager
 from worker.sequence import Sequence, SequenceStatus
 
@@ -44,15 +45,6 @@ class ScheduledBatch:
         return sum(self.sample_flags)
 
 
-def _load_step_policy():
-    """The step policy module, or None until it exists (then FCFS is used)."""
-    try:
-        from worker import step_policy
-    except ImportError:
-        return None
-    return step_policy
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig | None = None, clock: Callable[[], float] = time.time):
         self.config = config or SchedulerConfig()
@@ -62,7 +54,6 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.current_model: str | None = None
         self.num_preemptions = 0
-        self._policy = _load_step_policy()
 
     # -- models and requests ------------------------------------------------------------
     def add_model(self, model_id: str, num_blocks: int, block_size: int) -> None:
@@ -105,8 +96,6 @@ class Scheduler:
         """Pick the step's model and its batch; None when there is nothing to run."""
         if not self.has_work():
             return None
-        if self._policy is None:
-            self._policy = _load_step_policy()
         now_s = self.clock()
         first = self._pick_model(now_s)
         if first is not None:
@@ -190,7 +179,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _view(self, seq: Sequence):
-        return self._policy.SeqView(
+        return step_policy.SeqView(
             request_id=seq.request_id,
             model_id=seq.model_id,
             arrival_s=seq.arrival_s,
@@ -202,17 +191,11 @@ class Scheduler:
         )
 
     def _deadline(self, seq: Sequence) -> float:
-        if self._policy is not None:
-            return self._policy.deadline_s(self._view(seq))
-        if seq.is_prefill or seq.last_token_s is None:
-            return seq.arrival_s + seq.ttft_slo_s
-        return seq.last_token_s + seq.tpot_slo_s
+        return step_policy.deadline_s(self._view(seq))
 
     def _pick_model(self, now_s: float) -> str | None:
-        seqs = self.running + self.waiting
-        if self._policy is not None:
-            return self._policy.pick_model([self._view(s) for s in seqs], now_s, self.current_model)
-        return min(seqs, key=self._deadline).model_id  # FCFS by deadline until the policy lands
+        views = [self._view(s) for s in self.running + self.waiting]
+        return step_policy.pick_model(views, now_s, self.current_model)
 
     def _models_by_deadline(self, now_s: float) -> list[str]:
         seen: dict[str, None] = {}
