@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -315,6 +316,51 @@ async def test_stream_survives_worker_death(cluster, models):
     assert usage["prompt_tokens"] == want.num_prompt_tokens
     pattern = rf'c2c_redispatches_total\{{model="{model_dir.name}"\}} 1\.0'
     assert re.search(pattern, await _metrics(cluster))
+
+
+async def test_stream_survives_graceful_worker_stop(cluster, models):
+    """A worker that is told to stop hands its unfinished requests back at once."""
+    from worker.engine import Engine, SamplingParams
+
+    extra_id = f"{cluster.worker_ids[0]}-extra"
+    extra = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "worker", "--device", "cpu", "--worker-id", extra_id],
+        env={**cluster._env(), "C2C_WORKER_EXPIRY_S": "2"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        redis = aioredis.from_url(cluster.redis_url, decode_responses=True)
+        for _ in range(600):
+            if await redis.exists(keys.worker(extra_id)):
+                break
+            await asyncio.sleep(0.1)
+        await redis.aclose()
+        await asyncio.sleep(0.3)  # its telemetry reaches the placer
+        model_dir = models["qwen2"]
+        engine = Engine()
+        engine.add_model(model_dir.name, model_dir)
+        want = engine.generate(model_dir.name, PROMPTS[1], SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+        body = {"model": model_dir.name, "prompt": PROMPTS[1], "max_tokens": 200, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        texts = []
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                started = time.monotonic()
+                if resp.headers["X-Worker-Id"] == extra_id:
+                    extra.send_signal(signal.SIGTERM)
+                else:
+                    cluster.kill(resp.headers["X-Worker-Id"], signal.SIGTERM)
+                async for line in resp.content:
+                    line = line.decode().strip()
+                    if line.startswith("data: {"):
+                        texts.append(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
+        assert "".join(texts) == want.new_text
+        assert time.monotonic() - started < 15
+        pattern = rf'c2c_redispatches_total\{{model="{model_dir.name}"\}} 1\.0'
+        assert re.search(pattern, await _metrics(cluster))  # it really was handed over
+    finally:
+        if extra.poll() is None:
+            extra.kill()
+        extra.wait()
 
 
 async def test_controller_answers_slow_telemetry_with_control_update():
