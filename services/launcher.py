@@ -131,7 +131,8 @@ class LocalCluster:
             models = [m for i, m in enumerate(self.model_ids) if i % self.num_workers == index]
         return {"C2C_WORKER_MODELS": ",".join(models)}
 
-    def _env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
+        """Environment for a process joining this cluster (NATS and Redis URLs)."""
         return {**os.environ, **self.extra_env, "C2C_NATS_URL": self.nats_url, "C2C_REDIS_URL": self.redis_url,
                 "PYTHONUNBUFFERED": "1"}
 
@@ -139,7 +140,7 @@ class LocalCluster:
         log_path = self._logdir / f"{name}.log"
         cmd = [sys.executable, "-m", "services.cli", *argv]
         with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(cmd, env={**self._env(), **(env or {})}, stdout=log_file,
+            proc = subprocess.Popen(cmd, env={**self.env(), **(env or {})}, stdout=log_file,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self._procs.append((name, proc, log_path))
 

@@ -325,7 +325,7 @@ async def test_stream_survives_graceful_worker_stop(cluster, models):
     extra_id = f"{cluster.worker_ids[0]}-extra"
     extra = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "worker", "--device", "cpu", "--worker-id", extra_id],
-        env={**cluster._env(), "C2C_WORKER_EXPIRY_S": "2"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env={**cluster.env(), "C2C_WORKER_EXPIRY_S": "2"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         redis = aioredis.from_url(cluster.redis_url, decode_responses=True)
         for _ in range(600):
