@@ -1,6 +1,6 @@
-"""docker-compose.yml: every service runs a real `c2cserve` command from a real build.
+"""docker-compose.yml and deploy/k8s: every service runs a real `c2cserve` command.
 
-No Docker engine here: the file is loaded as YAML (anchors resolved) and checked.
+No Docker engine or cluster here: the files are loaded as YAML (anchors resolved) and checked.
 """
 
 from __future__ import annotations
@@ -66,3 +66,16 @@ def test_gpu_worker_reserves_a_gpu_and_cpu_worker_is_a_profile(compose):
     for name in ("worker-gpu", "worker-cpu"):
         assert "container_name" not in compose["services"][name]  # so `--scale` works
         assert "ports" not in compose["services"][name]
+
+
+def test_k8s_manifests_run_real_commands():
+    from services.cli import _add_module_arguments
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/k8s/c2cserve.yaml").read_text()) if d]
+    commands = [c["command"] for d in docs if d["kind"] in ("Deployment", "DaemonSet")
+                for c in d["spec"]["template"]["spec"]["containers"] if "command" in c]
+    assert {_command_path(c)[0] for c in commands} == {"gateway", "placer", "controller", "worker"}
+    for command in commands:
+        assert callable(_add_module_arguments(build_parser(), command[1:])._run)
+    worker = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert worker["hostIPC"] is True
