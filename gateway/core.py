@@ -67,21 +67,25 @@ class GatewayCore:
         return self.nc is not None and self.nc.is_connected
 
     async def refresh_catalog(self) -> None:
-        self.models = await catalog.load_all(self.redis)
+        """Reload the catalog; on a Redis error keep the last one (logged)."""
+        try:
+            self.models = await catalog.load_all(self.redis)
+        except natsutil.IO_ERRORS as exc:
+            log.warning("catalog refresh failed, serving the last one: %s", exc)
 
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.catalog_refresh_s)
-            try:
-                await self.refresh_catalog()
-            except (OSError, ConnectionError) as exc:
-                log.warning("catalog refresh failed: %s", exc)
+            await self.refresh_catalog()
 
     async def check_model(self, model_id: str) -> schemas.ModelEntry:
         """The catalog entry; one Redis read on a miss; raises ModelNotFound (404)."""
         entry = self.models.get(model_id)
         if entry is None:
-            entry = await catalog.lookup(self.redis, model_id)
+            try:
+                entry = await catalog.lookup(self.redis, model_id)
+            except natsutil.IO_ERRORS as exc:
+                raise C2CError(f"model catalog unavailable: {exc}", code=ErrorCode.NO_CAPACITY) from None
             if entry is not None:
                 self.models[model_id] = entry
         if entry is None:

@@ -186,7 +186,7 @@ class Placer:
                         pipe.hset(keys.request(request_id), mapping=fields)
                         pipe.expire(keys.request(request_id), self.config.request_ttl_s)
                     await pipe.execute()
-            except (OSError, ConnectionError) as exc:
+            except natsutil.IO_ERRORS as exc:
                 log.warning("could not record %d assignments: %s", len(batch), exc)
 
 

@@ -20,6 +20,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from redis.exceptions import RedisError
 
 from services import schemas
 from services.errors import C2CError
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 NO_RESPONDERS_STATUS = "503"
+
+# what a Redis or NATS call may raise when the server is away (services log it and go on)
+IO_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, nats.errors.Error)
 
 
 async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:

@@ -196,7 +196,7 @@ class WorkerService:
             await asyncio.sleep(period_s)
             try:
                 await action()
-            except (OSError, ConnectionError) as exc:
+            except natsutil.IO_ERRORS as exc:
                 log.warning("%s failed: %s", action.__name__, exc)
 
     async def _telemetry(self, is_stopping: bool = False) -> None:
