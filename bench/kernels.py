@@ -110,6 +110,7 @@ def call_overhead_us(repeats: int) -> dict:
 
 
 def format_row(r: dict, roofline_gbps: float) -> str:
+    """One table line; decode rows in GB/s, prefill rows in GFLOP/s."""
     if r["path"] == "decode":
         unit = "GB/s"
         ours, b16, f32 = r["ours_gbps"], r["torch_bf16_gbps"], r["torch_fp32_gbps"]
@@ -119,7 +120,7 @@ def format_row(r: dict, roofline_gbps: float) -> str:
         ours, b16, f32 = r["ours_gflops"], r["torch_bf16_gflops"], r["torch_fp32_gflops"]
         roof = "     "
     return (
-        f"{r['model']:<5}{r['matrix']:<9}{r['n']:>7}x{r['k']:<6}{r['m']:>4} {r['path']:<8}"
+        f"{r['model']:<6}{r['matrix']:<9}{r['n']:>7}x{r['k']:<6}{r['m']:>4} {r['path']:<8}"
         f"{ours:8.1f} {unit} {roof} {r['ours_us']:10.1f}"
         f"{b16:9.1f} {r['torch_bf16_us']:10.1f}{f32:9.1f} {r['torch_fp32_us']:10.1f}"
         f"{r['speedup_vs_bf16']:8.2f}x{r['speedup_vs_fp32']:8.2f}x"
@@ -127,7 +128,7 @@ def format_row(r: dict, roofline_gbps: float) -> str:
 
 
 HEADER = (
-    f"{'model':<5}{'matrix':<9}{'N x K':>14}{'M':>4} {'path':<8}{'ours':>13} {'%roof':>6}"
+    f"{'model':<6}{'matrix':<9}{'N x K':>14}{'M':>4} {'path':<8}{'ours':>13} {'%roof':>6}"
     f"{'ours_us':>10}{'bf16':>9}{'bf16_us':>11}{'fp32':>9}{'fp32_us':>11}"
     f"{'vs_bf16':>9}{'vs_fp32':>9}"
 )

@@ -150,3 +150,13 @@ def test_concurrent_calls_from_threads_are_safe():
         ys = list(pool.map(lambda i: kernels.linear(x if i % 2 else x_big, w, bias), range(12)))
     for i, y in enumerate(ys):
         assert_close(y, x if i % 2 else x_big, w, bias)
+
+
+def test_bench_kernels_row_runs_and_renders():
+    from bench.kernels import bench_shape, format_row
+
+    row = bench_shape("tiny", "proj", 12, 20, 3, repeats=1)
+    assert row["path"] == "decode" and row["ours_us"] > 0 and row["speedup_vs_bf16"] > 0
+    assert "GB/s" in format_row(row, roofline_gbps=10.0)
+    row = bench_shape("tiny", "proj", 12, 20, 40, repeats=1)
+    assert row["path"] == "prefill" and "GF/s" in format_row(row, roofline_gbps=10.0)
