@@ -111,14 +111,24 @@ class Placer:
 
     async def _expire_loop(self) -> None:
         while True:
-            await self.redis.set(keys.placer(self.placer_id), "1", ex=max(1, int(self.config.worker_expiry_s)))
+            await self._beat()
             await asyncio.sleep(min(0.5, self.config.worker_expiry_s / 3))
-            deadline = time.monotonic() - self.config.worker_expiry_s
-            for worker_id in [w for w, seen in self.last_seen_s.items() if seen < deadline]:
-                log.warning("worker %s stopped reporting; no longer routed to", worker_id)
-                self.views.pop(worker_id, None)
-                self.last_seen_s.pop(worker_id, None)
-                await self._redispatch(worker_id)
+            await self._expire_silent_workers()
+
+    async def _beat(self) -> None:
+        """c2c:placer:<id> (TTL): the launcher waits for a placer before starting workers."""
+        try:
+            await self.redis.set(keys.placer(self.placer_id), "1", ex=max(1, int(self.config.worker_expiry_s)))
+        except natsutil.IO_ERRORS as exc:
+            log.warning("placer heartbeat failed: %s", exc)
+
+    async def _expire_silent_workers(self) -> None:
+        deadline = time.monotonic() - self.config.worker_expiry_s
+        for worker_id in [w for w, seen in self.last_seen_s.items() if seen < deadline]:
+            log.warning("worker %s stopped reporting; no longer routed to", worker_id)
+            self.views.pop(worker_id, None)
+            self.last_seen_s.pop(worker_id, None)
+            await self._redispatch(worker_id)
 
     async def _redispatch(self, worker_id: str) -> None:
         """Tell each gateway whose request was on a dead worker to resubmit it.
