@@ -102,7 +102,7 @@ class Tokenizer:
             return self._compiled_template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
-        except jinja2.exceptions.TemplateError as exc:
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
             raise InvalidRequest(f"chat template rejected the messages: {exc}", param="messages") from exc
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
