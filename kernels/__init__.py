@@ -97,7 +97,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     HybridWeight; bias [N] or None. Returns [..., N] fp32, contiguous. M = 0 is fine.
     Raises ValueError when K of x and w differ.
     """
-    if hasattr(w, "hybrid_linear"):
+    if not isinstance(w, torch.Tensor):  # a HybridWeight (CUDA path)
         return w.hybrid_linear(x, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     if w.dim() != 2 or w.shape[1] != k:
