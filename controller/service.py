@@ -54,6 +54,7 @@ class Controller:
         self.nc = await natsutil.connect_nats(c.nats_url, "controller", c.connect_timeout_s)
         self.redis = await natsutil.connect_redis(c.redis_url, c.connect_timeout_s)
         await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerTelemetry, self.on_telemetry)
+        await self.nc.flush()
         log.info("controller ready (SLO ttft=%.0f ms tpot=%.0f ms)", self.slo.ttft_ms, self.slo.tpot_ms)
 
     async def stop(self) -> None:

@@ -49,6 +49,7 @@ class GatewayCore:
         self.nc = await natsutil.connect_nats(self.config.nats_url, f"gateway-{self.gateway_id}", self.config.connect_timeout_s)
         self.redis = await natsutil.connect_redis(self.config.redis_url, self.config.connect_timeout_s)
         await self.nc.subscribe(subjects.gateway_inbox_all(self.gateway_id), cb=self._on_reply)
+        await self.nc.flush()
         if self.config.models_dir:
             await catalog.register(self.redis, catalog.checkpoint_dirs(self.config.models_dir))
         await self.refresh_catalog()

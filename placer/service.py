@@ -68,6 +68,7 @@ class Placer:
         await self._load_heartbeats()
         await self.nc.subscribe(subjects.SUBMIT, queue=subjects.PLACER_QUEUE, cb=self.on_submit)
         await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerTelemetry, self.on_telemetry)
+        await self.nc.flush()  # the server has our subscriptions before we say we are ready
         natsutil.spawn(self._expire_loop(), self._tasks, "worker expiry")
         natsutil.spawn(self._record_loop(), self._tasks, "record assignments")
         log.info("placer ready; %d workers known", len(self.views))

@@ -98,6 +98,7 @@ class WorkerService:
         await natsutil.subscribe_typed(self.nc, subjects.worker_abort(wid), AbortRequest, self.on_abort)
         await natsutil.subscribe_typed(self.nc, subjects.worker_residency(wid), ResidencyCommand, self.on_residency)
         await natsutil.subscribe_typed(self.nc, subjects.control(wid), ControlUpdate, self.on_control)
+        await self.nc.flush()  # subscribed at the server before the first telemetry says "ready"
 
     async def _add_pinned_models(self) -> None:
         for model_id in self.config.pinned_models:
