@@ -110,7 +110,7 @@ async def test_placer_without_workers_is_503_at_once(client, servers):
             assert resp.status == 503
             body = await resp.json()
             _assert_error(body, "server_error", code="no_capacity")
-            assert "no worker" in body["error"]["message"]
+            assert "worker" in body["error"]["message"]
             assert time.monotonic() - started < 5
     finally:
         await placer.stop()
