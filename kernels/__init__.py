@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numba
@@ -33,7 +34,7 @@ _decode_threshold = 16
 # Below this many weight bytes a decode call runs on the calling thread: waking the
 # thread pool costs more than the read (and far more on an oversubscribed machine).
 SERIAL_MAX_BYTES = 512 * 1024
-_synced_threads = -1
+_thread_state = threading.local()  # numba's thread count is a per-thread setting
 
 _WIDENED = (torch.bfloat16, torch.float16)
 
@@ -48,13 +49,13 @@ def decode_threshold() -> int:
     return _decode_threshold
 
 
-def _sync_threads() -> None:
-    """Numba uses as many threads as torch (a CPU slice sets torch's count)."""
-    global _synced_threads
-    n = torch.get_num_threads()
-    if n != _synced_threads:
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-        _synced_threads = n
+def _sync_threads() -> int:
+    """Numba uses as many threads as torch (a CPU slice sets torch's count); returns it."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_thread_state, "num_threads", -1) != n:
+        numba.set_num_threads(n)
+        _thread_state.num_threads = n
+    return n
 
 
 def _numpy16(w: torch.Tensor) -> np.ndarray:
@@ -64,10 +65,10 @@ def _numpy16(w: torch.Tensor) -> np.ndarray:
     return w.view(torch.int16).numpy()
 
 
-def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
+def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray, num_threads: int):
     """Output-stationary path; x [M, K] f32 contiguous, M >= 1 -> y [M, N] f32."""
     m, k = x.shape
-    is_serial = w16.nbytes < SERIAL_MAX_BYTES or _synced_threads == 1
+    is_serial = w16.nbytes < SERIAL_MAX_BYTES or num_threads == 1
     if m == 1:
         y = torch.empty(1, w.shape[0], dtype=torch.float32)  # [1, N]
         if is_serial:
@@ -86,7 +87,7 @@ def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.T
         gemm_skinny_serial(x.numpy(), w16, y.numpy())
     else:
         with PARALLEL_LOCK:
-            gemm_skinny(x.numpy(), w16, y.numpy(), numba.get_num_threads())
+            gemm_skinny(x.numpy(), w16, y.numpy(), num_threads)
     return y[:m]
 
 
@@ -116,10 +117,10 @@ def _linear_2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w.to(torch.float32))  # fp32 weights (no copy), or empty shapes
     if not w.is_contiguous():
         w = w.contiguous()
-    _sync_threads()
+    num_threads = _sync_threads()
     w16 = _numpy16(w)
     if m <= _decode_threshold:
-        return _decode_linear(x, w, w16)
+        return _decode_linear(x, w, w16, num_threads)
     return prefill_linear(x, w, w16)
 
 
