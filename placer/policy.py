@@ -11,6 +11,11 @@ every slice that may serve the model and has room; the best score wins:
 
 An interactive request weighs queueing and link contention more (TTFT is what it
 feels); a batch request weighs cache affinity more (throughput is what it feels).
+Optional fields (telemetry the live services may not have yet) add two filters: a slice
+takes a model it does not run only if its step cycle plus the model's step stays within
+the TPOT SLO (`fits_cycle`), and only if its queued prefill work leaves room in the TTFT
+SLO (`fits_ttft`).
+
 Prewarm planning (`DemandForecaster`, `plan_prewarm`) is below the routing code.
 """
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from services.errors import InvalidRequest
 from sim.catalog import SLOConfig
 from sim.cost_model import C2C_EFFICIENCY, C2C_GBPS, SLLM_INIT_S, SLLM_LOADER_GBPS
-from sim.report import format_table, gpus_needed, isolated_cold_starts
+from sim.report import format_table, gpus_needed, isolated_cold_starts, loader_sweep
 from sim.run import SYSTEMS, SimConfig, make_inputs, run_system
 
 
@@ -100,6 +100,7 @@ def run(args) -> int:
         with _progress(len(trace.t_s), "c2cserve (no contention)", args.no_progress) as bar:
             result["no_contention"]["c2cserve"] = run_system("c2cserve", replace(cfg, link_gbps=math.inf), catalog, trace, bar)
     result["isolated"] = isolated_cold_starts(cfg)
+    result["loader_sweep"] = loader_sweep(cfg)
     if not args.no_search:
         result["search"] = _search(cfg, systems, args)
     result["wall_s"] = round(time.perf_counter() - started, 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from sim.cost_model import (FAMILIES, PROFILES, fair_link_gbps, make_spec, max_rho, smallest_fitting_profile,
+from sim.cost_model import (FAMILIES, PROFILES, make_spec, max_rho, smallest_fitting_profile,
                             step_time, streaming_profile)
 from sim.run import SimConfig, make_inputs, run_system
 
@@ -15,14 +15,14 @@ def isolated_cold_starts(cfg: SimConfig, prompt_tokens: int = 1024) -> list[dict
     """TTFT of one cold request on an idle GPU, per family (cost model only).
 
     c2cserve: its streaming slice, nothing cached (rho = 0), the whole prompt in one
-    step, the link shared at the fair per-unit share (other slices busy). Baseline: load
+    step, streaming at the slice's own cap (the GPU is otherwise idle). Baseline: load
     the whole model at the loader rate plus init, then prefill with every weight in HBM.
     """
     rows = []
     for family in FAMILIES:
         spec = make_spec(family, family)
         c_prof = PROFILES[streaming_profile(spec, cfg.slo.tpot_floor_s)]
-        c2c_s = step_time(spec, c_prof, prompt_tokens, 0, 0.0, fair_link_gbps(c_prof))
+        c2c_s = step_time(spec, c_prof, prompt_tokens, 0, 0.0, min(cfg.link_gbps, c_prof.link_cap_gbps))
         fit = smallest_fitting_profile(spec)
         if fit is None:
             continue
@@ -33,6 +33,18 @@ def isolated_cold_starts(cfg: SimConfig, prompt_tokens: int = 1024) -> list[dict
                          c2c_profile=c_prof.name, c2c_s=c2c_s, sllm_profile=fit, sllm_s=base_s,
                          speedup=base_s / c2c_s, c2c_rho_warm=round(max_rho(spec, c_prof), 2)))
     return rows
+
+
+SWEEP_LOADER_GBPS = (375.0, 55.0, 25.0)  # C2C memcpy; PCIe Gen5 x16; PCIe Gen4 x16 (~25 GB/s)
+
+
+def loader_sweep(cfg: SimConfig, loaders=SWEEP_LOADER_GBPS) -> dict:
+    """Isolated cold-start speedup per family as the baseline's loader slows down."""
+    rows: dict[str, dict] = {}
+    for gbps in loaders:
+        for row in isolated_cold_starts(replace(cfg, sllm_loader_gbps=gbps)):
+            rows.setdefault(row["family"], {})[f"{gbps:g}"] = round(row["speedup"], 2)
+    return {"loader_gbps": [f"{g:g}" for g in loaders], "speedup": rows}
 
 
 def gpus_needed(system: str, cfg: SimConfig, target: float, lo: int, hi: int, progress_cb=None) -> dict:
@@ -96,6 +108,13 @@ def format_table(result: dict) -> str:
         for row in result["isolated"]:
             lines.append(f"| {row['family']} | {row['weight_gb']} | {row['c2c_profile']} | {_fmt(row['c2c_s'])} | "
                          f"{row['sllm_profile']} | {_fmt(row['sllm_s'])} | {row['speedup']:.2f}x |")
+        lines.append("")
+    if result.get("loader_sweep"):
+        sweep = result["loader_sweep"]
+        lines += ["### Isolated cold-start speedup vs the baseline's loader rate (GB/s), init 0", "",
+                  "| family | " + " | ".join(sweep["loader_gbps"]) + " |", "|---|" + "---|" * len(sweep["loader_gbps"])]
+        for family, by_rate in sweep["speedup"].items():
+            lines.append(f"| {family} | " + " | ".join(f"{by_rate[g]:.2f}x" for g in sweep["loader_gbps"]) + " |")
         lines.append("")
     lines += ["### SLO attainment (fraction of all requests; rejected = missed)", "",
               "| system | link | TTFT | TPOT | both | TTFT p50 / p99 (s) | TPOT p50 / p99 (s) | rejected | wall (s) |",
