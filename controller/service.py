@@ -97,5 +97,5 @@ async def serve(config: ControllerConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(load_config(ControllerConfig, args)))
+    natsutil.run(serve(load_config(ControllerConfig, args)))
     return 0

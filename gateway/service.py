@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from gateway.app import create_app
+from services import natsutil
 from services.config import GatewayConfig, add_config_arguments, load_config
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,6 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(config)
     log.info("gateway listening on http://%s:%d", config.host, config.port)
     # handler_cancellation: a client that disconnects cancels its handler -> abort on the worker
-    web.run_app(app, host=config.host, port=config.port, print=None,
+    web.run_app(app, host=config.host, port=config.port, print=None, loop=natsutil.new_event_loop(),
                 handler_cancellation=True, access_log=None, shutdown_timeout=5)
     return 0

@@ -216,5 +216,5 @@ async def serve(config: PlacerConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(load_config(PlacerConfig, args)))
+    natsutil.run(serve(load_config(PlacerConfig, args)))
     return 0

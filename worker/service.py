@@ -277,5 +277,5 @@ def run(args: argparse.Namespace) -> int:
 
         raise C2CError(f"--slice-index {index}: this machine has {len(specs)} slices")
     apply_slice(specs[index])
-    asyncio.run(serve(config, specs[index]))
+    natsutil.run(serve(config, specs[index]))
     return 0
