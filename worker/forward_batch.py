@@ -65,7 +65,8 @@ class AttentionMetadata:
     context_blocks: list[torch.Tensor]       # per sequence: [ceil(context_len / block_size)] block ids
     prefill_masks: list[torch.Tensor | None] # per sequence: [q_len, context_len] bool, None = plain causal
     padded_blocks: torch.Tensor | None       # decode: [S, Bmax] block ids (padding: block 0)
-    decode_mask: torch.Tensor | None         # decode: [S, 1, 1, Bmax * block_size] bool, None = all valid
+    decode_mask: torch.Tensor | None         # decode: [S, 1, 1, span] bool, None = first `decode_span` valid
+    decode_span: int = 0                     # decode: key positions to attend (<= Bmax * block_size)
 
 
 def build_attention_metadata(batch: ForwardBatch, block_size: int,
@@ -80,8 +81,8 @@ def build_attention_metadata(batch: ForwardBatch, block_size: int,
     meta = AttentionMetadata(batch.slot_mapping, list(batch.query_lens), starts, list(batch.context_lens),
                              is_decode, [], [], None, None)
     if is_decode:
-        meta.padded_blocks, meta.decode_mask = _decode_padding(tables, batch.context_lens, block_size,
-                                                               sliding_window)
+        meta.padded_blocks, meta.decode_mask, meta.decode_span = _decode_padding(
+            tables, batch.context_lens, block_size, sliding_window)
     else:
         meta.context_blocks = [torch.tensor(t, dtype=torch.int64) for t in tables]
         meta.prefill_masks = [_prefill_mask(q, n, sliding_window)
@@ -107,8 +108,10 @@ def _decode_padding(tables: list[list[int]], context_lens: list[int], block_size
     padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
     span = max_blocks * block_size
     lows = [max(0, n - window) if window is not None else 0 for n in context_lens]
-    if all(n == span and low == 0 for n, low in zip(context_lens, lows, strict=True)):
-        return padded, None
+    # Equal context lengths and no window (batch 1 always): trim the keys instead of masking;
+    # a boolean mask costs SDPA ~50x more than the unmasked path at batch 1.
+    if len(set(context_lens)) == 1 and not any(lows):
+        return padded, None, context_lens[0]
     pos = torch.arange(span)[None, :]                                     # [1, span]
     mask = (pos < torch.tensor(context_lens)[:, None]) & (pos >= torch.tensor(lows)[:, None])
-    return padded, mask[:, None, None, :]
+    return padded, mask[:, None, None, :], span

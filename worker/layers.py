@@ -214,8 +214,9 @@ def _decode_attention(q, k_cache, v_cache, meta) -> torch.Tensor:
     # one query token per sequence: gather padded contexts, one SDPA call for the batch
     num_seqs, span = meta.padded_blocks.shape[0], meta.padded_blocks.numel() * k_cache.shape[1]
     flat = meta.padded_blocks.view(-1)
-    k = _gather_blocks(k_cache, flat).view(num_seqs, span // num_seqs, *k_cache.shape[2:])
-    v = _gather_blocks(v_cache, flat).view(num_seqs, span // num_seqs, *v_cache.shape[2:])
+    keep = meta.decode_span                                              # valid (or masked) keys
+    k = _gather_blocks(k_cache, flat).view(num_seqs, span // num_seqs, *k_cache.shape[2:])[:, :keep]
+    v = _gather_blocks(v_cache, flat).view(num_seqs, span // num_seqs, *v_cache.shape[2:])[:, :keep]
     out = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=meta.decode_mask, enable_gqa=True)  # [S, nH, 1, D]
     return out[:, :, 0, :]
