@@ -67,6 +67,35 @@ async def _through_services(url: str, model_id: str, n: int, warmup: int) -> lis
     return samples
 
 
+async def _straight_to_worker(nats_url: str, worker_id: str, model_id: str, n: int, warmup: int) -> list[float]:
+    """NATS publish to c2c.worker.<id>.submit and wait for the final chunk (no gateway, no placer)."""
+    import nats
+
+    from services import schemas, subjects
+    from services.schemas import SubmitRequest, TokenChunk
+
+    nc = await nats.connect(nats_url)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    samples = []
+    try:
+        for i in range(warmup + n):
+            req = SubmitRequest(f"bench-{i}", model_id, prompt=PROMPT, max_tokens=1, temperature=0.0)
+            start = time.perf_counter()
+            await nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=inbox)
+            while True:
+                chunk = schemas.decode(TokenChunk, (await sub.next_msg(timeout=30)).data)
+                if chunk.error_code:
+                    raise C2CError(f"worker answered an error: {chunk.error}")
+                if chunk.is_final:
+                    break
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+    finally:
+        await nc.close()
+    return samples
+
+
 def _direct(model_dir: Path, n: int, warmup: int, num_threads: int) -> list[float]:
     from worker.engine import Engine, EngineConfig, SamplingParams
 
@@ -84,14 +113,16 @@ def _direct(model_dir: Path, n: int, warmup: int, num_threads: int) -> list[floa
     return samples
 
 
-def _report(command: str, model_dir: Path, services: dict, direct: dict) -> str:
+def _report(command: str, model_dir: Path, services: dict, worker: dict, direct: dict) -> str:
     lines = [
         f"$ {command}",
         f"model: {model_dir.name} ({model_dir}); one-token completion, prompt {PROMPT!r}; requests one at a time",
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
         f"{'path':<44}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'mean ms':>9}",
     ]
-    for name, s in (("HTTP -> gateway -> placer -> worker (NATS)", services), ("Engine.generate in process", direct)):
+    rows = (("HTTP -> gateway -> placer -> worker (NATS)", services),
+            ("NATS -> worker (no gateway, no placer)", worker), ("Engine.generate in process", direct))
+    for name, s in rows:
         lines.append(f"{name:<44}{s['p50']:9.2f}{s['p90']:9.2f}{s['p99']:9.2f}{s['mean']:9.2f}")
     added = {k: services[k] - direct[k] for k in ("p50", "p90", "p99")}
     lines.append(f"{'added by the services':<44}{added['p50']:9.2f}{added['p90']:9.2f}{added['p99']:9.2f}")
@@ -108,9 +139,11 @@ def run(args: argparse.Namespace) -> int:
     env = {"C2C_NUM_THREADS": str(args.threads)}
     with LocalCluster([model_dir], num_workers=1, extra_env=env) as cluster:
         services = percentiles_ms(asyncio.run(_through_services(cluster.url, model_dir.name, args.n, args.warmup)))
+        worker = percentiles_ms(asyncio.run(_straight_to_worker(
+            cluster.nats_url, cluster.worker_ids[0], model_dir.name, args.n, args.warmup)))
     direct = percentiles_ms(_direct(model_dir, args.n, args.warmup, args.threads))
     command = "c2cserve bench overhead " + " ".join(sys.argv[sys.argv.index("overhead") + 1:]) if "overhead" in sys.argv else "c2cserve bench overhead"
-    report = _report(command.strip(), model_dir, services, direct)
+    report = _report(command.strip(), model_dir, services, worker, direct)
     print(report, end="")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
