@@ -56,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_module_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse once to find the command, then let its module add its own arguments."""
-    known, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(known._module)
+    """Find the command's parser, let its module add its own arguments, then parse."""
     sub = _find_subparser(parser, argv)
+    module_name = sub.get_default("_module")
+    if module_name is None:  # no complete command: argparse prints help or the usage error
+        return parser.parse_args(argv)
+    module = importlib.import_module(module_name)
     module.add_arguments(sub)
     args = parser.parse_args(argv)
     args._run = module.run

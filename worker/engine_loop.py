@@ -150,17 +150,16 @@ class EngineLoop:
         """Resident in the host store and mapped on this slice before any request."""
         if not self.engine.has_model(model_id):
             self.engine.add_model(model_id, model_dir, preload=True)
-        elif hasattr(self.engine, "prewarm"):
+        else:
             self.engine.prewarm(model_id)
         log.info("prewarmed %s", model_id)
 
     def _evict(self, model_id: str) -> None:
-        evict = getattr(self.engine, "evict", None)
-        if evict is None:
-            log.warning("evict %s: this engine cannot unmap a model; ignored", model_id)
-            return
-        evict(model_id)
-        log.info("evicted %s", model_id)
+        """Unmap (host) or free (load) a model; refused while its requests run."""
+        if self.engine.evict(model_id):
+            log.info("evicted %s", model_id)
+        else:
+            log.info("evict %s refused: requests of it are running", model_id)
 
     def _add_request(self, req: SubmitRequest, reply: str) -> None:
         from worker.engine import SamplingParams
