@@ -83,7 +83,8 @@ def _progress(total: int, desc: str, disabled: bool):
 def config_line(cfg: SimConfig) -> str:
     link = "inf" if cfg.link_gbps == math.inf else f"{cfg.link_gbps:.0f}"
     return (f"{cfg.num_gpus} GPUs x {cfg.initial_slices} slices, {cfg.num_models} models, {cfg.duration_s:.0f} s, "
-            f"{cfg.rate_rps} req/s, seed {cfg.seed}, link {link} GB/s")
+            f"{cfg.rate_rps} req/s, seed {cfg.seed}, link {link} GB/s, "
+            f"baseline loader {cfg.sllm_loader_gbps:.0f} GB/s + {cfg.sllm_init_s:g} s init")
 
 
 def run(args) -> int:

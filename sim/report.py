@@ -130,7 +130,7 @@ def format_table(result: dict) -> str:
                   "| system | GPUs | runs (GPUs: attainment) |", "|---|---|---|"]
         for row in search["rows"]:
             gpus = row["gpus"] if row["found"] else f"> {row['hi']}"
-            tried = ", ".join(f"{g}: {a:.3f}" for g, a in sorted(row["tried"].items()))
+            tried = ", ".join(f"{g}: {a:.3f}" for g, a in sorted(row["tried"].items(), key=lambda ga: int(ga[0])))
             lines.append(f"| {row['system']} | {gpus} | {tried} |")
         lines.append("")
     return "\n".join(lines)
