@@ -16,7 +16,8 @@ from pathlib import Path
 
 from services.errors import InvalidRequest
 from sim.catalog import SLOConfig
-from sim.cost_model import C2C_EFFICIENCY, C2C_GBPS, SLLM_INIT_S, SLLM_LOADER_GBPS
+from sim.cost_model import (C2C_EFFICIENCY, C2C_GBPS, SLLM_INIT_S, SLLM_LOADER_GBPS, STREAM_EFFICIENCY,
+                            STREAM_EFFICIENCY_SOURCE)
 from sim.report import format_table, gpus_needed, isolated_cold_starts, loader_sweep
 from sim.run import SYSTEMS, SimConfig, make_inputs, run_system
 
@@ -93,6 +94,7 @@ def run(args) -> int:
     started = time.perf_counter()
     catalog, trace = make_inputs(cfg)
     result: dict = {"config": _config_dict(cfg), "config_line": config_line(cfg),
+                    "stream_efficiency": [STREAM_EFFICIENCY, STREAM_EFFICIENCY_SOURCE],
                     "num_requests": int(len(trace.t_s)), "runs": {}, "no_contention": {}}
     for name in systems:
         with _progress(len(trace.t_s), name, args.no_progress) as bar:
@@ -122,7 +124,9 @@ def _search(cfg: SimConfig, systems: list[str], args) -> dict:
 
 
 def _emit(result: dict, args) -> None:
-    table = format_table(result) + f"\ntotal wall time: {result['wall_s']} s\n"
+    eff, source = result["stream_efficiency"]
+    table = format_table(result) + f"\nstreaming kernels reach {eff:.2f} of their link share ({source})\n"
+    table += f"total wall time: {result['wall_s']} s\n"
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

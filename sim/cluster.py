@@ -16,7 +16,7 @@ import heapq
 import math
 from collections import deque
 
-from sim.cost_model import GB, STEP_OVERHEAD_S, ModelSpec, Profile, step_costs
+from sim.cost_model import GB, STEP_OVERHEAD_S, STREAM_EFFICIENCY, ModelSpec, Profile, step_costs
 
 EPS = 1e-9
 SOLO_CHUNK_MAX = 2048  # prefill chunk when no sequence decodes (one pass over the weights)
@@ -122,7 +122,8 @@ class Instance:
             t0, host, num_models = t0 + t, host + h, num_models + 1
         self.t0_s, self.host_bytes = t0, host
         compute_s = max(EPS, t0 - num_models * STEP_OVERHEAD_S)
-        self.demand_gbps = min(self.prof.link_cap_gbps, host / GB / compute_s) if host > 0 else 0.0
+        want_gbps = host / GB / compute_s / STREAM_EFFICIENCY  # link share it would need
+        self.demand_gbps = min(self.prof.link_cap_gbps, want_gbps) if host > 0 else 0.0
         self._num_models = num_models
 
     def apply_alloc(self) -> None:
@@ -133,7 +134,7 @@ class Instance:
         if self.host_bytes <= 0:
             self.cycle_s = self.t0_s
             return
-        link_s = self.host_bytes / GB / max(EPS, self.alloc_gbps) + self._num_models * STEP_OVERHEAD_S
+        link_s = self.host_bytes / GB / max(EPS, self.alloc_gbps * STREAM_EFFICIENCY) + self._num_models * STEP_OVERHEAD_S
         self.cycle_s = max(self.t0_s, link_s)
 
     def _chunk_tokens(self, head: Request) -> int:
