@@ -58,11 +58,7 @@ class Controller:
         log.info("controller ready (SLO ttft=%.0f ms tpot=%.0f ms)", self.slo.ttft_ms, self.slo.tpot_ms)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await natsutil.close_nats(self.nc)
-        if self.redis is not None:
-            await self.redis.aclose()
+        await natsutil.shutdown(self._tasks, self.nc, self.redis)
 
     async def on_telemetry(self, t: WorkerTelemetry, msg: Msg) -> None:
         """c2c.telemetry.<id> (WorkerTelemetry) -> maybe c2c.control.<id> (ControlUpdate)."""

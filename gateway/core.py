@@ -57,11 +57,7 @@ class GatewayCore:
         log.info("gateway %s connected to NATS and Redis; %d models", self.gateway_id, len(self.models))
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await natsutil.close_nats(self.nc)
-        if self.redis is not None:
-            await self.redis.aclose()
+        await natsutil.shutdown(self._tasks, self.nc, self.redis)
 
     @property
     def is_connected(self) -> bool:

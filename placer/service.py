@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -74,12 +75,10 @@ class Placer:
         log.info("placer ready; %d workers known", len(self.views))
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await natsutil.close_nats(self.nc)
         if self.redis is not None:
-            await self.redis.delete(keys.placer(self.placer_id))
-            await self.redis.aclose()
+            with contextlib.suppress(*natsutil.IO_ERRORS):
+                await self.redis.delete(keys.placer(self.placer_id))
+        await natsutil.shutdown(self._tasks, self.nc, self.redis)
 
     async def _load_heartbeats(self) -> None:
         """Seed the view from live heartbeat keys (a restarted placer routes at once)."""

@@ -117,6 +117,16 @@ async def close_nats(nc: NATS | None) -> None:
             await nc.close()
 
 
+async def shutdown(tasks: set[asyncio.Task], nc: NATS | None, redis: Any | None) -> None:
+    """A service's teardown: cancel its background tasks, drain NATS, close Redis."""
+    for task in list(tasks):
+        task.cancel()
+    await close_nats(nc)
+    if redis is not None:
+        with contextlib.suppress(Exception):
+            await redis.aclose()
+
+
 def spawn(coro: Awaitable[Any], tasks: set[asyncio.Task], what: str) -> asyncio.Task:
     """A background task that is kept alive and whose failure is logged, not lost."""
     task = asyncio.ensure_future(coro)
