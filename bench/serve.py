@@ -23,7 +23,7 @@ from pathlib import Path
 from bench import client
 from bench.client import PlannedRequest, PromptMaker, RequestRecord, replay, send_one
 from bench.report import attribute_cold_starts, markdown_table, summarize, write_outputs
-from bench.workload import TraceRequest, generate_trace, load_azure_trace, zipf_weights
+from bench.workload import TraceRequest, generate_trace, load_azure_trace
 from services.config import RESIDENCY_MODES
 from services.errors import InvalidRequest
 
@@ -310,7 +310,7 @@ def _run_mode(mode: str, args, model_dirs, planned, budget_bytes) -> tuple[list[
     """Start a fresh cluster in `mode`, replay the plan, read cold starts and memory."""
     from services.launcher import LocalCluster
 
-    kwargs, store_root = _cluster_kwargs(mode, model_dirs, args.workers, budget_bytes, args.zipf)
+    kwargs, store_root = _cluster_kwargs(mode, model_dirs, args.workers, budget_bytes, planned)
     print(f"[{mode}] starting {args.workers} workers ...", flush=True)
     started = time.perf_counter()
     try:
@@ -342,7 +342,7 @@ def _run_mode(mode: str, args, model_dirs, planned, budget_bytes) -> tuple[list[
 
 
 def _cluster_kwargs(mode: str, model_dirs: list[Path], num_workers: int, budget_bytes: int,
-                    zipf_s: float) -> tuple[dict, Path]:
+                    planned: list[PlannedRequest]) -> tuple[dict, Path]:
     """LocalCluster kwargs of a mode, with a fresh host store of its own."""
     store_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"c2c-bench-{os.getpid()}-{mode}"
     shutil.rmtree(store_root, ignore_errors=True)
@@ -352,7 +352,9 @@ def _cluster_kwargs(mode: str, model_dirs: list[Path], num_workers: int, budget_
     if mode == "load":
         env["C2C_LOAD_BUDGET_BYTES"] = str(budget_bytes)
     if mode == "dedicated":
-        kwargs["pinned"] = pin_models([d.name for d in model_dirs], num_workers, zipf_s)
+        model_ids = [d.name for d in model_dirs]
+        counts = [sum(1 for r in planned if r.model_id == m) for m in model_ids]
+        kwargs["pinned"] = pin_models(model_ids, num_workers, counts)
     if mode in ("host", "dedicated"):
         _fill_host_store(store_root, model_dirs)
     return kwargs, store_root
@@ -371,20 +373,22 @@ def _fill_host_store(store_root: Path, model_dirs: list[Path]) -> None:
           f"(once per node)", flush=True)
 
 
-def pin_models(model_ids: list[str], num_workers: int, zipf_s: float) -> dict[int, list[str]]:
-    """Dedicated mode: models (in popularity order) to the least-loaded worker by Zipf weight.
+def pin_models(model_ids: list[str], num_workers: int, weights: list[float]) -> dict[int, list[str]]:
+    """Dedicated mode: models, heaviest first, each to the least-loaded worker by weight.
 
-    A worker left without a model (more workers than models) also gets the most popular one.
+    The bench passes each model's request count in the trace (an oracle static placement,
+    the best case for the baseline). A worker left without a model (more workers than
+    models) also gets the heaviest one.
     """
-    weights = zipf_weights(len(model_ids), zipf_s)
+    order = sorted(range(len(model_ids)), key=lambda i: (-weights[i], i))
     load = [0.0] * num_workers
     pinned: dict[int, list[str]] = {w: [] for w in range(num_workers)}
-    for model_id, weight in zip(model_ids, weights, strict=True):
+    for i in order:
         worker = min(range(num_workers), key=lambda w: (load[w], w))
-        pinned[worker].append(model_id)
-        load[worker] += weight
+        pinned[worker].append(model_ids[i])
+        load[worker] += weights[i]
     for worker in pinned:
-        pinned[worker] = pinned[worker] or [model_ids[0]]
+        pinned[worker] = pinned[worker] or [model_ids[order[0]]]
     return pinned
 
 

@@ -129,14 +129,16 @@ def test_write_outputs_writes_json_markdown_and_plots(tmp_path):
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 10
 
 
-def test_pin_models_balances_popularity_and_covers_every_worker():
+def test_pin_models_balances_request_counts_and_covers_every_worker():
     from bench.serve import pin_models
 
-    pinned = pin_models([f"m{i}" for i in range(8)], 2, zipf_s=1.1)
+    counts = [5, 40, 10, 30, 2, 8, 3, 2]  # m1 and m3 are the hot ones
+    pinned = pin_models([f"m{i}" for i in range(8)], 2, counts)
     assert sorted(sum(pinned.values(), [])) == [f"m{i}" for i in range(8)]
-    assert "m0" in pinned[0] and "m1" in pinned[1]
-    assert len(pinned[1]) > len(pinned[0])  # the worker with the top model gets fewer models
-    assert pin_models(["a"], 3, 1.1) == {0: ["a"], 1: ["a"], 2: ["a"]}
+    assert "m1" in pinned[0] and "m3" in pinned[1]  # the two hot models on different workers
+    loads = [sum(counts[int(m[1:])] for m in models) for models in pinned.values()]
+    assert abs(loads[0] - loads[1]) <= 2
+    assert pin_models(["a", "b"], 3, [1, 9]) == {0: ["b"], 1: ["a"], 2: ["b"]}
 
 
 def test_cold_starts_are_attributed_from_metrics_increases():
