@@ -18,6 +18,7 @@ from sim.cluster import EPS, Gpu, Instance, LoadFlow, Request, water_fill
 from sim.cost_model import PROFILES, UNITS_PER_GPU
 
 _INSTANCE, _LOAD, _TIMER = 0, 1, 2
+MAX_DRAIN_S = 86400.0  # after the last arrival, give up on what has not finished a day later
 
 
 class Simulator:
@@ -49,8 +50,11 @@ class Simulator:
         t_arr, models = self.trace.t_s, self.trace.model
         prompts, outputs = self.trace.prompt, self.trace.output
         num, index, tick = len(t_arr), 0, max(1, len(t_arr) // 200)
+        give_up_s = (float(t_arr[-1]) if num else 0.0) + MAX_DRAIN_S
         while True:
             t_next = t_arr[index] if index < num else math.inf
+            if self.heap and self.heap[0][0] > give_up_s:
+                break  # what is left cannot finish: counted as rejected below
             if self.heap and self.heap[0][0] <= t_next:
                 self._dispatch(heapq.heappop(self.heap))
             elif index < num:
@@ -64,6 +68,9 @@ class Simulator:
         for req in self.pending:
             self._reject(req)
         self.pending.clear()
+        for req in self.requests:
+            if req.t_done is None and not req.rejected:
+                self._reject(req)
         return self.requests
 
     def _dispatch(self, event) -> None:
@@ -205,7 +212,10 @@ class Simulator:
         inst.advance(self.now)
         old_demand = inst.demand_gbps
         inst.recompute_costs(self.specs, self.system.rho_of)
-        if abs(inst.demand_gbps - old_demand) > 0.02 * max(old_demand, 1.0) or inst.alloc_gbps > inst.demand_gbps:
+        demand = inst.demand_gbps
+        moved = abs(demand - old_demand) > 0.02 * max(old_demand, 1e-3)
+        starved = demand > 0 and inst.alloc_gbps < 0.98 * demand and inst.gpu.demand_gbps < inst.gpu.link_gbps
+        if moved or starved or inst.alloc_gbps > demand:
             self.reshare(inst.gpu)
         else:
             self._reschedule(inst)
