@@ -152,7 +152,10 @@ class ControlUpdate(msgspec.Struct, omit_defaults=True):
     def knobs(self) -> dict[str, Any]:
         """The engine knobs set in this update (for Engine.set_control)."""
         names = ("chunk_size", "max_num_seqs", "max_num_batched_tokens", "decode_threshold")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        knobs = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.rho_cap is not None:  # the slice serves at most this fraction from its cache
+            knobs["rho"] = self.rho_cap
+        return knobs
 
 
 class ResidencyCommand(msgspec.Struct, omit_defaults=True):

@@ -66,7 +66,9 @@ def test_enums_travel_as_ints_and_bad_payloads_raise():
 
 
 def test_control_update_knobs_only_set_values():
-    assert ControlUpdate("w", chunk_size=64, rho_cap=0.5).knobs() == {"chunk_size": 64}
+    assert ControlUpdate("w", chunk_size=64).knobs() == {"chunk_size": 64}
+    # the controller's rho cap reaches the engine as its "rho" knob
+    assert ControlUpdate("w", chunk_size=64, rho_cap=0.5).knobs() == {"chunk_size": 64, "rho": 0.5}
 
 
 def test_subjects_and_keys():

@@ -52,6 +52,8 @@ class EngineConfig:
     load_budget_bytes: int | None = None   # "load": private weight memory, LRU
     host_store_root: str | None = None
     num_threads: int | None = None    # torch threads; None = every core this process may use
+    device: str = "cpu"               # "cpu" | "cuda": GEMMs through HybridGEMM on the slice's GPU
+    device_cache_bytes: int = 0       # "cuda": slice memory for cached weight tiles (knob rho)
 
 
 @dataclass
@@ -112,7 +114,8 @@ class Engine:
                                                    config.chunk_size))
         self.runner = ModelRunner(config.block_size, config.kv_cache_bytes, config.residency,
                                   config.load_budget_bytes, config.host_store_root,
-                                  max_num_seqs=config.max_num_seqs)
+                                  max_num_seqs=config.max_num_seqs, device=config.device,
+                                  device_cache_bytes=config.device_cache_bytes)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []   # aborts, reported by the next step
@@ -329,7 +332,7 @@ class Engine:
 
     # -- control and stats --------------------------------------------------------------
     def set_control(self, **knobs) -> None:
-        """Runtime knobs: chunk_size, max_num_seqs, max_num_batched_tokens, decode_threshold."""
+        """Runtime knobs: chunk_size, max_num_seqs, max_num_batched_tokens, decode_threshold, rho."""
         import kernels
 
         for name, value in knobs.items():
@@ -341,6 +344,10 @@ class Engine:
                 setattr(self.scheduler.config, name, int(value))
             elif name == "decode_threshold":
                 kernels.set_decode_threshold(int(value))
+            elif name == "rho":
+                if not 0.0 <= float(value) <= 1.0:
+                    raise InvalidRequest(f"rho must be in [0, 1], got {value}")
+                self.runner.set_rho(float(value))
             else:
                 logger.debug("ignoring unknown control knob %s=%r", name, value)
 

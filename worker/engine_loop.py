@@ -32,7 +32,7 @@ from services.schemas import (
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05
 _STATS_EVERY_S = 0.05
-ENGINE_KNOBS = ("chunk_size", "max_num_seqs", "max_num_batched_tokens", "decode_threshold")
+ENGINE_KNOBS = ("chunk_size", "max_num_seqs", "max_num_batched_tokens", "decode_threshold", "rho")
 
 
 @dataclass

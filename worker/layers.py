@@ -144,6 +144,13 @@ def fusion_groups(shapes: dict[str, tuple[tuple[int, ...], str]]) -> list[tuple[
     return groups
 
 
+def without_fused_parts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights minus the parts that also stand in a fused matrix (the model uses those)."""
+    shapes = {n: (tuple(t.shape), str(t.dtype)) for n, t in weights.items()}
+    parts = {p for fused, group in fusion_groups(shapes) if fused in weights for p in group}
+    return {n: t for n, t in weights.items() if n not in parts}
+
+
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] fp32, computed the way transformers does."""
     dim = config.head_dim

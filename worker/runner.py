@@ -24,6 +24,7 @@ import torch
 import kernels
 from worker.checkpoint import ModelConfig, checkpoint_tensor_files
 from worker.forward_batch import ForwardBatch
+from worker.layers import without_fused_parts
 from worker.model import CausalLM, KVCache, kv_bytes_per_token
 from worker.sampling import Sampler
 from worker.scheduler import ScheduledBatch
@@ -52,9 +53,19 @@ class ModelSlot:
 class ModelRunner:
     def __init__(self, block_size: int, kv_cache_bytes: int, residency: str = "host",
                  load_budget_bytes: int | None = None, host_store_root: str | None = None,
-                 kv_dtype: torch.dtype = torch.float32, max_num_seqs: int = 16):
+                 kv_dtype: torch.dtype = torch.float32, max_num_seqs: int = 16,
+                 device: str = "cpu", device_cache_bytes: int = 0):
         if residency not in ("host", "load"):
             raise ValueError(f"residency must be 'host' or 'load', got {residency!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        # cuda: weights stay in host memory, mapped into the GPU; a DeviceTileCache of
+        # device_cache_bytes holds the cached fraction rho of them (kernels.cuda_backend).
+        self.weight_backend = None
+        if device == "cuda":
+            from kernels.cuda_backend import CudaWeightBackend
+
+            self.weight_backend = CudaWeightBackend(device_cache_bytes)
         self.block_size = block_size
         self.kv_cache_bytes = kv_cache_bytes
         self.residency = residency
@@ -111,6 +122,8 @@ class ModelRunner:
             self._evict_for(slot.model_id, _files_bytes(slot.model_dir), is_busy)
             weights = _load_private(slot.model_dir)
             slot.private_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        if self.weight_backend is not None:  # register each byte once: fused views only
+            weights = self.weight_backend.wrap_weights(slot.model_id, without_fused_parts(weights))
         slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype)
         slot.model = CausalLM(slot.config, weights, linear=kernels.linear)
 
@@ -118,9 +131,15 @@ class ModelRunner:
         """Drop the model's weights and KV cache (its sequences must hold no KV blocks)."""
         slot = self.slots[model_id]
         slot.model, slot.kv, slot.private_bytes = None, None, 0
+        if self.weight_backend is not None:
+            self.weight_backend.drop_model(model_id)
         if slot.resident is not None:
             slot.resident.close()
             slot.resident = None
+
+    def set_rho(self, rho: float) -> float:
+        """Fraction of weight bytes served from slice memory (cuda); CPU slices have none."""
+        return self.weight_backend.set_rho(rho) if self.weight_backend is not None else 0.0
 
     def loaded_bytes(self) -> int:
         return sum(s.private_bytes for s in self.slots.values())

@@ -72,6 +72,9 @@ class WorkerService:
             chunk_size=c.chunk_size, kv_cache_bytes=c.kv_cache_bytes,
             residency="load" if c.residency == "load" else "host",
             load_budget_bytes=c.load_budget_bytes or None, num_threads=c.num_threads or None,
+            device=self.spec.backend,
+            # the slice's memory beyond the KV cache holds cached weight tiles
+            device_cache_bytes=max(0, self.spec.memory_bytes - c.kv_cache_bytes),
         ))
 
     async def start(self) -> None:
