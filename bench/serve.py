@@ -310,10 +310,11 @@ def _run_mode(mode: str, args, model_dirs, planned, budget_bytes) -> tuple[list[
     """Start a fresh cluster in `mode`, replay the plan, read cold starts and memory."""
     from services.launcher import LocalCluster
 
-    kwargs, store_root = _cluster_kwargs(mode, model_dirs, args.workers, budget_bytes, planned)
-    print(f"[{mode}] starting {args.workers} workers ...", flush=True)
-    started = time.perf_counter()
+    store_root = _store_root(mode)
     try:
+        kwargs = _cluster_kwargs(mode, model_dirs, args.workers, budget_bytes, planned, store_root)
+        print(f"[{mode}] starting {args.workers} workers ...", flush=True)
+        started = time.perf_counter()
         with LocalCluster(model_dirs, num_workers=args.workers, **kwargs) as cluster:
             print(f"[{mode}] up in {time.perf_counter() - started:.1f} s; replaying {len(planned)} requests", flush=True)
             before = client.cold_start_counts(cluster.url)
@@ -341,12 +342,17 @@ def _run_mode(mode: str, args, model_dirs, planned, budget_bytes) -> tuple[list[
     return records, extra
 
 
-def _cluster_kwargs(mode: str, model_dirs: list[Path], num_workers: int, budget_bytes: int,
-                    planned: list[PlannedRequest]) -> tuple[dict, Path]:
-    """LocalCluster kwargs of a mode, with a fresh host store of its own."""
+def _store_root(mode: str) -> Path:
+    """A fresh host store folder for one mode's cluster (removed after the mode)."""
     store_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"c2c-bench-{os.getpid()}-{mode}"
     shutil.rmtree(store_root, ignore_errors=True)
     store_root.mkdir(parents=True)
+    return store_root
+
+
+def _cluster_kwargs(mode: str, model_dirs: list[Path], num_workers: int, budget_bytes: int,
+                    planned: list[PlannedRequest], store_root: Path) -> dict:
+    """LocalCluster kwargs of a mode, using the host store folder `store_root`."""
     env = {"C2C_HOST_STORE": str(store_root), "C2C_KV_CACHE_BYTES": str(64 << 20)}
     kwargs: dict = {"residency": mode, "extra_env": env}
     if mode == "load":
@@ -357,7 +363,7 @@ def _cluster_kwargs(mode: str, model_dirs: list[Path], num_workers: int, budget_
         kwargs["pinned"] = pin_models(model_ids, num_workers, counts)
     if mode in ("host", "dedicated"):
         _fill_host_store(store_root, model_dirs)
-    return kwargs, store_root
+    return kwargs
 
 
 def _fill_host_store(store_root: Path, model_dirs: list[Path]) -> None:
