@@ -136,6 +136,10 @@ class Engine:
         if preload:
             self.prewarm(model_id)
 
+    def warmup(self) -> None:
+        """One-time work a worker does at start, so its first request does not pay it."""
+        self.runner.warmup()
+
     def prewarm(self, model_id) -> bool:
         """Map (host) or load (load mode) the model now; True if it was not yet."""
         self._check_model(model_id)

@@ -7,6 +7,7 @@ kernels plug in without the model knowing. Read top to bottom: embed, layers, no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,9 +39,17 @@ class KVCache:
     block_size: int
 
     @classmethod
-    def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype=torch.float32) -> KVCache:
+    def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype=torch.float32,
+                 buffer: torch.Tensor | None = None) -> KVCache:
+        """Zeroed K and V; over `buffer` (flat uint8, finite contents, reused) when given."""
         shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), block_size)
+        if buffer is None:
+            return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), block_size)
+        half = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if buffer.numel() < 2 * half:
+            raise ValueError(f"KV buffer of {buffer.numel()} bytes < the {2 * half} needed")
+        k, v = (buffer[i * half:(i + 1) * half].view(dtype).view(shape) for i in range(2))
+        return cls(k, v, block_size)
 
     @property
     def num_blocks(self) -> int:

@@ -40,6 +40,7 @@ class ModelSlot:
     num_blocks: int
     host_key: str | None = None
     model: CausalLM | None = None
+    kv_buffer: torch.Tensor | None = None   # flat uint8 under kv, back to the pool on unload
     kv: KVCache | None = None
     resident: object | None = None          # hoststore.ResidentModel while mapped
     private_bytes: int = 0                  # "load": bytes copied into this process
@@ -73,6 +74,9 @@ class ModelRunner:
         self.kv_dtype = kv_dtype
         self.max_num_seqs = max_num_seqs  # caps the KV cache at what that many full contexts use
         self.slots: dict[str, ModelSlot] = {}
+        # KV memory is the slice's, not the model's: buffers outlive the models that used
+        # them, so a cold start does not pay for faulting in and zeroing a fresh KV cache
+        self._free_kv_buffers: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._store = None
         self._host_store_root = host_store_root
@@ -124,18 +128,35 @@ class ModelRunner:
             slot.private_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         if self.weight_backend is not None:  # register each byte once: fused views only
             weights = self.weight_backend.wrap_weights(slot.model_id, without_fused_parts(weights))
-        slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype)
+        need = slot.num_blocks * self.block_size * kv_bytes_per_token(slot.config, self.kv_dtype)
+        slot.kv_buffer = self._take_kv_buffer(need)
+        slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype,
+                                   buffer=slot.kv_buffer)
         slot.model = CausalLM(slot.config, weights, linear=kernels.linear)
 
     def unload(self, model_id: str) -> None:
         """Drop the model's weights and KV cache (its sequences must hold no KV blocks)."""
         slot = self.slots[model_id]
         slot.model, slot.kv, slot.private_bytes = None, None, 0
+        if slot.kv_buffer is not None:
+            self._free_kv_buffers.append(slot.kv_buffer)
+            slot.kv_buffer = None
         if self.weight_backend is not None:
             self.weight_backend.drop_model(model_id)
         if slot.resident is not None:
             slot.resident.close()
             slot.resident = None
+
+    def _take_kv_buffer(self, need_bytes: int) -> torch.Tensor:
+        for i, buffer in enumerate(self._free_kv_buffers):
+            if buffer.numel() >= need_bytes:
+                return self._free_kv_buffers.pop(i)
+        return torch.zeros(max(self.kv_cache_bytes, need_bytes), dtype=torch.uint8)  # faulted in
+
+    def warmup(self) -> None:
+        """Fault in one KV buffer and load the kernels' compiled code before any request."""
+        self._free_kv_buffers.append(self._take_kv_buffer(self.kv_cache_bytes))
+        kernels.warmup()
 
     def set_rho(self, rho: float) -> float:
         """Fraction of weight bytes served from slice memory (cuda); CPU slices have none."""
@@ -189,5 +210,7 @@ def _load_private(model_dir: Path) -> dict[str, torch.Tensor]:
 
     tensors: dict[str, torch.Tensor] = {}
     for file in checkpoint_tensor_files(model_dir):
-        tensors.update(load_file(str(file)))
+        # load_file hands back views of a private file mapping, read lazily on first touch;
+        # the baseline pays the copy at the cold start, as ServerlessLLM does
+        tensors.update((name, t.clone()) for name, t in load_file(str(file)).items())
     return tensors

@@ -84,6 +84,7 @@ class WorkerService:
         self.nc = await natsutil.connect_nats(c.nats_url, f"worker-{self.worker_id}", c.connect_timeout_s)
         self.redis = await natsutil.connect_redis(c.redis_url, c.connect_timeout_s)
         engine = await asyncio.to_thread(self._build_engine)
+        await asyncio.to_thread(engine.warmup)
         self.loop_thread = EngineLoop(engine, self.worker_id, asyncio.get_running_loop(), self._out.put_nowait)
         await self._add_pinned_models()
         self.loop_thread.start()
