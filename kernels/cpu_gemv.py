@@ -28,14 +28,17 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-# Numba's "omp" layer brings a second OpenMP runtime next to torch's; their idle threads
-# spin against each other, and on a small CPU slice that made a decode step ~5x slower
-# (measured: 140-220 ms vs 25-35 ms for a 0.5B-like mix of linear and torch ops). The
-# workqueue layer sleeps instead of spinning, but must not be entered from two threads
-# at once: every parallel kernel call holds PARALLEL_LOCK. NUMBA_THREADING_LAYER
-# overrides the choice.
+# Numba's "omp" layer brings a second OpenMP runtime next to torch's; with spinning idle
+# threads (OpenMP's default) they fight, and on a small CPU slice that made a decode step
+# ~5x slower (140-220 ms vs 25-35 ms for a 0.5B-like mix of linear and torch ops). Every
+# c2cserve process sets OMP_WAIT_POLICY=PASSIVE (services/cli.py); then "omp" is the
+# fastest layer (0.5B decode step: 95 ms vs 118 ms with "workqueue", quiet 2-core
+# machine). Without passive waiting, "workqueue" (which sleeps) is the safe choice. The
+# workqueue layer must not be entered from two threads at once: every parallel kernel
+# call holds PARALLEL_LOCK. NUMBA_THREADING_LAYER overrides the choice.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    nb.config.THREADING_LAYER = "workqueue"
+    is_passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    nb.config.THREADING_LAYER = "omp" if is_passive else "workqueue"
 PARALLEL_LOCK = threading.Lock()
 
 
