@@ -11,7 +11,13 @@ Assumptions (also in docs/cost_model.md), chosen to be generous to the baselines
 from __future__ import annotations
 
 from sim.cluster import Instance, Request
-from sim.cost_model import PROFILES, SLLM_INIT_S, SLLM_LOADER_GBPS, kv_reserve_bytes, smallest_fitting_profile
+from sim.cost_model import (
+    PROFILES,
+    SLLM_INIT_S,
+    SLLM_LOADER_GBPS,
+    kv_reserve_bytes,
+    smallest_fitting_profile,
+)
 from sim.systems import QUEUE_FACTOR, System
 
 

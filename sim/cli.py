@@ -16,8 +16,14 @@ from pathlib import Path
 
 from services.errors import InvalidRequest
 from sim.catalog import SLOConfig
-from sim.cost_model import (C2C_EFFICIENCY, C2C_GBPS, SLLM_INIT_S, SLLM_LOADER_GBPS, STREAM_EFFICIENCY,
-                            STREAM_EFFICIENCY_SOURCE)
+from sim.cost_model import (
+    C2C_EFFICIENCY,
+    C2C_GBPS,
+    SLLM_INIT_S,
+    SLLM_LOADER_GBPS,
+    STREAM_EFFICIENCY,
+    STREAM_EFFICIENCY_SOURCE,
+)
 from sim.report import format_table, gpus_needed, isolated_cold_starts, loader_sweep
 from sim.run import SYSTEMS, SimConfig, make_inputs, run_system
 

@@ -228,7 +228,7 @@ class Simulator:
         demands = [f.demand_gbps for f in flows]
         gpu.demand_gbps = sum(demands)
         shares = water_fill(demands, gpu.link_gbps, weights)
-        for flow, share in zip(flows, shares):
+        for flow, share in zip(flows, shares, strict=True):
             flow.alloc_gbps = share
         for inst in gpu.instances:
             self._reschedule(inst)

@@ -6,8 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from sim.cost_model import (FAMILIES, PROFILES, make_spec, max_rho, smallest_fitting_profile,
-                            step_time, streaming_profile)
+from sim.cost_model import (
+    FAMILIES,
+    PROFILES,
+    make_spec,
+    max_rho,
+    smallest_fitting_profile,
+    step_time,
+    streaming_profile,
+)
 from sim.run import SimConfig, make_inputs, run_system
 
 
@@ -119,7 +126,7 @@ def format_table(result: dict) -> str:
     lines += ["### SLO attainment (fraction of all requests; rejected = missed)", "",
               "| system | link | TTFT | TPOT | both | TTFT p50 / p99 (s) | TPOT p50 / p99 (s) | rejected | wall (s) |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for name, run in list(runs.items()) + list(result.get("no_contention", {}).items()):
+    for run in list(runs.values()) + list(result.get("no_contention", {}).values()):
         lines.append(f"| {run['system']} | {run['link']} | {_fmt(run['ttft_attainment'])} | {_fmt(run['tpot_attainment'])} | "
                      f"{_fmt(run['slo_attainment'])} | {_fmt(run['ttft_p50_s'])} / {_fmt(run['ttft_p99_s'])} | "
                      f"{_fmt(run['tpot_p50_s'])} / {_fmt(run['tpot_p99_s'])} | {run['num_rejected']} | {run['wall_s']} |")

@@ -19,9 +19,24 @@ import random
 from dataclasses import replace
 
 from controller.policy import SLO, ControlSample, Knobs, WorkerController
-from placer.policy import DemandForecaster, PrewarmAction, RequestView, SliceView, choose_slice, plan_prewarm
+from placer.policy import (
+    DemandForecaster,
+    PrewarmAction,
+    RequestView,
+    SliceView,
+    choose_slice,
+    plan_prewarm,
+)
 from sim.cluster import Instance, Request
-from sim.cost_model import PROFILE_ORDER, PROFILES, fair_link_gbps, max_rho, prefill_profile, step_time, streaming_profile
+from sim.cost_model import (
+    PROFILE_ORDER,
+    PROFILES,
+    fair_link_gbps,
+    max_rho,
+    prefill_profile,
+    step_time,
+    streaming_profile,
+)
 
 QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batches
 

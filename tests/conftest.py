@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -40,6 +42,24 @@ def host_store_root(tmp_path_factory):
     else:
         os.environ["C2C_HOST_STORE"] = previous
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def run_in_cuda_simulator():
+    """run(test_file): the file's tests in a fresh pytest with NUMBA_ENABLE_CUDASIM=1.
+
+    Numba picks the simulator when it is first imported, so simulator tests run in their
+    own process; they skip themselves in the normal run. Returns pytest's last line.
+    """
+
+    def run(test_file: str, timeout_s: float = 900) -> str:
+        env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+        return done.stdout.splitlines()[-1]
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -45,8 +46,8 @@ def run_loop(ctl: WorkerController, plant: Plant, num_steps: int, t0_s: float = 
 
 
 def sign_changes(values: list[float]) -> int:
-    deltas = [b - a for a, b in zip(values, values[1:]) if b != a]
-    return sum(1 for a, b in zip(deltas, deltas[1:]) if (a > 0) != (b > 0))
+    deltas = [b - a for a, b in itertools.pairwise(values) if b != a]
+    return sum(1 for a, b in itertools.pairwise(deltas) if (a > 0) != (b > 0))
 
 
 def test_contention_spike_settles_without_oscillation():

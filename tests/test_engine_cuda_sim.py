@@ -9,8 +9,6 @@ the CPU path. A whole generation takes minutes in the simulator, so this checks 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,12 +17,8 @@ IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
 @pytest.mark.skipif(IN_SIM, reason="this is the simulator subprocess itself")
-def test_simulator_subprocess():
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert "1 passed" in run.stdout.splitlines()[-1]
+def test_simulator_subprocess(run_in_cuda_simulator):
+    assert "1 passed" in run_in_cuda_simulator(__file__)
 
 
 @pytest.mark.skipif(not IN_SIM, reason="runs inside test_simulator_subprocess")

@@ -9,8 +9,6 @@ with the variable set; the simulator cases below run (only) there. Sizes stay ti
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,12 +23,8 @@ SHAPES = [(1, 5, 7), (6, 20, 32), (9, 17, 11)]  # (M, N, K)
 
 
 @pytest.mark.skipif(IN_SIM, reason="this is the simulator subprocess itself")
-def test_simulator_subprocess():
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout.splitlines()[-1]
+def test_simulator_subprocess(run_in_cuda_simulator):
+    assert " passed" in run_in_cuda_simulator(__file__)
 
 
 def bf16_bits(n, k, seed):

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import math
 
-from placer.policy import (DemandForecaster, PrewarmAction, RequestView, SliceView, choose_slice, plan_prewarm,
-                           rho_target, route_score)
+from placer.policy import (
+    DemandForecaster,
+    PrewarmAction,
+    RequestView,
+    SliceView,
+    choose_slice,
+    plan_prewarm,
+    rho_target,
+    route_score,
+)
 
 GB = 10**9
 

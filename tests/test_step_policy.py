@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from worker.step_policy import SeqView, deadline_s, earliest_deadlines, order_by_deadline, pick_model
+from worker.step_policy import (
+    SeqView,
+    deadline_s,
+    earliest_deadlines,
+    order_by_deadline,
+    pick_model,
+)
 
 
 def prefill(rid: str, model: str, arrival_s: float, ttft_s: float = 1.0) -> SeqView:
