@@ -21,6 +21,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from placer.policy import RequestView, SliceView, choose_slice
+from placer.prewarm import Prewarmer
 from services import keys, natsutil, schemas, subjects
 from services.config import PlacerConfig, add_config_arguments, load_config
 from services.errors import ErrorCode
@@ -62,6 +63,7 @@ class Placer:
         self._tasks: set[asyncio.Task] = set()
         self.placer_id = uuid.uuid4().hex[:8]
         self._unrecorded: dict[str, dict[str, str]] = {}  # request id -> assignment, not yet in Redis
+        self.prewarmer: Prewarmer | None = None
 
     async def start(self) -> None:
         self.nc = await natsutil.connect_nats(self.config.nats_url, "placer", self.config.connect_timeout_s)
@@ -72,6 +74,10 @@ class Placer:
         await self.nc.flush()  # the server has our subscriptions before we say we are ready
         natsutil.spawn(self._expire_loop(), self._tasks, "worker expiry")
         natsutil.spawn(self._record_loop(), self._tasks, "record assignments")
+        if self.config.prewarm_interval_s > 0:
+            self.prewarmer = Prewarmer(self.nc, self.redis, self.config.prewarm_budget_bytes)
+            natsutil.spawn(self.prewarmer.run(self.config.prewarm_interval_s, self._live_views),
+                           self._tasks, "prewarm")
         log.info("placer ready; %d workers known", len(self.views))
 
     async def stop(self) -> None:
@@ -161,6 +167,8 @@ class Placer:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             log.warning("malformed submit: %s", exc)
             return
+        if self.prewarmer is not None:
+            self.prewarmer.observe(req.model_id)
         view = RequestView(req.request_id, req.model_id, max(1, req.num_prompt_chars // 4), req.slo_class)
         worker_id = choose_slice(view, self._live_views())
         if worker_id is None:

@@ -61,6 +61,8 @@ class GatewayConfig(CommonConfig):
 class PlacerConfig(CommonConfig):
     worker_expiry_s: float = field(default=3.0, metadata=_help("forget a worker after this without telemetry"))
     request_ttl_s: int = field(default=600, metadata=_help("TTL of c2c:req:<id> assignment records"))
+    prewarm_interval_s: float = field(default=5.0, metadata=_help("forecast-driven prewarm period (0: off)"))
+    prewarm_budget_bytes: int = field(default=4 << 30, metadata=_help("prewarmed bytes per slice when its KV is idle"))
 
     def validate(self) -> None:
         super().validate()

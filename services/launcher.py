@@ -98,7 +98,8 @@ class LocalCluster:
         self.port = self.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._spawn("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(self.port)])
-        self._spawn("placer", ["placer"])
+        # forecast-driven prewarming is c2cserve's (host mode); the baselines do without it
+        self._spawn("placer", ["placer"] + ([] if self.residency == "host" else ["--prewarm-interval-s", "0"]))
         self._spawn("controller", ["controller"])
         deadline = time.monotonic() + timeout_s
         self._wait_until(self._placer_ready, deadline, "a placer")  # it must hear the workers' first telemetry
