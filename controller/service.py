@@ -82,16 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, ControllerConfig)
 
 
-async def serve(config: ControllerConfig) -> None:
-    stop = natsutil.stop_event_on_signals()
-    controller = Controller(config)
-    await controller.start()
-    try:
-        await stop.wait()
-    finally:
-        await controller.stop()
-
-
 def run(args: argparse.Namespace) -> int:
-    natsutil.run(serve(load_config(ControllerConfig, args)))
+    natsutil.run(natsutil.serve_until_signal(Controller(load_config(ControllerConfig, args))))
     return 0

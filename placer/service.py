@@ -212,16 +212,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PlacerConfig)
 
 
-async def serve(config: PlacerConfig) -> None:
-    stop = natsutil.stop_event_on_signals()
-    placer = Placer(config)
-    await placer.start()
-    try:
-        await stop.wait()
-    finally:
-        await placer.stop()
-
-
 def run(args: argparse.Namespace) -> int:
-    natsutil.run(serve(load_config(PlacerConfig, args)))
+    natsutil.run(natsutil.serve_until_signal(Placer(load_config(PlacerConfig, args))))
     return 0

@@ -49,6 +49,19 @@ def valkey_server_binary() -> str:
     return str(get_binary_path())
 
 
+def stop_processes(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM every live process in the given order, wait for each, SIGKILL the stuck."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _wait_for_port(port: int, proc: subprocess.Popen, name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -112,15 +125,7 @@ class EmbeddedServers:
         _wait_for_port(port, proc, name, timeout_s)
 
     def stop(self) -> None:
-        for proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in reversed(self._procs):
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self._procs[::-1], timeout_s=5)
         self._procs.clear()
         if self._tmp is not None:
             self._tmp.cleanup()

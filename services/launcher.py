@@ -26,7 +26,7 @@ from pathlib import Path
 
 from services import keys
 from services.catalog import entry_for, to_hash
-from services.embedded import EmbeddedServers, free_port
+from services.embedded import EmbeddedServers, free_port, stop_processes
 from services.errors import C2CError
 
 log = logging.getLogger(__name__)
@@ -181,15 +181,7 @@ class LocalCluster:
     # -- stop -----------------------------------------------------------------------------
     def stop(self) -> None:
         """SIGTERM every service (gateway first), then the servers; idempotent."""
-        for _name, proc, _ in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _name, proc, _ in self._procs:
-            try:
-                proc.wait(timeout=_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([proc for _name, proc, _ in self._procs], _STOP_TIMEOUT_S)
         self._procs.clear()
         if self._servers is not None:
             self._servers.stop()

@@ -162,6 +162,16 @@ def run(main: Awaitable[Any]) -> Any:
         return runner.run(main)
 
 
+async def serve_until_signal(service: Any) -> None:
+    """Start `service`, run until SIGINT/SIGTERM, then stop it (also after a failed start)."""
+    stop = stop_event_on_signals()
+    try:
+        await service.start()
+        await stop.wait()
+    finally:
+        await service.stop()
+
+
 def stop_event_on_signals() -> asyncio.Event:
     """An event set by SIGINT/SIGTERM (the service's main loop waits on it)."""
     stop = asyncio.Event()

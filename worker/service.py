@@ -245,13 +245,7 @@ async def serve(config: WorkerConfig, spec: SliceSpec) -> None:
     # the engine thread runs Python between kernels: switch sooner so NATS I/O is not
     # left waiting for the GIL for the default 5 ms
     sys.setswitchinterval(0.0005)
-    stop = natsutil.stop_event_on_signals()
-    service = WorkerService(config, spec)
-    try:
-        await service.start()
-        await stop.wait()
-    finally:
-        await service.stop()
+    await natsutil.serve_until_signal(WorkerService(config, spec))
 
 
 def _supervise(config: WorkerConfig, specs: list[SliceSpec]) -> int:
