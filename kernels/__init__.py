@@ -75,7 +75,7 @@ def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray, num_thread
             gemv_m1_serial(x.numpy(), w16, y.numpy())
         else:
             with PARALLEL_LOCK:
-                gemv_m1(x.numpy(), w16, y.numpy())
+                gemv_m1(x.numpy(), w16, y.numpy(), num_threads)
         return y
     m4 = (m + 3) // 4 * 4
     if m4 != m:
