@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_attention
 from kernels.cpu_gemm import _numba_ws, prefill_linear
 from kernels.cpu_gemv import (
     PARALLEL_LOCK,
@@ -124,11 +125,26 @@ def _linear_2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return prefill_linear(x, w, w16)
 
 
+def can_use_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return cpu_attention.can_use(q, k_cache)
+
+
+def decode_attention(q, k_new, v_new, k_cache, v_cache, slots, tables, lows, lens) -> torch.Tensor:
+    """Paged decode attention on the CPU (`kernels.cpu_attention`); writes the new k/v.
+
+    q [S, nH, D], k_new/v_new [S, nKV, D], caches [num_blocks, block_size, nKV, D] fp32,
+    slots [S], tables [S, Bmax], lows/lens [S] int64 -> [S, nH, D] fp32.
+    """
+    _sync_threads()
+    return cpu_attention.decode_attention(q, k_new, v_new, k_cache, v_cache, slots, tables, lows, lens)
+
+
 def warmup() -> None:
     """Load every CPU kernel's compiled code (Numba cache) now, not on a first request.
 
-    Runs each decode variant (serial/parallel GEMV, skinny GEMM) and the weight-stationary
-    prefill kernel once on small bf16 and fp16 weights; about 0.5 s saved on a first call.
+    Runs each decode variant (serial/parallel GEMV, skinny GEMM), the weight-stationary
+    prefill kernel and both decode attention kernels once on small inputs; about 0.5 s
+    saved on a first call.
     """
     for dtype in _WIDENED:
         for n in (8, 2 * SERIAL_MAX_BYTES // 256 + 8):  # below / above the serial cut-off
@@ -136,6 +152,13 @@ def warmup() -> None:
             for m in (1, 4):
                 linear(torch.randn(m, 128), w)
         _numba_ws(torch.randn(32, 128), w, _numpy16(w))
+    cache = torch.zeros(2, 4, 1, 8)  # [num_blocks, block_size, nKV, D]
+    tables, lows, lens = torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([5])
+    for fn in (cpu_attention.decode_attention_serial, cpu_attention.decode_attention_parallel):
+        q, kv = torch.randn(1, 2, 8), torch.randn(1, 1, 8)  # [S, nH, D], [S, nKV, D]
+        fn(q.numpy(), kv.numpy(), kv.numpy(), cache.numpy(), cache.clone().numpy(),
+           torch.tensor([4]).numpy(), tables.numpy(), lows.numpy(), lens.numpy(),
+           np.float32(0.35), torch.empty_like(q).numpy())
 
 
 def grouped_linear(xs: Sequence[torch.Tensor], ws: Sequence) -> list[torch.Tensor]:

@@ -67,6 +67,8 @@ class AttentionMetadata:
     padded_blocks: torch.Tensor | None       # decode: [S, Bmax] block ids (padding: block 0)
     decode_mask: torch.Tensor | None         # decode: [S, 1, 1, span] bool, None = first `decode_span` valid
     decode_span: int = 0                     # decode: key positions to attend (<= Bmax * block_size)
+    decode_lows: torch.Tensor | None = None  # decode: [S] int64, first key position attended (window)
+    decode_lens: torch.Tensor | None = None  # decode: [S] int64, context length (keys [low, len))
 
 
 def build_attention_metadata(batch: ForwardBatch, block_size: int,
@@ -83,6 +85,9 @@ def build_attention_metadata(batch: ForwardBatch, block_size: int,
     if is_decode:
         meta.padded_blocks, meta.decode_mask, meta.decode_span = _decode_padding(
             tables, batch.context_lens, block_size, sliding_window)
+        lows = [max(0, n - sliding_window) if sliding_window is not None else 0 for n in batch.context_lens]
+        meta.decode_lows = torch.tensor(lows, dtype=torch.int64)
+        meta.decode_lens = torch.tensor(batch.context_lens, dtype=torch.int64)
     else:
         meta.context_blocks = [torch.tensor(t, dtype=torch.int64) for t in tables]
         meta.prefill_masks = [_prefill_mask(q, n, sliding_window)

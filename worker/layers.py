@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
 from worker.checkpoint import ModelConfig
 
 EMBED = "model.embed_tokens.weight"
@@ -200,6 +201,10 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     q: [T, nH, D] fp32; k_new, v_new: [T, nKV, D]; k_cache, v_cache: [num_blocks, block_size,
     nKV, D] of one layer; meta: AttentionMetadata. Returns [T, nH * D] fp32.
     """
+    if meta.is_decode and kernels.can_use_decode_attention(q, k_cache):
+        out = kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, meta.slot_mapping,
+                                       meta.padded_blocks, meta.decode_lows, meta.decode_lens)
+        return out.view(q.shape[0], -1)
     num_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
     k_cache.view(-1, num_kv, dim).index_copy_(0, meta.slot_mapping, k_new.to(k_cache.dtype))
     v_cache.view(-1, num_kv, dim).index_copy_(0, meta.slot_mapping, v_new.to(v_cache.dtype))
