@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_attention
+from kernels import cpu_attention, cpu_pointwise
 from kernels.cpu_gemm import _numba_ws, prefill_linear
 from kernels.cpu_gemv import (
     PARALLEL_LOCK,
@@ -34,7 +34,10 @@ from kernels.cpu_gemv import (
 _decode_threshold = 16
 # Below this many weight bytes a decode call runs on the calling thread: waking the
 # thread pool costs more than the read (and far more on an oversubscribed machine).
-SERIAL_MAX_BYTES = 512 * 1024
+# Measured on the 2-core VM (0.5B decode step, per call): a 2 MB q|k|v GEMV 177 us
+# threaded vs 141 us serial, 1.6 MB o_proj 142 vs 98 us; an 8.7 MB down_proj is
+# faster threaded (424 vs ~500 us). A wake-up costs ~50 us there.
+SERIAL_MAX_BYTES = 4 * 1024 * 1024
 _thread_state = threading.local()  # numba's thread count is a per-thread setting
 
 _WIDENED = (torch.bfloat16, torch.float16)
@@ -104,11 +107,17 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     lead, k = x.shape[:-1], x.shape[-1]
     if w.dim() != 2 or w.shape[1] != k:
         raise ValueError(f"linear: x has K={k} but w has shape {tuple(w.shape)}")
-    x2 = x.detach().reshape(-1, k).to(torch.float32).contiguous()  # [M, K]
-    y = _linear_2d(x2, w)  # [M, N]
+    if _is_plain_2d(x):
+        y = _linear_2d(x, w)  # [M, N]; the engine's case: no reshape, no copy
+    else:
+        y = _linear_2d(x.detach().reshape(-1, k).to(torch.float32).contiguous(), w)
     if bias is not None:
-        y += bias.to(torch.float32)
-    return y.reshape(*lead, w.shape[0])
+        y += bias  # bf16 bias promoted to fp32 in place
+    return y if len(lead) == 1 else y.reshape(*lead, w.shape[0])
+
+
+def _is_plain_2d(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad
 
 
 def _linear_2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -123,6 +132,39 @@ def _linear_2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if m <= _decode_threshold:
         return _decode_linear(x, w, w16, num_threads)
     return prefill_linear(x, w, w16)
+
+
+def _is_cpu_f32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and not t.is_cuda for t in tensors)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """x += delta in place (the residual stream), then RMSNorm(x) * weight as a new tensor.
+
+    x, delta [T, H] fp32, weight [H] fp32 (the model widens its norm weights once).
+    Serial Numba on the CPU (`kernels.cpu_pointwise`); torch ops elsewhere.
+    """
+    tensors = (x, weight) if delta is None else (x, weight, delta)
+    if not (_is_cpu_f32(*tensors) and all(t.is_contiguous() for t in tensors)):
+        if delta is not None:
+            x += delta
+        return weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    out = torch.empty_like(x)  # [T, H]
+    x2, out2 = x.view(-1, x.shape[-1]).numpy(), out.view(-1, x.shape[-1]).numpy()
+    delta2 = x2 if delta is None else delta.view(-1, x.shape[-1]).numpy()
+    cpu_pointwise.add_rms_norm(x2, delta2, weight.numpy(), np.float32(eps), out2, delta is not None)
+    return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in place: x [T, heads, D] fp32 (a view is fine), cos/sin [T, 1, D]."""
+    if not _is_cpu_f32(x, cos, sin):
+        half = x.shape[-1] // 2
+        x.copy_(x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+        return x
+    cpu_pointwise.rope_inplace(x.numpy(), cos[:, 0].numpy(), sin[:, 0].numpy())
+    return x
 
 
 def can_use_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -143,8 +185,8 @@ def warmup() -> None:
     """Load every CPU kernel's compiled code (Numba cache) now, not on a first request.
 
     Runs each decode variant (serial/parallel GEMV, skinny GEMM), the weight-stationary
-    prefill kernel and both decode attention kernels once on small inputs; about 0.5 s
-    saved on a first call.
+    prefill kernel, both decode attention kernels, the norm and RoPE once on small
+    inputs; about 0.5 s saved on a first call.
     """
     for dtype in _WIDENED:
         for n in (8, 2 * SERIAL_MAX_BYTES // 256 + 8):  # below / above the serial cut-off
@@ -152,6 +194,10 @@ def warmup() -> None:
             for m in (1, 4):
                 linear(torch.randn(m, 128), w)
         _numba_ws(torch.randn(32, 128), w, _numpy16(w))
+    x, w, cos = torch.randn(2, 8), torch.ones(8), torch.randn(2, 1, 8)
+    add_rms_norm(x, None, w, 1e-6)
+    add_rms_norm(x, x.clone(), w, 1e-6)
+    rope_(x.view(2, 1, 8), cos, cos)
     cache = torch.zeros(2, 4, 1, 8)  # [num_blocks, block_size, nKV, D]
     tables, lows, lens = torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([5])
     for fn in (cpu_attention.decode_attention_serial, cpu_attention.decode_attention_parallel):

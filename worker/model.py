@@ -22,10 +22,8 @@ from worker.layers import (
     FUSED_QKV,
     LM_HEAD,
     SwiGLU,
-    apply_rope,
     layer_prefix,
     paged_attention,
-    rms_norm,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -88,7 +86,7 @@ class CausalLM:
         self.linear = linear
         self.compute_dtype = compute_dtype
         self.embed = weights[EMBED]
-        self.final_norm = weights[FINAL_NORM]
+        self.final_norm = weights[FINAL_NORM].float()  # norm vectors widened once (tiny)
         self.lm_head = self.embed if config.tie_word_embeddings else weights[LM_HEAD]
         self.layers = [_decoder_layer(config, i, weights) for i in range(config.num_layers)]
         self.inv_freq = rope_inv_freq(config)
@@ -97,13 +95,16 @@ class CausalLM:
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         meta = build_attention_metadata(batch, kv.block_size, self.config.sliding_window)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq)     # [T, 1, D]
-        x = self.embed[batch.input_ids].to(self.compute_dtype)      # [T, H]
+        x = self.embed[batch.input_ids].to(self.compute_dtype)      # [T, H] residual stream
+        eps, delta = self.config.rms_norm_eps, None                 # delta: a block's output
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(rms_norm(x, layer.input_norm, self.config.rms_norm_eps),
-                                    layer.attn, cos, sin, kv, i, meta)
-            x = x + self._mlp(rms_norm(x, layer.post_norm, self.config.rms_norm_eps), layer)
+            h = kernels.add_rms_norm(x, delta, layer.input_norm, eps)   # x += delta; norm(x)
+            delta = self._attention(h, layer.attn, cos, sin, kv, i, meta)
+            h = kernels.add_rms_norm(x, delta, layer.post_norm, eps)
+            delta = self._mlp(h, layer)
+        x += delta
         x = x[batch.logits_indices].contiguous()                   # [S, H]
-        return self.linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.lm_head)
+        return self.linear(kernels.add_rms_norm(x, None, self.final_norm, eps), self.lm_head)
 
     __call__ = forward
 
@@ -115,8 +116,8 @@ class CausalLM:
             q, k, v = self.linear(x, w.qkv[0], w.qkv_bias[0]).split([q_dim, kv_dim, kv_dim], dim=-1)
         else:
             q, k, v = (self.linear(x, m, b) for m, b in zip(w.qkv, w.qkv_bias, strict=True))
-        q = apply_rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)         # [T, nH, D]
-        k = apply_rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)      # [T, nKV, D]
+        q = kernels.rope_(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)     # [T, nH, D]
+        k = kernels.rope_(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, nKV, D]
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         out = paged_attention(q, k, v, kv.k[layer], kv.v[layer], meta)            # [T, nH*D]
         return self.linear(out.contiguous(), w.o, w.o_bias)
@@ -157,7 +158,8 @@ def _decoder_layer(config: ModelConfig, i: int, weights: dict[str, torch.Tensor]
         mlp, moe = None, MoEBlock.from_weights(config, i, weights)
     else:
         mlp, moe = SwiGLU.from_weights(f"{p}.mlp", weights), None
-    return DecoderLayer(weights[f"{p}.input_layernorm.weight"], weights[f"{p}.post_attention_layernorm.weight"],
+    norms = (weights[f"{p}.input_layernorm.weight"].float(), weights[f"{p}.post_attention_layernorm.weight"].float())
+    return DecoderLayer(*norms,
                         _attention_weights(f"{p}.self_attn", weights), mlp, moe)
 
 
