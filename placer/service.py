@@ -30,6 +30,21 @@ from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerInfo
 log = logging.getLogger(__name__)
 _submit_decoder = schemas.decoder(SubmitRequest)
 _RECORD_EVERY_S = 0.05
+_RECORD_MAX_KEYS = 256  # per script call, so one burst does not hold Redis for long
+_RECORD_FIELDS = ("worker_id", "model_id", "reply", "t_s")
+# KEYS: c2c:req:<id>...; ARGV: ttl_s, n fields, n field names, then n values per key
+_RECORD_SCRIPT = """
+local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  local base, fields = 2 + n * i, {}
+  for f = 1, n do
+    fields[2 * f - 1], fields[2 * f] = ARGV[2 + f], ARGV[base + f]
+  end
+  redis.call('HSET', key, unpack(fields))
+  redis.call('EXPIRE', key, ttl)
+end
+return #KEYS
+"""
 _SETTLE_S = 1.0  # a request shows up in its worker's telemetry within this
 
 
@@ -62,7 +77,7 @@ class Placer:
         self.inflight: dict[str, dict[str, tuple[str, float]]] = {}
         self._tasks: set[asyncio.Task] = set()
         self.placer_id = uuid.uuid4().hex[:8]
-        self._unrecorded: dict[str, dict[str, str]] = {}  # request id -> assignment, not yet in Redis
+        self._unrecorded: dict[str, tuple[str, ...]] = {}  # request id -> _RECORD_FIELDS, not yet in Redis
         self.prewarmer: Prewarmer | None = None
 
     async def start(self) -> None:
@@ -180,8 +195,7 @@ class Placer:
         self.num_assigned_since_telemetry[worker_id] = self.num_assigned_since_telemetry.get(worker_id, 0) + 1
         await self.nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=msg.reply)
         log.debug("[req=%s] model=%s -> worker %s", req.request_id, req.model_id, worker_id)
-        self._unrecorded[req.request_id] = {"worker_id": worker_id, "model_id": req.model_id,
-                                            "reply": msg.reply or "", "t_s": f"{time.time():.3f}"}
+        self._unrecorded[req.request_id] = (worker_id, req.model_id, msg.reply or "", f"{time.time():.3f}")
 
     async def _reject(self, req: SubmitRequest, reply: str) -> None:
         reason = "no worker is running" if not self.views else f"no worker can take model '{req.model_id}' now"
@@ -193,20 +207,29 @@ class Placer:
 
     async def _record_loop(self) -> None:
         """c2c:req:<id> (hash, TTL): assignments, written in batches off the hot path."""
+        record = self.redis.register_script(_RECORD_SCRIPT)
         while True:
             await asyncio.sleep(_RECORD_EVERY_S)
             if not self._unrecorded:
                 continue
             batch, self._unrecorded = self._unrecorded, {}
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for request_id, fields in batch.items():
-                        pipe.hset(keys.request(request_id), mapping=fields)
-                        pipe.expire(keys.request(request_id), self.config.request_ttl_s)
-                    await pipe.execute()
+                for keys_, args in _record_calls(batch, self.config.request_ttl_s):
+                    await record(keys=keys_, args=args)
             except natsutil.IO_ERRORS as exc:
                 log.warning("could not record %d assignments: %s", len(batch), exc)
 
+
+def _record_calls(batch: dict[str, tuple[str, ...]], ttl_s: int):
+    """(KEYS, ARGV) of _RECORD_SCRIPT per slice of the batch: a script call costs the
+    placer a fraction of what a pipelined HSET + EXPIRE per request does."""
+    request_ids = list(batch)
+    for lo in range(0, len(request_ids), _RECORD_MAX_KEYS):
+        chunk = request_ids[lo:lo + _RECORD_MAX_KEYS]
+        args: list = [ttl_s, len(_RECORD_FIELDS), *_RECORD_FIELDS]
+        for request_id in chunk:
+            args += batch[request_id]
+        yield [keys.request(r) for r in chunk], args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PlacerConfig)
