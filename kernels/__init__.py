@@ -32,7 +32,7 @@ from kernels.cpu_gemv import (
 )
 
 _decode_threshold = 16
-# Below this many weight bytes a decode call runs on the calling thread: waking the
+# Below this many weight bytes x M a decode call runs on the calling thread: waking the
 # thread pool costs more than the read (and far more on an oversubscribed machine).
 # Measured on the 2-core VM (0.5B decode step, per call): a 2 MB q|k|v GEMV 177 us
 # threaded vs 141 us serial, 1.6 MB o_proj 142 vs 98 us; an 8.7 MB down_proj is
@@ -72,7 +72,8 @@ def _numpy16(w: torch.Tensor) -> np.ndarray:
 def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray, num_threads: int):
     """Output-stationary path; x [M, K] f32 contiguous, M >= 1 -> y [M, N] f32."""
     m, k = x.shape
-    is_serial = w16.nbytes < SERIAL_MAX_BYTES or num_threads == 1
+    # the arithmetic grows with M, so a threaded call pays off sooner for a batch
+    is_serial = w16.nbytes * m < SERIAL_MAX_BYTES or num_threads == 1
     if m == 1:
         y = torch.empty(1, w.shape[0], dtype=torch.float32)  # [1, N]
         if is_serial:
