@@ -48,3 +48,26 @@ def test_kv_buffers_are_recycled_across_models(tiny_model):
     assert engine.evict("b")
     engine.prewarm("a")
     assert engine.generate("a", "Hello there", greedy).new_token_ids == first
+
+
+def _rss_bytes_of(address: int) -> int:
+    """Resident bytes of the /proc/self/smaps mapping holding `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"address {address:#x} is not mapped")
+
+
+def test_a_cold_start_faults_in_only_the_kv_it_uses(tiny_model):
+    engine = Engine(EngineConfig(kv_cache_bytes=64 << 20))
+    engine.add_model("m", tiny_model("llama"), preload=True)
+    kv = engine.runner.slots["m"].kv
+    assert _rss_bytes_of(kv.k.data_ptr()) < (1 << 20)   # nothing zeroed up front
+    engine.generate("m", "Hello there", SamplingParams(max_tokens=4, temperature=0))
+    assert _rss_bytes_of(kv.k.data_ptr()) < (4 << 20)   # a few blocks written, not 64 MiB
+    assert float(kv.k.abs().sum()) > 0                  # and the written KV is really there
