@@ -199,6 +199,7 @@ def warmup() -> None:
     add_rms_norm(x, None, w, 1e-6)
     add_rms_norm(x, x.clone(), w, 1e-6)
     rope_(x.view(2, 1, 8), cos, cos)
+    rope_(torch.randn(2, 16)[:, :8].view(2, 1, 8), cos, cos)  # a strided q view, as the model passes
     cache = torch.zeros(2, 4, 1, 8)  # [num_blocks, block_size, nKV, D]
     tables, lows, lens = torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([5])
     for fn in (cpu_attention.decode_attention_serial, cpu_attention.decode_attention_parallel):
