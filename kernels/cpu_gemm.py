@@ -11,13 +11,22 @@ The first call for a shape key (M bucket, N, K, weight dtype) times every candid
 once and remembers the fastest (`_choice`); later calls go straight to it. Set
 `C2C_PREFILL_KERNEL=numba_ws|torch_upcast` to force one (an unknown name raises
 InvalidRequest at first use).
+
+Decisions persist in a JSON file (`C2C_AUTOTUNE_FILE`, default
+~/.cache/c2cserve/prefill_autotune.json; empty turns it off), keyed by the CPU model
+and thread count too, so a fresh worker process does not re-time shapes another
+already timed: autotuning is part of a cold start's latency (~9 ms for a 4-layer toy
+model, more for real ones). A missing, unreadable or corrupt file only means retuning.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -34,6 +43,10 @@ from services.errors import InvalidRequest
 N_BLOCK, K_BLOCK, M_BLOCK = 64, 1024, 16
 
 _choice: dict[tuple[int, int, int, str], str] = {}
+_loaded_from: str | None = None  # the file _choice was last filled from
+# Part of every saved key: bump when a candidate's code changes, so old timings lapse.
+TUNE_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
 def _numba_ws(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
@@ -88,6 +101,7 @@ def prefill_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.T
     """
     name = _forced()
     if name is None:
+        _load_choices()
         key = (m_bucket(x.shape[0]), w.shape[0], w.shape[1], str(w.dtype))
         name = _choice.get(key)
         if name is None:
@@ -112,7 +126,70 @@ def _autotune(key, x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.T
             best_s[name] = min(best_s[name], time.perf_counter() - t0)
     name = min(best_s, key=best_s.get)
     _choice[key] = name
+    _save_choice(key, name)
     return y[name]
+
+
+def autotune_file() -> Path | None:
+    value = os.environ.get("C2C_AUTOTUNE_FILE")
+    if value is None:
+        return Path("~/.cache/c2cserve/prefill_autotune.json").expanduser()
+    return Path(value).expanduser() if value.strip() else None
+
+
+def _machine_prefix() -> str:
+    """CPU model and thread count: a decision holds for that pair only."""
+    model = "unknown-cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"v{TUNE_VERSION}|{model}|threads={numba.get_num_threads()}|"
+
+
+def _file_key(key: tuple[int, int, int, str]) -> str:
+    return _machine_prefix() + "|".join(map(str, key))
+
+
+def _read(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def _load_choices() -> None:
+    """Fill _choice from the file once per file (and again if C2C_AUTOTUNE_FILE changes)."""
+    global _loaded_from
+    path = autotune_file()
+    if path is None or str(path) == _loaded_from:
+        return
+    _loaded_from = str(path)
+    prefix = _machine_prefix()
+    for file_key, name in _read(path).items():
+        parts = file_key[len(prefix):].split("|") if file_key.startswith(prefix) else []
+        if len(parts) == 4 and name in CANDIDATES and all(p.isdigit() for p in parts[:3]):
+            _choice.setdefault((int(parts[0]), int(parts[1]), int(parts[2]), parts[3]), name)
+
+
+def _save_choice(key: tuple[int, int, int, str], name: str) -> None:
+    """Merge one decision into the file (write a temp file, then rename: never torn)."""
+    path = autotune_file()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read(path)
+        data[_file_key(key)] = name
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.debug("could not save prefill autotune decision to %s: %s", path, exc)
 
 
 def chosen_kernels() -> dict[tuple[int, int, int, str], str]:

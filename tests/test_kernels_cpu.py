@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -75,6 +77,37 @@ def test_autotune_remembers_a_choice_per_shape(monkeypatch):
     assert_close(kernels.linear(x, w), x, w)
     key = (64, 24, 48, "torch.bfloat16")
     assert cpu_gemm.chosen_kernels()[key] in cpu_gemm.CANDIDATES
+
+
+def test_autotune_decisions_persist_for_a_fresh_process(monkeypatch, tmp_path):
+    monkeypatch.delenv("C2C_PREFILL_KERNEL", raising=False)
+    monkeypatch.setenv("C2C_AUTOTUNE_FILE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(cpu_gemm, "_choice", {})
+    x, w, _ = make(70, 28, 52, torch.bfloat16)
+    assert_close(kernels.linear(x, w), x, w)               # times the candidates, saves
+    chosen = cpu_gemm.chosen_kernels()[(128, 28, 52, "torch.bfloat16")]
+    saved = json.loads((tmp_path / "tune.json").read_text())
+    assert [v for k, v in saved.items() if k.endswith("|128|28|52|torch.bfloat16")] == [chosen]
+
+    def no_timing(*args):
+        raise AssertionError("a saved decision must not be timed again")
+
+    monkeypatch.setattr(cpu_gemm, "_choice", {})             # as in a new worker process
+    monkeypatch.setattr(cpu_gemm, "_loaded_from", None)
+    monkeypatch.setattr(cpu_gemm, "_autotune", no_timing)
+    assert_close(kernels.linear(x, w), x, w)
+    assert cpu_gemm.chosen_kernels()[(128, 28, 52, "torch.bfloat16")] == chosen
+
+
+def test_a_corrupt_autotune_file_only_means_retuning(monkeypatch, tmp_path):
+    monkeypatch.delenv("C2C_PREFILL_KERNEL", raising=False)
+    (tmp_path / "tune.json").write_text("{not json")
+    monkeypatch.setenv("C2C_AUTOTUNE_FILE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(cpu_gemm, "_choice", {})
+    monkeypatch.setattr(cpu_gemm, "_loaded_from", None)
+    x, w, _ = make(33, 20, 44, torch.bfloat16)
+    assert_close(kernels.linear(x, w), x, w)
+    assert json.loads((tmp_path / "tune.json").read_text())  # rewritten, valid
 
 
 def test_unknown_prefill_kernel_is_a_named_error(monkeypatch):
