@@ -245,7 +245,6 @@ def moe_linear(x, expert_ws, topk_ids, topk_weights) -> torch.Tensor:
     out = torch.zeros(x.shape[0], n, dtype=torch.float32)  # [T, N]
     for expert, token_idx, slot_idx in group_by_expert(topk_ids):
         y = linear(x[token_idx], expert_ws[expert])  # [n_e, N]
-        out.index_add_(
-            0, token_idx, y * topk_weights[token_idx, slot_idx].to(torch.float32)[:, None]
-        )
+        weights = topk_weights[token_idx, slot_idx].to(torch.float32)[:, None]  # [n_e, 1]
+        out.index_put_((token_idx,), y * weights, accumulate=True)  # not index_add_ (see worker.moe)
     return out

@@ -103,7 +103,9 @@ class MoEBlock:
                 continue
             tokens = token_of[begin:begin + count]
             y = self.experts[expert_id](x[tokens].contiguous(), linear)   # [count, H]
-            out.index_add_(0, tokens, y * weight_of[begin:begin + count, None])
+            # index_put_ with accumulate, not index_add_: on CPU index_add_ opens a thread
+            # pool region even for one row (~190 us vs 3.5 us with 2 threads)
+            out.index_put_((tokens,), y * weight_of[begin:begin + count, None], accumulate=True)
             begin += count
         return out
 
