@@ -210,6 +210,7 @@ def render(report: dict) -> str:
 
 def run(args) -> int:
     command = "c2cserve bench kernels " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    os.environ["C2C_AUTOTUNE_FILE"] = ""  # decide every prefill shape afresh, in this run
     report = run_cpu(args.quick, args.threads)
     text = render(report)
     out = Path(args.out)

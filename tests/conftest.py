@@ -27,6 +27,19 @@ def servers():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_autotune_file(tmp_path_factory):
+    """Prefill autotune decisions of this session only (the user's cache file stays clean);
+    service subprocesses inherit the variable."""
+    previous = os.environ.get("C2C_AUTOTUNE_FILE")
+    os.environ["C2C_AUTOTUNE_FILE"] = str(tmp_path_factory.mktemp("autotune") / "prefill_autotune.json")
+    yield
+    if previous is None:
+        os.environ.pop("C2C_AUTOTUNE_FILE", None)
+    else:
+        os.environ["C2C_AUTOTUNE_FILE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def host_store_root(tmp_path_factory):
     """A host store of this test session only, in shared memory when the machine has it."""
     if _SHM is not None:
