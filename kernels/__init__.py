@@ -29,6 +29,7 @@ from kernels.cpu_gemv import (
     gemm_skinny_serial,
     gemv_m1,
     gemv_m1_serial,
+    grouped_gemv_m1,
 )
 
 _decode_threshold = 16
@@ -200,6 +201,9 @@ def warmup() -> None:
     add_rms_norm(x, x.clone(), w, 1e-6)
     rope_(x.view(2, 1, 8), cos, cos)
     rope_(torch.randn(2, 16)[:, :8].view(2, 1, 8), cos, cos)  # a strided q view, as the model passes
+    for dtype in _WIDENED:  # MoE decode groups: top-2 and top-4 models, fused gate|up or not
+        for g in (2, 4, 8):
+            grouped_linear_m1(torch.randn(g, 16), [torch.randn(8, 16).to(dtype) for _ in range(g)])
     cache = torch.zeros(2, 4, 1, 8)  # [num_blocks, block_size, nKV, D]
     tables, lows, lens = torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([5])
     for fn in (cpu_attention.decode_attention_serial, cpu_attention.decode_attention_parallel):
@@ -207,6 +211,31 @@ def warmup() -> None:
         fn(q.numpy(), kv.numpy(), kv.numpy(), cache.numpy(), cache.clone().numpy(),
            torch.tensor([4]).numpy(), tables.numpy(), lows.numpy(), lens.numpy(),
            np.float32(0.35), torch.empty_like(q).numpy())
+
+
+def can_group_m1(ws: Sequence) -> bool:
+    """grouped_linear_m1 takes these: CPU bf16/fp16 contiguous matrices, one dtype, one N."""
+    first = ws[0]
+    return all(isinstance(w, torch.Tensor) and w.dtype in _WIDENED and w.dtype == first.dtype
+               and w.dim() == 2 and w.shape[0] == first.shape[0] and w.is_contiguous() and not w.is_cuda
+               for w in ws)
+
+
+def grouped_linear_m1(xs: torch.Tensor, ws: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[xs[g] @ ws[g].T for every g] as one [G, N] fp32 tensor, in one parallel region.
+
+    xs [G, K] (one row per matrix; fp32), ws G matrices [N, K] that `can_group_m1`
+    accepts. Raises ValueError when K of xs and ws differ.
+    """
+    if any(w.shape[1] != xs.shape[1] for w in ws) or xs.shape[0] != len(ws):
+        raise ValueError(f"grouped_linear_m1: xs {tuple(xs.shape)} vs {[tuple(w.shape) for w in ws]}")
+    num_threads = _sync_threads()
+    x2 = xs.detach().to(torch.float32).contiguous()  # [G, K]
+    y = torch.empty(len(ws), ws[0].shape[0], dtype=torch.float32)  # [G, N]
+    tasks_per_group = -(-num_threads // len(ws))
+    with PARALLEL_LOCK:
+        grouped_gemv_m1(x2.numpy(), tuple(_numpy16(w) for w in ws), y.numpy(), tasks_per_group)
+    return y
 
 
 def grouped_linear(xs: Sequence[torch.Tensor], ws: Sequence) -> list[torch.Tensor]:

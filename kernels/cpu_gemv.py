@@ -100,6 +100,22 @@ def gemv_m1_serial(x, w, y):
         y[0, n] = _dot1(w[n], xr)
 
 
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def grouped_gemv_m1(xs, ws, ys, tasks_per_group):
+    """ys[g] = ws[g] @ xs[g] for every g, all in one parallel region.
+
+    xs [G, K] f32; ws a G-tuple of [N, K] 16-bit matrices (same N); ys [G, N] f32. For
+    MoE decode: the selected experts' matrices of one token, whose separate calls would
+    each pay a thread wake-up and leave a core idle on the small ones.
+    """
+    for task in nb.prange(len(ws) * tasks_per_group):
+        g, t = task // tasks_per_group, task % tasks_per_group
+        w, xr = ws[g], xs[g]
+        per_task = (w.shape[0] + tasks_per_group - 1) // tasks_per_group
+        for n in range(t * per_task, min(w.shape[0], (t + 1) * per_task)):
+            ys[g, n] = _dot1(w[n], xr)
+
+
 @nb.njit(fastmath=True, inline="always")
 def _block4x4(x, m0, w, n0, y, k0, k1, accumulate):
     """y[m0:m0+4, n0:n0+4] (+)= x[m0:m0+4, k0:k1] @ widen(w[n0:n0+4, k0:k1]).T.

@@ -121,9 +121,14 @@ def test_bf16_weights_match_fp32_reference(tiny_model):
     assert runner.config.dtype == "bfloat16"
     assert runner.model.embed.dtype == torch.bfloat16      # weights stay bf16
     ids = prompt(runner.config, 19, seed=5)
-    (ours,) = runner.step([ids], [0], [runner.new_table(19)])
+    table = runner.new_table(20)
+    (ours,) = runner.step([ids], [0], [table])
     # HF in fp32 on the upcast bf16 weights: our kernel widens bf16 the same way
-    torch.testing.assert_close(ours, hf_logits(hf_model(model_dir), ids), atol=2e-3, rtol=0)
+    hf = hf_model(model_dir)
+    torch.testing.assert_close(ours, hf_logits(hf, ids), atol=2e-3, rtol=0)
+    # one decode token: the experts run through the grouped one-token kernel
+    (ours,) = runner.step([[11]], [19], [table], logits="last")
+    torch.testing.assert_close(ours[0], hf_logits(hf, ids + [11])[-1], atol=2e-3, rtol=0)
 
 
 def _randomize(model, seed: int):

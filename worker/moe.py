@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+import kernels
 from worker.checkpoint import ModelConfig
 from worker.layers import SwiGLU, layer_prefix
 
@@ -91,6 +93,10 @@ class MoEBlock:
         top_w, top_e = torch.topk(probs, self.top_k, dim=-1)           # [T, k]
         if self.renormalize:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if x.shape[0] == 1 and linear is kernels.linear:
+            out = self._one_token(x, top_w[0], top_e[0].tolist())
+            if out is not None:
+                return out
         flat_e = top_e.reshape(-1)                                     # [T*k]
         order = torch.argsort(flat_e, stable=True)
         counts = torch.bincount(flat_e, minlength=len(self.experts)).tolist()
@@ -108,6 +114,27 @@ class MoEBlock:
             out.index_put_((tokens,), y * weight_of[begin:begin + count, None], accumulate=True)
             begin += count
         return out
+
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: list[int]) -> torch.Tensor | None:
+        """Decode of one token: each of the k experts' matrices in one grouped kernel call
+        (a core per expert) instead of k calls in a row; None when the kernel can't take them.
+
+        x [1, H], weights [k] -> [1, H].
+        """
+        experts = [self.experts[e] for e in expert_ids]
+        k = len(experts)
+        if all(e.gate_up is not None for e in experts):
+            first = [e.gate_up for e in experts]                         # k x [2I, H]
+        else:
+            first = [e.gate for e in experts] + [e.up for e in experts]  # 2k x [I, H]
+        downs = [e.down for e in experts]                                # k x [H, I]
+        if not (kernels.can_group_m1(first) and kernels.can_group_m1(downs)):
+            return None
+        h = kernels.grouped_linear_m1(x.expand(len(first), -1), first)
+        gate, up = h.chunk(2, dim=-1) if len(first) == k else (h[:k], h[k:])  # [k, I] each
+        y = kernels.grouped_linear_m1(F.silu(gate) * up, downs)            # [k, H]
+        return (weights[:, None].to(torch.float32) * y).sum(0, keepdim=True)
 
 
 def _experts(prefix: str, layout: str, num_experts: int, weights) -> list[SwiGLU]:
