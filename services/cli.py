@@ -35,6 +35,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "engine"): ("bench.engine", "engine prefill/decode tokens/s vs transformers"),
     ("bench", "kernels"): ("bench.kernels", "HybridGEMM bandwidth vs torch, roofline"),
     ("bench", "overhead"): ("bench.overhead", "control-plane latency added by the services"),
+    ("bench", "coldstart"): ("bench.coldstart", "what a cold start adds, host store vs load-on-demand"),
     ("bench", "serve"): ("bench.serve", "replay a serverless trace against each residency mode"),
     ("sim",): ("sim.cli", "discrete-event cluster simulation of the policies"),
 }

@@ -299,3 +299,14 @@ def test_bench_engine_command_runs(qwen, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [row["batch"] for row in report["results"]] == [1, 2]
     assert all(row["ours"]["decode_tokens_per_s"] > 0 for row in report["results"])
+
+
+def test_bench_coldstart_command_runs(tiny_model, tmp_path, capsys):
+    from services.cli import main
+
+    out = tmp_path / "coldstart.txt"
+    models = [str(tiny_model("llama")), str(tiny_model("mixtral"))]
+    assert main(["bench", "coldstart", "--models", *models, "--rounds", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "host: a cold start adds" in text and "load: a cold start adds" in text
+    assert text.count("\nhost  ") == 2 and text.count("\nload  ") == 2  # a row per model and mode
