@@ -138,7 +138,8 @@ def render(command: str, rows_by_mode: dict[str, list[dict]], rounds: int) -> st
     lines.append("")
     for mode, rows in rows_by_mode.items():
         added = [r["added_ms"] for r in rows]
-        register = f"; registering the catalog took {rows[0]['register_s']:.2f} s (host: copy into the store)"
+        register = (f"; filling the host store took {rows[0]['register_s']:.2f} s, once per node"
+                    if mode == "host" else "")
         lines.append(f"{mode}: a cold start adds {statistics.median(added):.1f} ms at the median over models "
                      f"(max {max(added):.1f}){register}")
     return "\n".join(lines) + "\n"
