@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from bench.output import command_line, publish
 from services.errors import InvalidRequest
 
 RESULTS = Path(__file__).resolve().parent / "results" / "coldstart.txt"
@@ -53,13 +52,7 @@ def run(args: argparse.Namespace) -> int:
         rows = {mode: measure_mode(mode, model_dirs, args.rounds, store_root / mode) for mode in modes}
     finally:
         shutil.rmtree(store_root, ignore_errors=True)
-    command = "c2cserve bench coldstart " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-    report = render(command.strip(), rows, args.rounds)
-    print(report, end="")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    print(f"wrote {out}")
+    publish(render(command_line("coldstart"), rows, args.rounds), args.out)
     return 0
 
 

@@ -12,10 +12,10 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from bench.output import command_line, publish
 from services.errors import C2CError
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.txt"
@@ -142,11 +142,5 @@ def run(args: argparse.Namespace) -> int:
         worker = percentiles_ms(asyncio.run(_straight_to_worker(
             cluster.nats_url, cluster.worker_ids[0], model_dir.name, args.n, args.warmup)))
     direct = percentiles_ms(_direct(model_dir, args.n, args.warmup, args.threads))
-    command = "c2cserve bench overhead " + " ".join(sys.argv[sys.argv.index("overhead") + 1:]) if "overhead" in sys.argv else "c2cserve bench overhead"
-    report = _report(command.strip(), model_dir, services, worker, direct)
-    print(report, end="")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    print(f"wrote {out}")
+    publish(_report(command_line("overhead"), model_dir, services, worker, direct), args.out)
     return 0
