@@ -4,7 +4,7 @@ Each request is a streaming `/v1/completions` call (`stream_options.include_usag
 sent at its trace time (open loop: a slow server never slows the arrivals). Per request:
 TTFT at the first chunk that carries a choice, e2e at the end of the stream, the token
 counts from the usage chunk, and whether it was a cold start when the gateway says so
-(an `X-C2C-Cold-Start` header, or a `cold_start` field at the top of a chunk, under
+(the gateway's `X-Cold-Start` header, or a `cold_start` field at the top of a chunk, under
 `c2c`, or in `usage`). Prompts of a target token length
 are built with the model's own tokenizer before the replay starts, so the timed loop
 does no tokenization.
@@ -153,10 +153,10 @@ async def _read_stream(resp: aiohttp.ClientResponse, record: RequestRecord, sent
 
 
 def _note_headers(headers, record: RequestRecord) -> None:
-    cold = headers.get("X-C2C-Cold-Start")
+    cold = headers.get("X-Cold-Start")
     if cold is not None:
         record.cold_start = cold.strip().lower() in ("1", "true", "yes")
-    record.worker_id = headers.get("X-C2C-Worker", record.worker_id)
+    record.worker_id = headers.get("X-Worker-Id", record.worker_id)
 
 
 def _note_extensions(chunk: dict, record: RequestRecord) -> None:

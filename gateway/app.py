@@ -98,7 +98,13 @@ async def _full_response(req, stream: RequestStream, chunk) -> web.Response:
         raise error_of(chunk)
     usage = openai_api.usage(stream.num_prompt_tokens, stream.num_generated_tokens)
     body = openai_api.full_response(req, "".join(parts), FINISH_REASON_TEXT[chunk.finish_reason], usage)
-    return web.json_response(body, headers={"X-Request-Id": req.request_id, "X-Worker-Id": stream.worker_id})
+    return web.json_response(body, headers=_c2c_headers(req, stream))
+
+
+def _c2c_headers(req, stream: RequestStream) -> dict[str, str]:
+    """Which request, which worker served it, and whether it paid a cold start."""
+    return {"X-Request-Id": req.request_id, "X-Worker-Id": stream.worker_id,
+            "X-Cold-Start": "true" if stream.cold_start else "false"}
 
 
 def _sse(obj: dict) -> bytes:
@@ -107,8 +113,7 @@ def _sse(obj: dict) -> bytes:
 
 async def _stream_response(request: web.Request, req, stream: RequestStream, chunk) -> web.StreamResponse:
     response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "X-Request-Id": req.request_id, "X-Worker-Id": stream.worker_id,
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_c2c_headers(req, stream),
     })
     await response.prepare(request)
     try:

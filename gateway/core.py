@@ -117,6 +117,7 @@ class RequestStream:
         self.rlog = request_log(log, req.request_id)
         self.queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
         self.worker_id = ""
+        self.cold_start = False  # the first chunk's word: this request mapped/loaded its model
         self.finished = False
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -219,6 +220,7 @@ class RequestStream:
             if chunk.error_code == 0:
                 m.child(m.ttft_s, self.req.model, self.worker_id).observe(now - self._start_s)
                 m.child(m.queue_s, self.req.model, self.worker_id).observe(chunk.queue_s)
+            self.cold_start = chunk.cold_start
             if chunk.cold_start:
                 m.child(m.cold_starts, self.req.model, self.worker_id).inc()
         elif chunk.token_ids:

@@ -47,8 +47,10 @@ def models(tiny_model):
 
 @pytest.fixture(scope="module")
 def cluster(servers, models):
+    # the placer's forecast prewarming is off here (tests/test_placer_prewarm.py covers it):
+    # tests below evict and map models themselves
     with LocalCluster(list(models.values()), num_workers=2, nats_url=servers.nats_url,
-                      redis_url=servers.redis_url, extra_env={"C2C_WORKER_EXPIRY_S": "2"}) as running:
+                      redis_url=servers.redis_url, extra_env={"C2C_WORKER_EXPIRY_S": "2", "C2C_PREWARM_INTERVAL_S": "0"}) as running:
         yield running
 
 
@@ -248,6 +250,45 @@ async def _metrics(cluster) -> str:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{cluster.url}/metrics") as resp:
             return await resp.text()
+
+
+def _cold_starts(metrics: str, model_id: str, worker_id: str) -> float:
+    found = re.search(rf'c2c_cold_starts_total\{{model="{model_id}",worker="{worker_id}"\}} ([0-9.]+)', metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+async def _evict_everywhere(cluster, model_id: str) -> None:
+    """EVICT on every worker, then wait until no telemetry lists the model as mapped."""
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        for worker_id in cluster.worker_ids:
+            command = ResidencyCommand(worker_id, ResidencyAction.EVICT, model_id)
+            await nc.publish(subjects.worker_residency(worker_id), schemas.encode(command))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if not any(model_id in t.models for t in (await _telemetry(nc, 0.3)).values()):
+                return
+        raise AssertionError(f"{model_id} still mapped after EVICT")
+    finally:
+        await nc.close()
+
+
+async def test_cold_start_header_agrees_with_the_metrics(cluster, models):
+    model_id = models["llama"].name
+    await _evict_everywhere(cluster, model_id)
+    seen = []
+    async with aiohttp.ClientSession() as session:
+        for stream in (True, False, True):
+            before = await _metrics(cluster)
+            body = {"model": model_id, "prompt": "cold?", "max_tokens": 2, "stream": stream}
+            async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                worker_id, cold = resp.headers["X-Worker-Id"], resp.headers["X-Cold-Start"]
+                await resp.read()
+            added = _cold_starts(await _metrics(cluster), model_id, worker_id) - _cold_starts(before, model_id, worker_id)
+            assert cold in ("true", "false") and added == (1.0 if cold == "true" else 0.0)
+            seen.append(cold)
+    assert seen[0] == "true"  # evicted everywhere: the first request maps the model again
 
 
 async def test_two_workers_share_load(cluster, models):
