@@ -310,7 +310,7 @@ _EVICTED = re.compile(r"evicting model (\S+) \((\d+) bytes\)")
 def private_bytes_from_logs(worker_logs: list[str]) -> dict:
     """Workers' private weight bytes (at the end and peak), replayed from their logs.
 
-    A fallback while the heartbeat hash does not carry `private_weight_bytes`: the
+    The peak comes only from here (the heartbeat carries the current bytes): the
     worker logs "model M loaded (N bytes)" and "evicting model M (N bytes)".
     """
     end_total, peak_total = 0, 0

@@ -323,11 +323,7 @@ def _run_mode(mode: str, args, model_dirs, planned, budget_bytes) -> tuple[list[
                                                  progress_label=label, poll_metrics_s=0.25))
             after = client.cold_start_counts(cluster.url)
             hashes = asyncio.run(client.worker_hashes(cluster.redis_url))
-            extra = {"host_store_bytes": _host_store_bytes(store_root),
-                     "private_weight_bytes": client.private_weight_bytes(hashes)}
-            if extra["private_weight_bytes"] is None:
-                logs = [cluster.log_tail(w, num_lines=1_000_000) for w in cluster.worker_ids]
-                extra.update(client.private_bytes_from_logs(logs))
+            extra = _memory(cluster, hashes, store_root)
     finally:
         shutil.rmtree(store_root, ignore_errors=True)
     if mode == "dedicated":
@@ -340,6 +336,17 @@ def _run_mode(mode: str, args, model_dirs, planned, budget_bytes) -> tuple[list[
     if failed:
         extra["notes"] = [f"{mode}: {len(failed)} failed requests, e.g. {failed[0]!r}"]
     return records, extra
+
+
+def _memory(cluster, hashes: dict, store_root: Path) -> dict:
+    """Host store bytes; private weight bytes from the heartbeats (else the worker logs),
+    and their peak, which only the logs' load/evict lines tell."""
+    logs = [cluster.log_tail(w, num_lines=1_000_000) for w in cluster.worker_ids]
+    from_logs = client.private_bytes_from_logs(logs)
+    from_heartbeats = client.private_weight_bytes(hashes)
+    if from_heartbeats is not None:
+        from_logs.update(private_weight_bytes=from_heartbeats, private_weight_source="worker heartbeats")
+    return {"host_store_bytes": _host_store_bytes(store_root), **from_logs}
 
 
 def _store_root(mode: str) -> Path:

@@ -179,6 +179,7 @@ class WorkerInfo(msgspec.Struct, omit_defaults=True):
     residency: str = "host"
     pinned_models: list[str] = []
     started_s: float = 0.0
+    private_weight_bytes: int = 0  # weights copied into the worker's own memory ("load" mode)
 
 
 class ModelEntry(msgspec.Struct, omit_defaults=True):

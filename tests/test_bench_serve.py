@@ -202,5 +202,8 @@ def test_bench_serve_end_to_end_smoke(tmp_path):
     # host mode maps each model once per worker; load (budget below one model) reloads
     assert host["num_cold_starts_metrics"] <= 2 <= load["num_cold_starts_metrics"]
     assert host["host_store_bytes"] > 0
+    assert host["cold_start_source"] == load["cold_start_source"] == "stream"  # X-Cold-Start
+    assert host["private_weight_bytes"] == 0 < load["private_weight_bytes"] <= load["private_weight_peak_bytes"]
+    assert load["private_weight_source"] == "worker heartbeats"
     assert "--modes host,load" in (out / "report.md").read_text()
     assert (out / "ttft_cdf.png").exists() and (out / "slo_over_time.png").exists()

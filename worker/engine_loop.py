@@ -49,6 +49,7 @@ class Snapshot:
     num_finished: int = 0
     num_aborted: int = 0
     request_ids: list[str] = field(default_factory=list)
+    private_weight_bytes: int = 0
 
 
 @dataclass
@@ -288,6 +289,7 @@ class EngineLoop:
             tpot_p50_ms=statistics.median(self._tpot_ms) if self._tpot_ms else None,
             num_finished=self._num_finished, num_aborted=self._num_aborted,
             request_ids=list(self._inflight),
+            private_weight_bytes=int(_stat(stats, "private_weight_bytes", 0)),
         )
 
 

@@ -228,8 +228,10 @@ class WorkerService:
             slice_profile=self.spec.profile, memory_bytes=self.spec.memory_bytes,
             backend=self.spec.backend, residency=self.config.residency,
             pinned_models=self.config.pinned_models, started_s=self._started_s,
+            private_weight_bytes=self.loop_thread.snapshot.private_weight_bytes,
         )
         row = {k: (",".join(v) if isinstance(v, list) else str(v)) for k, v in schemas.to_json_dict(info).items()}
+        row.setdefault("private_weight_bytes", "0")  # always there, 0 included (host mode)
         key = keys.worker(self.worker_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=row)
