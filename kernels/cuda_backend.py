@@ -181,6 +181,12 @@ class DeviceTileCache:
     def used_bytes(self) -> int:
         return sum(w.n_dev * w.row_bytes for w in self.weights.values())
 
+    def cached_fraction(self, prefix: str) -> float:
+        """Bytes cached / bytes registered over the weights whose keys start with prefix."""
+        weights = [w for k, w in self.weights.items() if k.startswith(prefix)]
+        total = sum(w.nbytes for w in weights)
+        return sum(w.n_dev * w.row_bytes for w in weights) / total if total else 0.0
+
     def set_rho(self, rho: float) -> float:
         """Cache fraction rho of every weight's rows, as far as capacity allows.
 
@@ -235,6 +241,10 @@ class CudaWeightBackend:
 
     def set_rho(self, rho: float) -> float:
         return self.cache.set_rho(rho)
+
+    def cached_fraction(self, model_key: str) -> float:
+        """The ρ a model achieves on this slice: its weight bytes in device memory / all."""
+        return self.cache.cached_fraction(f"{model_key}/")
 
     def set_path(self, path: str | None) -> None:
         """Force "os" or "ws" for every weight (None: choose by M)."""

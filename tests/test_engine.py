@@ -310,3 +310,12 @@ def test_bench_coldstart_command_runs(tiny_model, tmp_path, capsys):
     text = out.read_text()
     assert "host: a cold start adds" in text and "load: a cold start adds" in text
     assert text.count("\nhost  ") == 2 and text.count("\nload  ") == 2  # a row per model and mode
+
+
+def test_cpu_slices_report_mapped_models_as_fully_warm(qwen):
+    engine = Engine(EngineConfig())
+    engine.add_model("q", qwen)
+    assert engine.stats().cached_fraction == {}          # registered, not mapped yet
+    engine.prewarm("q")
+    assert engine.stats().cached_fraction == {"q": 1.0}  # no device cache: mapped is warm
+    assert engine.evict("q") and engine.stats().cached_fraction == {}

@@ -41,6 +41,8 @@ def test_cuda_runner_wraps_weights_and_follows_rho(tiny_model):
 
     engine.set_control(rho=0.5)
     assert 0.4 < cache.used_bytes / cache.total_bytes <= 0.5
+    # telemetry reports the achieved rho of the model, not a placeholder
+    assert engine.stats().cached_fraction == {"m": pytest.approx(cache.used_bytes / cache.total_bytes)}
 
     name = next(n for n in hybrid if n.endswith("layers.0.self_attn.o_proj.weight"))
     x = torch.randn(2, hybrid[name].shape[1])                              # [M, K]
@@ -49,6 +51,6 @@ def test_cuda_runner_wraps_weights_and_follows_rho(tiny_model):
                                rtol=1e-4, atol=1e-4)
 
     engine.set_control(rho=0.0)
-    assert cache.used_bytes == 0
+    assert cache.used_bytes == 0 and engine.stats().cached_fraction == {"m": 0.0}
     with pytest.raises(Exception, match="rho"):
         engine.set_control(rho=1.5)

@@ -90,6 +90,7 @@ class EngineStats:
     num_decode_tokens: int = 0
     num_preemptions: int = 0
     private_weight_bytes: int = 0     # "load": weights copied into this process (host: 0)
+    cached_fraction: dict[str, float] = field(default_factory=dict)  # loaded model -> achieved ρ
 
 
 @dataclass
@@ -367,7 +368,8 @@ class Engine:
                            sum(m.num_waiting for m in per_model.values()),
                            max((m.kv_used_frac for m in per_model.values()), default=0.0),
                            per_model, s.num_steps, s.num_prefill_tokens, s.num_decode_tokens,
-                           self.scheduler.num_preemptions, self.runner.loaded_bytes())
+                           self.scheduler.num_preemptions, self.runner.loaded_bytes(),
+                           self.runner.cached_fractions())
 
     def generate(self, model_id, prompt, params: SamplingParams | None = None, **kwargs) -> RequestOutput:
         """Run one request to the end (other requests' outputs in these steps are dropped)."""

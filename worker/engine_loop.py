@@ -50,6 +50,7 @@ class Snapshot:
     num_aborted: int = 0
     request_ids: list[str] = field(default_factory=list)
     private_weight_bytes: int = 0
+    cached_fraction: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -290,6 +291,7 @@ class EngineLoop:
             num_finished=self._num_finished, num_aborted=self._num_aborted,
             request_ids=list(self._inflight),
             private_weight_bytes=int(_stat(stats, "private_weight_bytes", 0)),
+            cached_fraction=dict(_stat(stats, "cached_fraction", {}) or {}),
         )
 
 

@@ -163,6 +163,15 @@ class ModelRunner:
         """Fraction of weight bytes served from slice memory (cuda); CPU slices have none."""
         return self.weight_backend.set_rho(rho) if self.weight_backend is not None else 0.0
 
+    def cached_fractions(self) -> dict[str, float]:
+        """Per loaded model, the fraction of its weight bytes served from slice memory:
+        the tile cache's achieved ρ on a GPU slice; 1.0 on a CPU slice, which has no
+        device cache, so a mapped model is as warm as it gets."""
+        loaded = [m for m, slot in self.slots.items() if slot.is_loaded]
+        if self.weight_backend is None:
+            return dict.fromkeys(loaded, 1.0)
+        return {m: self.weight_backend.cached_fraction(m) for m in loaded}
+
     def loaded_bytes(self) -> int:
         return sum(s.private_bytes for s in self.slots.values())
 

@@ -207,12 +207,9 @@ class WorkerService:
     async def _telemetry(self, is_stopping: bool = False) -> None:
         """c2c.telemetry.<id> (WorkerTelemetry) from the engine thread's latest snapshot."""
         s = self.loop_thread.snapshot
-        # A CPU slice has no device cache: a mapped model is as warm as it gets (1.0), so the
-        # placer's prewarm plan sees it done. GPU slices do not report their achieved rho yet.
-        warm = 1.0 if self.spec.backend == "cpu" else 0.0
         t = WorkerTelemetry(
             worker_id=self.worker_id, node=self.config.node, gpu=self.spec.gpu, backend=self.spec.backend,
-            t_s=time.time(), models=s.models, cached_fraction={m: warm for m in s.models},
+            t_s=time.time(), models=s.models, cached_fraction={m: s.cached_fraction.get(m, 0.0) for m in s.models},
             num_running=s.num_running, num_waiting=s.num_waiting, max_num_seqs=self.config.max_num_seqs,
             kv_free_frac=s.kv_free_frac, ttft_p50_ms=s.ttft_p50_ms, tpot_p50_ms=s.tpot_p50_ms,
             pinned_models=self.config.pinned_models, residency=self.config.residency,
