@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _default_catalog() -> list[Path]:
-    from bench.serve import ensure_default_catalog
+    from bench.catalog import ensure_default_catalog
 
     return ensure_default_catalog()
 
