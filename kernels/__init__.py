@@ -83,18 +83,13 @@ def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray, num_thread
             with PARALLEL_LOCK:
                 gemv_m1(x.numpy(), w16, y.numpy(), num_threads)
         return y
-    m4 = (m + 3) // 4 * 4
-    if m4 != m:
-        xp = torch.zeros(m4, k, dtype=torch.float32)  # [M4, K], zero rows cost FMAs only
-        xp[:m] = x
-        x = xp
-    y = torch.empty(m4, w.shape[0], dtype=torch.float32)  # [M4, N]
+    y = torch.empty(m, w.shape[0], dtype=torch.float32)  # [M, N]; 1-3 tail rows: no padding
     if is_serial:
         gemm_skinny_serial(x.numpy(), w16, y.numpy())
     else:
         with PARALLEL_LOCK:
             gemm_skinny(x.numpy(), w16, y.numpy(), num_threads)
-    return y[:m]
+    return y
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

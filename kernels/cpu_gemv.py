@@ -10,7 +10,7 @@ vectorizes (fastmath lets it reorder the fp32 sums into vector lanes):
   accumulators (memory-bound).
 - M > 1: a 4x4 register block (4 weight rows x 4 rows of x, 16 accumulators): per
   K-vector 4 weight loads + 4 x loads feed 16 FMAs, so the loop is FMA-bound rather than
-  load-bound. x is zero-padded to a multiple of 4 rows by the caller.
+  load-bound. The last 1-3 rows of x take a 2x4 / 1x4 block (no zero padding).
 
 bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 bits, so the widen
 is `zext(w) << 16` reinterpreted as float32 (an LLVM bitcast, `_widen`); fp16 is an
@@ -178,20 +178,85 @@ def _block4x1(x, m0, w, n, y, k0, k1, accumulate):
 
 
 @nb.njit(fastmath=True, inline="always")
+def _block2x4(x, m0, w, n0, y, k0, k1, accumulate):
+    """y[m0:m0+2, n0:n0+4] (+)= ...: a batch's last 2 rows, without padding them to 4."""
+    z = np.float32(0.0)
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
+    if accumulate:
+        a00, a01, a02, a03 = y[m0, n0], y[m0, n0 + 1], y[m0, n0 + 2], y[m0, n0 + 3]
+        a10, a11, a12, a13 = y[m0 + 1, n0], y[m0 + 1, n0 + 1], y[m0 + 1, n0 + 2], y[m0 + 1, n0 + 3]
+    x0, x1 = x[m0, k0:k1], x[m0 + 1, k0:k1]
+    w0, w1, w2, w3 = w[n0, k0:k1], w[n0 + 1, k0:k1], w[n0 + 2, k0:k1], w[n0 + 3, k0:k1]
+    for k in range(k1 - k0):
+        c0, c1 = x0[k], x1[k]
+        r0, r1, r2, r3 = _widen(w0[k]), _widen(w1[k]), _widen(w2[k]), _widen(w3[k])
+        a00 += r0 * c0
+        a01 += r1 * c0
+        a02 += r2 * c0
+        a03 += r3 * c0
+        a10 += r0 * c1
+        a11 += r1 * c1
+        a12 += r2 * c1
+        a13 += r3 * c1
+    y[m0, n0], y[m0, n0 + 1], y[m0, n0 + 2], y[m0, n0 + 3] = a00, a01, a02, a03
+    y[m0 + 1, n0], y[m0 + 1, n0 + 1], y[m0 + 1, n0 + 2], y[m0 + 1, n0 + 3] = a10, a11, a12, a13
+
+
+@nb.njit(fastmath=True, inline="always")
+def _block1x4(x, m, w, n0, y, k0, k1, accumulate):
+    """y[m, n0:n0+4] (+)= ...: a batch's last row."""
+    z = np.float32(0.0)
+    a0 = a1 = a2 = a3 = z
+    if accumulate:
+        a0, a1, a2, a3 = y[m, n0], y[m, n0 + 1], y[m, n0 + 2], y[m, n0 + 3]
+    xr = x[m, k0:k1]
+    w0, w1, w2, w3 = w[n0, k0:k1], w[n0 + 1, k0:k1], w[n0 + 2, k0:k1], w[n0 + 3, k0:k1]
+    for k in range(k1 - k0):
+        c = xr[k]
+        a0 += _widen(w0[k]) * c
+        a1 += _widen(w1[k]) * c
+        a2 += _widen(w2[k]) * c
+        a3 += _widen(w3[k]) * c
+    y[m, n0], y[m, n0 + 1], y[m, n0 + 2], y[m, n0 + 3] = a0, a1, a2, a3
+
+
+@nb.njit(fastmath=True, inline="always")
+def _rows_tail(x, m4, m1, w, n, y, k0, k1, accumulate):
+    """y[m4:m1, n] (+)= ... for the < 4 rows past the last 4-row group, one weight row."""
+    for m in range(m4, m1):
+        a = y[m, n] if accumulate else np.float32(0.0)
+        xr, wr = x[m, k0:k1], w[n, k0:k1]
+        for k in range(k1 - k0):
+            a += _widen(wr[k]) * xr[k]
+        y[m, n] = a
+
+
+@nb.njit(fastmath=True, inline="always")
 def _panel(x, w, y, m0, m1, n0, n1, k0, k1, accumulate):
-    """y[m0:m1, n0:n1] (+)= x[m0:m1, k0:k1] @ widen(w[n0:n1, k0:k1]).T; m0, m1 % 4 == 0."""
+    """y[m0:m1, n0:n1] (+)= x[m0:m1, k0:k1] @ widen(w[n0:n1, k0:k1]).T; m0 % 4 == 0.
+
+    4-row groups of x take the 4x4 block; the last 1-3 rows take a 2x4 and/or 1x4 block
+    instead of being padded to 4 (a batch of 2 then does half the FMAs).
+    """
     n4 = n0 + (n1 - n0) // 4 * 4
+    m4 = m0 + (m1 - m0) // 4 * 4
+    tail = m1 - m4
     for n in range(n0, n4, 4):
-        for m in range(m0, m1, 4):
+        for m in range(m0, m4, 4):
             _block4x4(x, m, w, n, y, k0, k1, accumulate)
+        if tail >= 2:
+            _block2x4(x, m4, w, n, y, k0, k1, accumulate)
+        if tail % 2 == 1:
+            _block1x4(x, m1 - 1, w, n, y, k0, k1, accumulate)
     for n in range(n4, n1):
-        for m in range(m0, m1, 4):
+        for m in range(m0, m4, 4):
             _block4x1(x, m, w, n, y, k0, k1, accumulate)
+        _rows_tail(x, m4, m1, w, n, y, k0, k1, accumulate)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def gemm_skinny(x, w, y, num_tasks):
-    """y = x @ widen(w).T; x [M4, K] f32 with M4 % 4 == 0, w [N, K] 16-bit, y [M4, N] f32.
+    """y = x @ widen(w).T; x [M, K] f32 (any M), w [N, K] 16-bit, y [M, N] f32.
 
     Output-stationary: `num_tasks` contiguous row ranges (multiples of 4 rows) in
     parallel; each weight quad is read once from memory and re-read from L1 for each

@@ -52,6 +52,17 @@ def test_linear_empty_batch(dtype):
     assert y.shape == (0, 12) and y.dtype == torch.float32
 
 
+@pytest.mark.parametrize("m", [2, 3, 5, 6, 7, 9, 14, 15])
+@pytest.mark.parametrize("n", [5, 8, 13])
+def test_skinny_batches_of_every_tail_size(m, n, monkeypatch):
+    # 1-3 rows past the last 4-row group take the 2x4 / 1x4 blocks, not zero padding;
+    # N % 4 != 0 leaves weight rows for the 4x1 block and the scalar tail
+    x, w, bias = make(m, n, 37, torch.bfloat16, seed=m * n)
+    assert_close(kernels.linear(x, w, bias), x, w, bias)           # serial (small)
+    monkeypatch.setattr(kernels, "SERIAL_MAX_BYTES", 0)
+    assert_close(kernels.linear(x, w, bias), x, w, bias)           # threaded
+
+
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_parallel_decode_path_on_a_large_matrix(m, monkeypatch):
     # 601 x 520 bf16 = 625 KB: above the lowered SERIAL_MAX_BYTES, so the threaded kernels
