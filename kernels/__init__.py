@@ -72,7 +72,7 @@ def _numpy16(w: torch.Tensor) -> np.ndarray:
 
 def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray, num_threads: int):
     """Output-stationary path; x [M, K] f32 contiguous, M >= 1 -> y [M, N] f32."""
-    m, k = x.shape
+    m = x.shape[0]
     # the arithmetic grows with M, so a threaded call pays off sooner for a batch
     is_serial = w16.nbytes * m < SERIAL_MAX_BYTES or num_threads == 1
     if m == 1:
@@ -135,18 +135,30 @@ def _is_cpu_f32(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and not t.is_cuda for t in tensors)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x) * weight with torch ops, any dtype and device; x [T, H]."""
+    return weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding with torch ops, as a new tensor; x [T, heads, D], cos/sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> torch.Tensor:
     """x += delta in place (the residual stream), then RMSNorm(x) * weight as a new tensor.
 
     x, delta [T, H] fp32, weight [H] fp32 (the model widens its norm weights once).
-    Serial Numba on the CPU (`kernels.cpu_pointwise`); torch ops elsewhere.
+    Serial Numba on the CPU (`kernels.cpu_pointwise`); `rms_norm` elsewhere.
     """
     tensors = (x, weight) if delta is None else (x, weight, delta)
     if not (_is_cpu_f32(*tensors) and all(t.is_contiguous() for t in tensors)):
         if delta is not None:
             x += delta
-        return weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        return rms_norm(x, weight, eps)
     out = torch.empty_like(x)  # [T, H]
     x2, out2 = x.view(-1, x.shape[-1]).numpy(), out.view(-1, x.shape[-1]).numpy()
     delta2 = x2 if delta is None else delta.view(-1, x.shape[-1]).numpy()
@@ -157,25 +169,26 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in place: x [T, heads, D] fp32 (a view is fine), cos/sin [T, 1, D]."""
     if not _is_cpu_f32(x, cos, sin):
-        half = x.shape[-1] // 2
-        x.copy_(x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
-        return x
+        return x.copy_(apply_rope(x, cos, sin))
     cpu_pointwise.rope_inplace(x.numpy(), cos[:, 0].numpy(), sin[:, 0].numpy())
     return x
 
 
 def can_use_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return cpu_attention.can_use(q, k_cache)
+    """The kernel covers fp32 queries and an fp32 cache on the CPU (the engine's default)."""
+    return _is_cpu_f32(q, k_cache)
 
 
-def decode_attention(q, k_new, v_new, k_cache, v_cache, slots, tables, lows, lens) -> torch.Tensor:
+def decode_attention(q, k_new, v_new, k_cache, v_cache, slots, tables, lows, lens, max_keys: int) -> torch.Tensor:
     """Paged decode attention on the CPU (`kernels.cpu_attention`); writes the new k/v.
 
     q [S, nH, D], k_new/v_new [S, nKV, D], caches [num_blocks, block_size, nKV, D] fp32,
-    slots [S], tables [S, Bmax], lows/lens [S] int64 -> [S, nH, D] fp32.
+    slots [S], tables [S, Bmax], lows/lens [S] int64, max_keys = max(lens - lows) (known
+    once per step, the same for every layer) -> [S, nH, D] fp32.
     """
     _sync_threads()
-    return cpu_attention.decode_attention(q, k_new, v_new, k_cache, v_cache, slots, tables, lows, lens)
+    return cpu_attention.decode_attention(q, k_new, v_new, k_cache, v_cache, slots, tables, lows, lens,
+                                          max_keys)
 
 
 def warmup() -> None:

@@ -100,20 +100,19 @@ def decode_attention_parallel(q, k_new, v_new, k_cache, v_cache, slots, tables, 
         _attend_one(q, k_cache, v_cache, tables[s], lows[s], lens[s], h, group, scale, out, s)
 
 
-def can_use(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The kernel covers fp32 queries and an fp32 cache on the CPU (the engine's default)."""
-    return q.dtype == torch.float32 and k_cache.dtype == torch.float32 and not k_cache.is_cuda
-
-
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     tables: torch.Tensor, lows: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """q [S, nH, D], k_new/v_new [S, nKV, D] fp32 -> [S, nH, D] fp32; writes the cache."""
+                     tables: torch.Tensor, lows: torch.Tensor, lens: torch.Tensor,
+                     max_keys: int) -> torch.Tensor:
+    """q [S, nH, D], k_new/v_new [S, nKV, D] fp32 -> [S, nH, D] fp32; writes the cache.
+
+    max_keys (the most keys one sequence attends) sizes the work: serial below the cut-off.
+    """
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [S, nH, D]
     args = (q.contiguous().numpy(), k_new.contiguous().numpy(), v_new.contiguous().numpy(),
             k_cache.numpy(), v_cache.numpy(), slots.numpy(), tables.numpy(), lows.numpy(),
             lens.numpy(), np.float32(1.0 / math.sqrt(q.shape[-1])), out.numpy())
-    num_fmas = 2 * q.shape[0] * q.shape[1] * q.shape[2] * int(lens.max() - lows.min())
+    num_fmas = 2 * q.shape[0] * q.shape[1] * q.shape[2] * max_keys
     if num_fmas < SERIAL_MAX_FMAS or torch.get_num_threads() == 1:
         decode_attention_serial(*args)
     else:

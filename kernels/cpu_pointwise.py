@@ -4,7 +4,7 @@ Why: at decode these run on one token of a few hundred to a few thousand floats,
 chain of torch ops costs ~13 us (rms_norm: pow, mean, add, rsqrt, two muls, each a
 dispatch and a fresh tensor) against well under 1 us of arithmetic; a 0.5B model calls
 them ~100 times a step. Same maths and the same fp32 order of operations as the torch
-versions in `worker.layers` (which stay the reference and the non-CPU path):
+versions `kernels.rms_norm` and `kernels.apply_rope` (the reference and the non-CPU path):
 
     rms_norm(x) = w * (x * rsqrt(mean(x^2) + eps))
     rope(x)     = x * cos + rotate_half(x) * sin,  rotate_half(x) = [-x2, x1]

@@ -231,6 +231,7 @@ def _record_calls(batch: dict[str, tuple[str, ...]], ttl_s: int):
             args += batch[request_id]
         yield [keys.request(r) for r in chunk], args
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PlacerConfig)
 

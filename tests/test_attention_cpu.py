@@ -59,7 +59,7 @@ def test_decode_attention_matches_sdpa(context_lens, num_heads, num_kv, dim, blo
     q, k_new, v_new, k_cache, v_cache, meta = _case(context_lens, num_heads, num_kv, dim, block_size, window)
     want, want_k, want_v = _reference(q, k_new, v_new, k_cache, v_cache, meta)
     got = kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, meta.slot_mapping,
-                                   meta.padded_blocks, meta.decode_lows, meta.decode_lens)
+                                   meta.padded_blocks, meta.decode_lows, meta.decode_lens, meta.decode_max_keys)
     assert got.shape == q.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)  # the new k/v written

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import kernels
-from worker.layers import apply_rope
 
 
 @pytest.mark.parametrize("num_tokens,hidden", [(1, 896), (7, 33), (130, 64)])
@@ -36,7 +35,7 @@ def test_rope_in_place_on_a_strided_view_matches_torch(num_tokens, num_heads, di
     q = fused[:, : num_heads * dim].view(num_tokens, num_heads, dim)       # strided when T > 1
     angles = torch.randn(num_tokens, 1, dim, generator=gen)
     cos, sin = angles.cos(), angles.sin()
-    want = apply_rope(q.double(), cos.double(), sin.double())
+    want = kernels.apply_rope(q.double(), cos.double(), sin.double())
     rest = fused[:, num_heads * dim:].clone()
     out = kernels.rope_(q, cos, sin)
     assert out.data_ptr() == q.data_ptr()

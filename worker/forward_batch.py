@@ -69,6 +69,7 @@ class AttentionMetadata:
     decode_span: int = 0                     # decode: key positions to attend (<= Bmax * block_size)
     decode_lows: torch.Tensor | None = None  # decode: [S] int64, first key position attended (window)
     decode_lens: torch.Tensor | None = None  # decode: [S] int64, context length (keys [low, len))
+    decode_max_keys: int = 0                 # decode: the most keys one sequence attends (max len - low)
 
 
 def build_attention_metadata(batch: ForwardBatch, block_size: int,
@@ -83,11 +84,12 @@ def build_attention_metadata(batch: ForwardBatch, block_size: int,
     meta = AttentionMetadata(batch.slot_mapping, list(batch.query_lens), starts, list(batch.context_lens),
                              is_decode, [], [], None, None)
     if is_decode:
-        meta.padded_blocks, meta.decode_mask, meta.decode_span = _decode_padding(
-            tables, batch.context_lens, block_size, sliding_window)
         lows = [max(0, n - sliding_window) if sliding_window is not None else 0 for n in batch.context_lens]
+        meta.padded_blocks, meta.decode_mask, meta.decode_span = _decode_padding(
+            tables, batch.context_lens, lows, block_size)
         meta.decode_lows = torch.tensor(lows, dtype=torch.int64)
         meta.decode_lens = torch.tensor(batch.context_lens, dtype=torch.int64)
+        meta.decode_max_keys = max(n - low for n, low in zip(batch.context_lens, lows, strict=True))
     else:
         meta.context_blocks = [torch.tensor(t, dtype=torch.int64) for t in tables]
         meta.prefill_masks = [_prefill_mask(q, n, sliding_window)
@@ -107,12 +109,12 @@ def _prefill_mask(q_len: int, context_len: int, window: int | None) -> torch.Ten
     return mask
 
 
-def _decode_padding(tables: list[list[int]], context_lens: list[int], block_size: int,
-                    window: int | None):
+def _decode_padding(tables: list[list[int]], context_lens: list[int], lows: list[int], block_size: int):
+    """Block tables padded to one width, and the SDPA mask (None: trim to a span instead);
+    sequence s attends key positions [lows[s], context_lens[s])."""
     max_blocks = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int64)
     span = max_blocks * block_size
-    lows = [max(0, n - window) if window is not None else 0 for n in context_lens]
     # Equal context lengths and no window (batch 1 always): trim the keys instead of masking;
     # a boolean mask costs SDPA ~50x more than the unmasked path at batch 1.
     if len(set(context_lens)) == 1 and not any(lows):

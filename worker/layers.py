@@ -76,12 +76,6 @@ def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ..
 
 # ---- blocks -----------------------------------------------------------------------
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: [T, H] fp32
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight.float() * (x * torch.rsqrt(variance + eps))
-
-
 def swiglu_mlp(x: torch.Tensor, gate_w, up_w, down_w, linear) -> torch.Tensor:
     # x: [T, H] -> [T, H]
     return linear(F.silu(linear(x, gate_w)) * linear(x, up_w), down_w)
@@ -185,13 +179,6 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return emb.cos()[:, None, :], emb.sin()[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, head_dim]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 # ---- paged attention --------------------------------------------------------------
 
 def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -203,7 +190,8 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     """
     if meta.is_decode and kernels.can_use_decode_attention(q, k_cache):
         out = kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, meta.slot_mapping,
-                                       meta.padded_blocks, meta.decode_lows, meta.decode_lens)
+                                       meta.padded_blocks, meta.decode_lows, meta.decode_lens,
+                                       meta.decode_max_keys)
         return out.view(q.shape[0], -1)
     num_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
     k_cache.view(-1, num_kv, dim).index_copy_(0, meta.slot_mapping, k_new.to(k_cache.dtype))
