@@ -21,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.catalog import ensure_default_catalog, weight_bytes
 from bench.output import command_line, publish
 from services.errors import InvalidRequest
 
@@ -42,24 +43,18 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--modes must list host and/or load, got {args.modes!r}", param="--modes")
     if args.rounds < 1:
         raise InvalidRequest("--rounds must be at least 1", param="--rounds")
-    model_dirs = [Path(m) for m in args.models] if args.models else _default_catalog()
+    model_dirs = [Path(m) for m in args.models] if args.models else ensure_default_catalog()
     for model_dir in model_dirs:
         if not (model_dir / "config.json").is_file():
             raise InvalidRequest(f"{model_dir}: not a checkpoint folder (no config.json)", param="--models")
     store_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"c2c-coldstart-{os.getpid()}"
     try:
         _settle(model_dirs, store_root / "settle")
-        rows = {mode: measure_mode(mode, model_dirs, args.rounds, store_root / mode) for mode in modes}
+        results = {mode: measure_mode(mode, model_dirs, args.rounds, store_root / mode) for mode in modes}
     finally:
         shutil.rmtree(store_root, ignore_errors=True)
-    publish(render(command_line("coldstart"), rows, args.rounds), args.out)
+    publish(render(command_line("coldstart"), results, args.rounds), args.out)
     return 0
-
-
-def _default_catalog() -> list[Path]:
-    from bench.catalog import ensure_default_catalog
-
-    return ensure_default_catalog()
 
 
 def _engine(mode: str, store_root: Path):
@@ -93,8 +88,9 @@ def _settle(model_dirs: list[Path], store_root: Path) -> None:
         engine.evict(model_dir.name)
 
 
-def measure_mode(mode: str, model_dirs: list[Path], rounds: int, store_root: Path) -> list[dict]:
-    """Per model: cold and warm request seconds over `rounds`, evicting after each pair."""
+def measure_mode(mode: str, model_dirs: list[Path], rounds: int, store_root: Path) -> tuple[list[dict], float]:
+    """Per model: cold and warm request seconds over `rounds`, evicting after each pair;
+    and the seconds registering the catalog took (host: copying it into the store)."""
     engine = _engine(mode, store_root)
     fill_start = time.perf_counter()
     for model_dir in model_dirs:
@@ -107,32 +103,27 @@ def measure_mode(mode: str, model_dirs: list[Path], rounds: int, store_root: Pat
             cold.append(_request_s(engine, model_dir.name, expect_cold=True))
             warm.append(_request_s(engine, model_dir.name, expect_cold=False))
             engine.evict(model_dir.name)
-        rows.append({"model": model_dir.name, "weight_mb": _weight_bytes(model_dir) / 1e6,
+        rows.append({"model": model_dir.name, "weight_mb": weight_bytes(model_dir) / 1e6,
                      "cold_ms": 1e3 * statistics.median(cold), "warm_ms": 1e3 * statistics.median(warm),
-                     "added_ms": 1e3 * statistics.median(c - w for c, w in zip(cold, warm, strict=True)),
-                     "register_s": fill_s})
-    return rows
+                     "added_ms": 1e3 * statistics.median(c - w for c, w in zip(cold, warm, strict=True))})
+    return rows, fill_s
 
 
-def _weight_bytes(model_dir: Path) -> int:
-    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-
-
-def render(command: str, rows_by_mode: dict[str, list[dict]], rounds: int) -> str:
+def render(command: str, results: dict[str, tuple[list[dict], float]], rounds: int) -> str:
+    """The table, then one line per mode; results: mode -> (rows, seconds to register)."""
     lines = [f"$ {command}",
              f"one-token request ({len(PROMPT)} chars of prompt), cold (model not loaded) then warm, "
              f"{rounds} rounds per model, medians; machine: {os.cpu_count()} cores, "
              f"load average {os.getloadavg()[0]:.1f} at the end",
              f"{'mode':<6}{'model':<16}{'weights MB':>11}{'cold ms':>10}{'warm ms':>10}{'added ms':>10}"]
-    for mode, rows in rows_by_mode.items():
+    for mode, (rows, _) in results.items():
         for r in rows:
             lines.append(f"{mode:<6}{r['model']:<16}{r['weight_mb']:>11.1f}{r['cold_ms']:>10.1f}"
                          f"{r['warm_ms']:>10.1f}{r['added_ms']:>10.1f}")
     lines.append("")
-    for mode, rows in rows_by_mode.items():
+    for mode, (rows, register_s) in results.items():
         added = [r["added_ms"] for r in rows]
-        register = (f"; filling the host store took {rows[0]['register_s']:.2f} s, once per node"
-                    if mode == "host" else "")
+        register = f"; filling the host store took {register_s:.2f} s, once per node" if mode == "host" else ""
         lines.append(f"{mode}: a cold start adds {statistics.median(added):.1f} ms at the median over models "
                      f"(max {max(added):.1f}){register}")
     return "\n".join(lines) + "\n"
