@@ -29,13 +29,17 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CommonConfig:
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_help("NATS server URL"))
+    nats_url: str = field(default="nats://127.0.0.1:4222",
+                          metadata=_help("NATS server URL, or several comma-separated (a cluster)"))
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_help("Redis URL"))
     node: str = field(default_factory=socket.gethostname, metadata=_help("node name"))
     connect_timeout_s: float = field(default=20.0, metadata=_help("retry NATS/Redis this long"))
+    model_roots: str = field(default="", metadata=_help(
+        "comma-separated folders that catalog paths must lie under (empty: no confinement)"))
 
     def validate(self) -> None:
-        _check(self.nats_url.startswith(("nats://", "tls://")), "nats_url", "must be nats://HOST:PORT")
+        _check(all(u.strip().startswith(("nats://", "tls://")) for u in self.nats_url.split(",")),
+               "nats_url", "must be nats://HOST:PORT (or several, comma-separated)")
         _check(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be redis://HOST:PORT/DB")
         _check(self.connect_timeout_s > 0, "connect_timeout_s", "must be > 0")
 
@@ -50,16 +54,20 @@ class GatewayConfig(CommonConfig):
     retry_after_s: int = field(default=1, metadata=_help("Retry-After on 503"))
     catalog_refresh_s: float = field(default=2.0, metadata=_help("reload the model catalog this often"))
     models_dir: str = field(default="", metadata=_help("register every checkpoint folder under this at start"))
+    request_timeout_s: float = field(default=600.0, metadata=_help("overall deadline of one request (504 after it)"))
 
     def validate(self) -> None:
         super().validate()
         _check(0 <= self.port < 65536, "port", "must be 0..65535")
         _check(self.first_chunk_timeout_s > 0 and self.chunk_timeout_s > 0, "chunk_timeout_s", "must be > 0")
+        _check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
 
 
 @dataclass(frozen=True)
 class PlacerConfig(CommonConfig):
-    worker_expiry_s: float = field(default=3.0, metadata=_help("forget a worker after this without telemetry"))
+    worker_expiry_s: float = field(default=3.0, metadata=_help("declare a worker dead after this without a heartbeat"))
+    stall_timeout_s: float = field(default=60.0, metadata=_help(
+        "declare a worker stalled when its engine made no step for this long while it had work"))
     request_ttl_s: int = field(default=600, metadata=_help("TTL of c2c:req:<id> assignment records"))
     prewarm_interval_s: float = field(default=5.0, metadata=_help("forecast-driven prewarm period (0: off)"))
     prewarm_budget_bytes: int = field(default=4 << 30, metadata=_help("prewarmed bytes per slice when its KV is idle"))
@@ -67,6 +75,7 @@ class PlacerConfig(CommonConfig):
     def validate(self) -> None:
         super().validate()
         _check(self.worker_expiry_s > 0, "worker_expiry_s", "must be > 0")
+        _check(self.stall_timeout_s > 0, "stall_timeout_s", "must be > 0")
 
 
 @dataclass(frozen=True)

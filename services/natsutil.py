@@ -36,7 +36,11 @@ IO_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, nats.errors.E
 
 
 async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:
-    """Connect, retrying until `timeout_s`; raises C2CError naming the URL if it never answers."""
+    """Connect, retrying until `timeout_s`; raises C2CError naming the URL if it never answers.
+
+    `url` may list several servers of one NATS cluster, comma-separated: the client picks
+    one and fails over to the others (and to those the cluster gossips) when it dies."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     holder: list[NATS] = []
@@ -48,7 +52,7 @@ async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:
     while time.monotonic() < deadline:
         try:
             nc = await nats.connect(
-                url, name=name, connect_timeout=2, max_reconnect_attempts=-1,
+                servers=servers, name=name, connect_timeout=2, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, allow_reconnect=True,
                 error_cb=_log_error, disconnected_cb=on_disconnected,
             )

@@ -77,6 +77,7 @@ class SubmitRequest(msgspec.Struct, **_HOT):
     resumed_token_ids: list[int] = []  # re-dispatch: tokens already streamed to the client
     num_prompt_chars: int = 0  # for the placer's token estimate (chars / 4)
     resumed_num_chars: int = 0  # re-dispatch: characters of text the client already got
+    epoch: int = 0  # the gateway's assignment counter for this request: 1 first, +1 per re-dispatch
 
 
 class TokenChunk(msgspec.Struct, **_HOT):
@@ -99,6 +100,7 @@ class TokenChunk(msgspec.Struct, **_HOT):
     queue_s: float = 0.0  # first chunk: time the request waited on the worker before running
     redispatch: bool = False  # from the placer: the worker died; resubmit with the tokens so far
     num_resumed_tokens: int = 0  # first chunk after a re-dispatch: streamed tokens kept as prompt
+    epoch: int = 0  # the assignment this chunk belongs to; the gateway drops other epochs (fencing)
 
     @property
     def is_final(self) -> bool:
@@ -110,6 +112,7 @@ class AbortRequest(msgspec.Struct, **_HOT):
 
     request_id: str
     reason: str = "client disconnected"
+    epoch: int = 0  # abort only this assignment and older ones (0: whatever runs)
 
 
 class WorkerTelemetry(msgspec.Struct, **_HOT):
