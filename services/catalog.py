@@ -2,6 +2,12 @@
 
 Model id = the checkpoint folder's name. Reading a checkpoint's `config.json` here needs
 no torch, so the gateway and launcher stay light.
+
+Confinement: an entry is only a path some process wrote to Redis, and a worker opens
+whatever it names. With model roots (C2C_MODEL_ROOTS, `parse_roots`), `check_path` admits
+a checkpoint folder only when its real path (symlinks resolved) lies under a root's real
+path; `lookup` and `load_all` treat an entry outside every root as absent (logged) and
+hand out the resolved path, the one that was checked.
 """
 
 from __future__ import annotations
@@ -17,6 +23,41 @@ from services.errors import CheckpointError
 from services.schemas import ModelEntry
 
 log = logging.getLogger(__name__)
+_refused_entries: set[tuple[str, str]] = set()  # (model id, path) already warned about
+
+
+def parse_roots(text: str) -> list[str]:
+    """C2C_MODEL_ROOTS (comma-separated folders) -> the list; empty: no confinement."""
+    return [root.strip() for root in text.split(",") if root.strip()]
+
+
+def check_path(path: str | Path, roots: list[str]) -> Path:
+    """The real path of `path` (symlinks and `..` resolved) when it lies under the real
+    path of one of `roots`; raises CheckpointError otherwise. No roots: anything goes."""
+    resolved = Path(path).expanduser().resolve()
+    if not roots:
+        return resolved
+    real_roots = [Path(root).expanduser().resolve() for root in roots]
+    if any(resolved.is_relative_to(root) for root in real_roots):
+        return resolved
+    raise CheckpointError(
+        f"{path}: resolves to {resolved}, outside the model roots "
+        f"({', '.join(str(r) for r in real_roots)}; set by C2C_MODEL_ROOTS)")
+
+
+def _confined(entry: ModelEntry, roots: list[str] | None) -> ModelEntry | None:
+    """`entry` with its checked real path, or None (warned once per entry) when it lies
+    outside `roots`. No roots: the entry as stored."""
+    if not roots:
+        return entry
+    try:
+        real_path = check_path(entry.path, roots)
+    except CheckpointError as exc:
+        if (entry.model_id, entry.path) not in _refused_entries:
+            _refused_entries.add((entry.model_id, entry.path))
+            log.warning("catalog: refused model %s: %s", entry.model_id, exc)
+        return None
+    return msgspec.structs.replace(entry, path=str(real_path))
 
 
 def entry_for(model_dir: str | Path, owner: str = "public") -> ModelEntry:
@@ -44,9 +85,10 @@ def _from_hash(fields: dict[str, str]) -> ModelEntry:
     return msgspec.convert(fields, ModelEntry, strict=False)
 
 
-async def register(redis, model_dirs: list[str | Path]) -> list[ModelEntry]:
-    """Write one catalog entry per checkpoint folder; returns them."""
-    entries = [entry_for(d) for d in model_dirs]
+async def register(redis, model_dirs: list[str | Path], roots: list[str] | None = None) -> list[ModelEntry]:
+    """Write one catalog entry per checkpoint folder; returns them. A folder outside
+    `roots` raises CheckpointError before anything is written."""
+    entries = [entry_for(check_path(d, roots or [])) for d in model_dirs]
     async with redis.pipeline(transaction=False) as pipe:
         for entry in entries:
             pipe.hset(keys.model(entry.model_id), mapping=to_hash(entry))
@@ -55,8 +97,9 @@ async def register(redis, model_dirs: list[str | Path]) -> list[ModelEntry]:
     return entries
 
 
-async def load_all(redis) -> dict[str, ModelEntry]:
-    """Every catalog entry by model id (SCAN, not KEYS, so it never blocks Redis)."""
+async def load_all(redis, roots: list[str] | None = None) -> dict[str, ModelEntry]:
+    """Every catalog entry by model id (SCAN, not KEYS, so it never blocks Redis); with
+    `roots`, only those inside them (see `check_path`)."""
     model_keys = [k async for k in redis.scan_iter(match=keys.MODEL_PATTERN, count=500)]
     if not model_keys:
         return {}
@@ -66,15 +109,17 @@ async def load_all(redis) -> dict[str, ModelEntry]:
         rows = await pipe.execute()
     entries = {}
     for row in rows:
-        if row:
-            entry = _from_hash(row)
+        entry = _confined(_from_hash(row), roots) if row else None
+        if entry is not None:
             entries[entry.model_id] = entry
     return entries
 
 
-async def lookup(redis, model_id: str) -> ModelEntry | None:
+async def lookup(redis, model_id: str, roots: list[str] | None = None) -> ModelEntry | None:
+    """The catalog entry of `model_id`, or None when there is none or (with `roots`) it
+    points outside them."""
     row = await redis.hgetall(keys.model(model_id))
-    return _from_hash(row) if row else None
+    return _confined(_from_hash(row), roots) if row else None
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
