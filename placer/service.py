@@ -3,8 +3,16 @@
 Hot path (one submit): decode -> `placer.policy.choose_slice` over an in-memory view of
 the workers (refreshed by telemetry, no Redis read) -> publish to the worker keeping the
 gateway's inbox as reply subject. The assignment is written to Redis by a background
-task, off the critical path. No slice -> a final NO_CAPACITY chunk straight to the inbox,
-so the gateway answers 503 at once.
+task, off the critical path, and read back by a placer that (re)starts, so a restarted or
+second placer still re-dispatches the requests of a worker that dies. No slice -> a final
+NO_CAPACITY chunk straight to the inbox, so the gateway answers 503 at once.
+
+Liveness: a worker is dead when neither its heartbeat key (written by a thread of its own,
+which no compute, JIT or tokenization delays) nor its telemetry was seen for
+`worker_expiry_s`; it is stalled (not routed to) while its engine has had work without
+finishing a step for `stall_timeout_s`. A dead worker's requests are re-dispatched
+through their gateways with a new epoch; if it comes back, the placer aborts the
+assignments it fenced off, so it drops them instead of computing for nobody.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ log = logging.getLogger(__name__)
 _submit_decoder = schemas.decoder(SubmitRequest)
 _RECORD_EVERY_S = 0.05
 _RECORD_MAX_KEYS = 256  # per script call, so one burst does not hold Redis for long
-_RECORD_FIELDS = ("worker_id", "model_id", "reply", "t_s")
+_RECORD_FIELDS = ("worker_id", "model_id", "reply", "t_s", "epoch")
 # KEYS: c2c:req:<id>...; ARGV: ttl_s, n fields, n field names, then n values per key
 _RECORD_SCRIPT = """
 local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -73,8 +81,10 @@ class Placer:
         self.views: dict[str, SliceView] = {}
         self.last_seen_s: dict[str, float] = {}
         self.num_assigned_since_telemetry: dict[str, int] = {}
-        # worker -> request id -> (gateway inbox, monotonic time assigned): for re-dispatch
-        self.inflight: dict[str, dict[str, tuple[str, float]]] = {}
+        # worker -> request id -> (gateway inbox, monotonic time assigned, epoch): for re-dispatch
+        self.inflight: dict[str, dict[str, tuple[str, float, int]]] = {}
+        # worker declared dead -> request id -> the epoch fenced off (aborted if it comes back)
+        self.fenced: dict[str, dict[str, int]] = {}
         self._tasks: set[asyncio.Task] = set()
         self.placer_id = uuid.uuid4().hex[:8]
         self._unrecorded: dict[str, tuple[str, ...]] = {}  # request id -> _RECORD_FIELDS, not yet in Redis
@@ -84,6 +94,7 @@ class Placer:
         self.nc = await natsutil.connect_nats(self.config.nats_url, "placer", self.config.connect_timeout_s)
         self.redis = await natsutil.connect_redis(self.config.redis_url, self.config.connect_timeout_s)
         await self._load_heartbeats()
+        await self._load_assignments()
         await self.nc.subscribe(subjects.SUBMIT, queue=subjects.PLACER_QUEUE, cb=self.on_submit)
         await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerTelemetry, self.on_telemetry)
         await self.nc.flush()  # the server has our subscriptions before we say we are ready
@@ -112,23 +123,60 @@ class Placer:
             self.views[info.worker_id] = slice_view_of_info(info)
             self.last_seen_s[info.worker_id] = time.monotonic()
 
-    def on_telemetry(self, t: WorkerTelemetry, msg: Msg) -> None:
-        """c2c.telemetry.<id> (WorkerTelemetry): refresh that worker's view."""
+    async def _load_assignments(self) -> None:
+        """Seed the in-flight table from the c2c:req:<id> records (a restarted placer)."""
+        now_s, num_loaded = time.monotonic(), 0
+        async for key in self.redis.scan_iter(match=keys.REQUEST_PATTERN, count=500):
+            row = await self.redis.hgetall(key)
+            if row.get("worker_id") and row.get("reply"):
+                request_id = keys.request_id_of(key)
+                epoch = int(row.get("epoch") or 0)
+                self.inflight.setdefault(row["worker_id"], {})[request_id] = (row["reply"], now_s, epoch)
+                num_loaded += 1
+        for worker_id in self.inflight:  # judged by its heartbeat from now on, like any worker
+            self.last_seen_s.setdefault(worker_id, now_s)
+        if num_loaded:
+            log.info("recovered %d recorded assignments", num_loaded)
+
+    async def on_telemetry(self, t: WorkerTelemetry, msg: Msg) -> None:
+        """c2c.telemetry.<id> (WorkerTelemetry): refresh that worker's view; abort what
+        it still runs of assignments fenced off when it was declared dead."""
         if t.is_stopping:  # its unfinished requests come back through their gateways
             log.info("worker %s is stopping; no longer routed to", t.worker_id)
-            self.views.pop(t.worker_id, None)
-            self.last_seen_s.pop(t.worker_id, None)
+            self._forget(t.worker_id)
             self.inflight.pop(t.worker_id, None)
             return
+        if t.worker_id in self.fenced:
+            await self._abort_fenced(t)
         now_s = time.monotonic()
-        self.views[t.worker_id] = slice_view_of(t)
         self.last_seen_s[t.worker_id] = now_s
+        if t.stalled_s > self.config.stall_timeout_s:
+            self.views.pop(t.worker_id, None)  # alive, but its engine makes no progress
+        else:
+            self.views[t.worker_id] = slice_view_of(t)
         self.num_assigned_since_telemetry[t.worker_id] = 0
         inflight = self.inflight.get(t.worker_id)
         if inflight:  # forget finished requests (ones too new to show up yet are kept)
             running = set(t.request_ids)
-            for request_id in [r for r, (_, at_s) in inflight.items() if r not in running and now_s - at_s > _SETTLE_S]:
+            for request_id in [r for r, (_, at_s, _) in inflight.items() if r not in running and now_s - at_s > _SETTLE_S]:
                 del inflight[request_id]
+
+    async def _abort_fenced(self, t: WorkerTelemetry) -> None:
+        fenced = self.fenced[t.worker_id]
+        running = dict(zip(t.request_ids, t.request_epochs, strict=False))
+        for request_id, epoch in list(fenced.items()):
+            if running.get(request_id) == epoch:
+                log.warning("[req=%s] worker %s came back with fenced epoch %d: aborting it", request_id, t.worker_id, epoch)
+                abort = schemas.AbortRequest(request_id, "fenced: the worker was declared dead", epoch=epoch)
+                await self.nc.publish(subjects.worker_abort(t.worker_id), schemas.encode(abort))
+            else:
+                del fenced[request_id]
+        if not fenced:
+            del self.fenced[t.worker_id]
+
+    def _forget(self, worker_id: str) -> None:
+        self.views.pop(worker_id, None)
+        self.last_seen_s.pop(worker_id, None)
 
     async def _expire_loop(self) -> None:
         while True:
@@ -144,12 +192,31 @@ class Placer:
             log.warning("placer heartbeat failed: %s", exc)
 
     async def _expire_silent_workers(self) -> None:
+        await self._read_heartbeats()
         deadline = time.monotonic() - self.config.worker_expiry_s
         for worker_id in [w for w, seen in self.last_seen_s.items() if seen < deadline]:
-            log.warning("worker %s stopped reporting; no longer routed to", worker_id)
-            self.views.pop(worker_id, None)
-            self.last_seen_s.pop(worker_id, None)
+            log.warning("worker %s: no heartbeat for %.1f s; declared dead, no longer routed to",
+                        worker_id, self.config.worker_expiry_s)
+            self._forget(worker_id)
             await self._redispatch(worker_id)
+
+    async def _read_heartbeats(self) -> None:
+        """A worker whose heartbeat key exists is alive, whatever its telemetry does."""
+        worker_ids = list(self.last_seen_s)
+        if not worker_ids:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for worker_id in worker_ids:
+                    pipe.exists(keys.worker(worker_id))
+                alive = await pipe.execute()
+        except natsutil.IO_ERRORS as exc:  # no verdict without Redis: telemetry alone counts
+            log.warning("could not read worker heartbeats: %s", exc)
+            return
+        now_s = time.monotonic()
+        for worker_id, is_alive in zip(worker_ids, alive, strict=True):
+            if is_alive:
+                self.last_seen_s[worker_id] = now_s
 
     async def _redispatch(self, worker_id: str) -> None:
         """Tell each gateway whose request was on a dead worker to resubmit it.
@@ -157,9 +224,10 @@ class Placer:
         The gateway knows which tokens its client already got; it resubmits with them
         appended to the prompt, so the stream continues with no loss or duplicates.
         """
-        for request_id, (reply, _) in self.inflight.pop(worker_id, {}).items():
-            log.warning("[req=%s] worker %s died mid-request: re-dispatching", request_id, worker_id)
-            chunk = TokenChunk(request_id, worker_id, redispatch=True)
+        for request_id, (reply, _, epoch) in self.inflight.pop(worker_id, {}).items():
+            log.warning("[req=%s] worker %s died mid-request: re-dispatching epoch %d", request_id, worker_id, epoch)
+            self.fenced.setdefault(worker_id, {})[request_id] = epoch
+            chunk = TokenChunk(request_id, worker_id, redispatch=True, epoch=epoch)
             await self.nc.publish(reply, schemas.encode(chunk))
 
     def _live_views(self) -> list[SliceView]:
@@ -191,17 +259,17 @@ class Placer:
             return
         req.worker_id = worker_id
         if msg.reply:
-            self.inflight.setdefault(worker_id, {})[req.request_id] = (msg.reply, time.monotonic())
+            self.inflight.setdefault(worker_id, {})[req.request_id] = (msg.reply, time.monotonic(), req.epoch)
         self.num_assigned_since_telemetry[worker_id] = self.num_assigned_since_telemetry.get(worker_id, 0) + 1
         await self.nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=msg.reply)
         log.debug("[req=%s] model=%s -> worker %s", req.request_id, req.model_id, worker_id)
-        self._unrecorded[req.request_id] = (worker_id, req.model_id, msg.reply or "", f"{time.time():.3f}")
+        self._unrecorded[req.request_id] = (worker_id, req.model_id, msg.reply or "", f"{time.time():.3f}", str(req.epoch))
 
     async def _reject(self, req: SubmitRequest, reply: str) -> None:
         reason = "no worker is running" if not self.views else f"no worker can take model '{req.model_id}' now"
         log.info("[req=%s] rejected: %s", req.request_id, reason)
         if reply:
-            chunk = TokenChunk(req.request_id, finish_reason=FinishReason.ERROR,
+            chunk = TokenChunk(req.request_id, finish_reason=FinishReason.ERROR, epoch=req.epoch,
                                error_code=ErrorCode.NO_CAPACITY, error=reason)
             await self.nc.publish(reply, schemas.encode(chunk))
 

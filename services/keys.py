@@ -40,6 +40,13 @@ def request(request_id: str) -> str:
     return f"{PREFIX}:req:{request_id}"
 
 
+REQUEST_PATTERN = f"{PREFIX}:req:*"
+
+
+def request_id_of(key: str) -> str:
+    return key.split(":", 2)[2]
+
+
 def control(worker_id: str) -> str:
     """Hash: the last ControlUpdate sent to a worker."""
     return f"{PREFIX}:control:{worker_id}"
@@ -51,3 +58,9 @@ def placer(placer_id: str) -> str:
 
 
 PLACER_PATTERN = f"{PREFIX}:placer:*"
+
+
+def gateway(gateway_id: str) -> str:
+    """String: a live gateway's heartbeat (TTL). A worker aborts the requests of a gateway
+    whose key is gone: their client connections died with that gateway."""
+    return f"{PREFIX}:gateway:{gateway_id}"

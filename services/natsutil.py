@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -35,7 +36,8 @@ NO_RESPONDERS_STATUS = "503"
 IO_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, nats.errors.Error)
 
 
-async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:
+async def connect_nats(url: str, name: str, timeout_s: float = 20.0,
+                       on_reconnected: Callable[[], Awaitable[None]] | None = None) -> NATS:
     """Connect, retrying until `timeout_s`; raises C2CError naming the URL if it never answers.
 
     `url` may list several servers of one NATS cluster, comma-separated: the client picks
@@ -54,7 +56,7 @@ async def connect_nats(url: str, name: str, timeout_s: float = 20.0) -> NATS:
             nc = await nats.connect(
                 servers=servers, name=name, connect_timeout=2, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, allow_reconnect=True,
-                error_cb=_log_error, disconnected_cb=on_disconnected,
+                error_cb=_log_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
             )
             holder.append(nc)
             return nc
@@ -167,13 +169,48 @@ def run(main: Awaitable[Any]) -> Any:
 
 
 async def serve_until_signal(service: Any) -> None:
-    """Start `service`, run until SIGINT/SIGTERM, then stop it (also after a failed start)."""
+    """Start `service`, run until SIGINT/SIGTERM, then stop it (also after a failed start).
+
+    A signal during a slow start (a worker compiling kernels) stops it at once instead
+    of after the start finished."""
     stop = stop_event_on_signals()
+    starting = asyncio.ensure_future(service.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await service.start()
-        await stop.wait()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a failed start raises here
+            await stopping
+        else:
+            log.info("stop signal while starting: stopping now")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *IO_ERRORS):
+                await starting
     finally:
+        stopping.cancel()
         await service.stop()
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a daemon thread. Unlike asyncio.to_thread, a process that stops
+    while it runs (a long compile) does not wait for it at exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(exc) if exc is not None else future.set_result(result)
+
+    def target() -> None:
+        try:
+            result, exc = fn(*args), None
+        except BaseException as error:  # handed to the awaiting coroutine
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=target, name=getattr(fn, "__name__", "work"), daemon=True).start()
+    return await future
 
 
 def stop_event_on_signals() -> asyncio.Event:

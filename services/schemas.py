@@ -101,6 +101,7 @@ class TokenChunk(msgspec.Struct, **_HOT):
     redispatch: bool = False  # from the placer: the worker died; resubmit with the tokens so far
     num_resumed_tokens: int = 0  # first chunk after a re-dispatch: streamed tokens kept as prompt
     epoch: int = 0  # the assignment this chunk belongs to; the gateway drops other epochs (fencing)
+    seq: int = 0  # this chunk's index within its assignment: a gap means chunks were lost
 
     @property
     def is_final(self) -> bool:
@@ -139,6 +140,8 @@ class WorkerTelemetry(msgspec.Struct, **_HOT):
     num_aborted: int = 0
     request_ids: list[str] = []  # requests in flight (for re-dispatch)
     is_stopping: bool = False  # last message of a worker shutting down: route nothing more here
+    request_epochs: list[int] = []  # the epoch of each of request_ids (fencing a worker that came back)
+    stalled_s: float = 0.0  # how long the engine has had work without finishing a step
 
 
 class ControlUpdate(msgspec.Struct, omit_defaults=True):

@@ -58,3 +58,9 @@ def gateway_inbox(gateway_id: str, request_id: str) -> str:
 
 def request_id_of_inbox(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]
+
+
+def gateway_id_of_inbox(subject: str) -> str:
+    """The gateway id in `c2c.inbox.<gateway_id>.<request_id>` ("" for another subject)."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 4 and parts[1] == "inbox" else ""

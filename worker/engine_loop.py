@@ -4,6 +4,11 @@ The asyncio side puts commands on `commands` (a thread-safe queue); this thread 
 engine steps and hands encoded `TokenChunk`s back with `loop.call_soon_threadsafe`.
 Only this thread touches the engine. A request that fails (at admission or in a step)
 always gets a final chunk with an error code.
+
+Every chunk carries its assignment's epoch and its index in that assignment (`seq`): the
+gateway accepts only the current epoch, in sequence (fencing). A submit of a request
+that runs here under an older epoch replaces it (the gateway re-dispatched it, maybe to
+this very worker); an abort names the epoch it fences off and spares newer ones.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Snapshot:
     num_finished: int = 0
     num_aborted: int = 0
     request_ids: list[str] = field(default_factory=list)
+    request_epochs: list[int] = field(default_factory=list)
     private_weight_bytes: int = 0
     cached_fraction: dict[str, float] = field(default_factory=dict)
 
@@ -58,7 +64,8 @@ class _Inflight:
     reply: str
     arrival_s: float  # wall clock at the gateway
     received_s: float  # monotonic, on this worker
-    num_chunks: int = 0
+    epoch: int = 0  # the gateway's assignment counter, echoed on every chunk
+    num_chunks: int = 0  # chunks sent so far: the next one's seq
     last_token_s: float = 0.0
     num_resumed: int = 0  # re-dispatched: tokens generated elsewhere, now part of the prompt
     num_skip_chars: int = 0  # re-dispatched: text the client already has, dropped once
@@ -81,14 +88,26 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine-{worker_id}", daemon=True)
         self._last_stats_s = 0.0
+        self._busy_since_s: float | None = None  # monotonic start of the step or command running now
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop after the current step; a step stuck longer than timeout_s is left behind
+        (the thread is a daemon; its late chunks carry a fenced-off epoch)."""
         self._stop.set()
         self.commands.put(("noop",))
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout_s)
+
+    def stalled_s(self) -> float:
+        """How long the step or command running now has taken (0 when idle): any thread."""
+        since_s = self._busy_since_s
+        return 0.0 if since_s is None else time.monotonic() - since_s
+
+    def inflight_replies(self) -> list[tuple[str, str]]:
+        """(request id, reply inbox) of the requests in flight: any thread (a copy)."""
+        return [(request_id, info.reply) for request_id, info in list(self._inflight.items())]
 
     def submit(self, command: tuple) -> None:
         """Thread-safe: ("submit", SubmitRequest, reply) | ("abort", id) | ("control", knobs)
@@ -107,9 +126,9 @@ class EngineLoop:
                 log.exception("engine loop error")
                 self._fail_all(f"engine loop error: {exc}")
 
-    def unfinished(self) -> list[tuple[str, str]]:
-        """(request id, reply inbox) of requests still in flight; call after stop()."""
-        return [(request_id, info.reply) for request_id, info in self._inflight.items()]
+    def unfinished(self) -> list[tuple[str, str, int]]:
+        """(request id, reply inbox, epoch) of requests still in flight; call after stop()."""
+        return [(request_id, info.reply, info.epoch) for request_id, info in list(self._inflight.items())]
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -125,11 +144,12 @@ class EngineLoop:
 
     def _handle(self, command: tuple) -> None:
         kind = command[0]
+        self._busy_since_s = time.monotonic()
         try:
             if kind == "submit":
                 self._add_request(command[1], command[2])
             elif kind == "abort":
-                self._abort(command[1])
+                self._abort(command[1], command[2] if len(command) > 2 else 0)
             elif kind == "control":
                 knobs = {k: v for k, v in command[1].items() if k in ENGINE_KNOBS}
                 self.engine.set_control(**knobs)
@@ -146,7 +166,10 @@ class EngineLoop:
             log.exception("%s failed", kind)
             if kind == "submit":
                 req, reply = command[1], command[2]
-                self._send([(reply, _error_chunk(req.request_id, self.worker_id, ErrorCode.INTERNAL, str(exc)))])
+                self._inflight.pop(req.request_id, None)
+                self._send([(reply, _error_chunk(req.request_id, self.worker_id, ErrorCode.INTERNAL, str(exc), req.epoch))])
+        finally:
+            self._busy_since_s = None
 
     def _prewarm(self, model_id: str, model_dir: str) -> None:
         """Resident in the host store and mapped on this slice before any request."""
@@ -171,7 +194,9 @@ class EngineLoop:
             top_k=req.top_k, seed=req.seed, stop=list(req.stop),
             stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
         )
-        info = _Inflight(reply, req.arrival_s, time.monotonic())
+        if not self._replace_older(req):
+            return
+        info = _Inflight(reply, req.arrival_s, time.monotonic(), epoch=req.epoch)
         try:
             prompt = self._prompt_of(req, info)
             params.max_tokens = max(1, req.max_tokens - info.num_resumed)
@@ -179,9 +204,24 @@ class EngineLoop:
                                     arrival_s=req.arrival_s or None, **prompt)
         except C2CError as exc:
             log.info("[req=%s] rejected: %s", req.request_id, exc)
-            self._send([(reply, _error_chunk(req.request_id, self.worker_id, exc.code, str(exc)))])
+            self._send([(reply, _error_chunk(req.request_id, self.worker_id, exc.code, str(exc), req.epoch))])
             return
         self._inflight[req.request_id] = info
+
+    def _replace_older(self, req: SubmitRequest) -> bool:
+        """A request already running here under an older epoch gives way to this one; a
+        submit of an epoch not newer than the running one is a duplicate and is dropped."""
+        running = self._inflight.get(req.request_id)
+        if running is None:
+            return True
+        if req.epoch <= running.epoch:
+            log.warning("[req=%s] dropped a duplicate submit of epoch %d (epoch %d runs)",
+                        req.request_id, req.epoch, running.epoch)
+            return False
+        log.info("[req=%s] epoch %d replaces epoch %d here", req.request_id, req.epoch, running.epoch)
+        self.engine.abort(req.request_id)
+        del self._inflight[req.request_id]
+        return True
 
     def _prompt_of(self, req: SubmitRequest, info: _Inflight) -> dict[str, Any]:
         """The prompt kwargs of add_request. A re-dispatched request continues after the
@@ -209,21 +249,25 @@ class EngineLoop:
                  info.num_resumed, len(req.resumed_token_ids))
         return {"prompt_token_ids": ids + list(req.resumed_token_ids[: info.num_resumed])}
 
-    def _abort(self, request_id: str) -> None:
-        if request_id in self._inflight:
-            self.engine.abort(request_id)
-            self._inflight.pop(request_id, None)
-            self._num_aborted += 1
-            log.info("[req=%s] aborted", request_id)
+    def _abort(self, request_id: str, epoch: int = 0) -> None:
+        info = self._inflight.get(request_id)
+        if info is None or (epoch and info.epoch > epoch):  # a newer assignment is not fenced
+            return
+        self.engine.abort(request_id)
+        del self._inflight[request_id]
+        self._num_aborted += 1
+        log.info("[req=%s] aborted (epoch %d)", request_id, info.epoch)
 
     def _step(self) -> None:
-        step_start_s = time.monotonic()
+        step_start_s = self._busy_since_s = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as exc:  # a bug in a step must not leave clients waiting
             log.exception("engine step failed; failing %d requests", len(self._inflight))
             self._fail_all(f"engine step failed: {exc}")
             return
+        finally:
+            self._busy_since_s = None
         batch = [self._chunk_of(out, step_start_s) for out in outputs if out.request_id in self._inflight]
         if batch:
             self._send(batch)
@@ -231,7 +275,8 @@ class EngineLoop:
     def _chunk_of(self, out, step_start_s: float) -> tuple[str, bytes]:
         info = self._inflight[out.request_id]
         now_s = time.monotonic()
-        chunk = TokenChunk(out.request_id, self.worker_id, list(out.new_token_ids), out.new_text)
+        chunk = TokenChunk(out.request_id, self.worker_id, list(out.new_token_ids), out.new_text,
+                           epoch=info.epoch, seq=info.num_chunks)
         if info.num_skip_chars:  # re-dispatched: the client has this text already
             skipped = min(info.num_skip_chars, len(chunk.text))
             chunk.text, info.num_skip_chars = chunk.text[skipped:], info.num_skip_chars - skipped
@@ -267,7 +312,8 @@ class EngineLoop:
                 self.engine.abort(request_id)
             except Exception:  # the engine is already broken; the client must still hear
                 log.exception("[req=%s] abort after a failed step failed", request_id)
-            batch.append((info.reply, _error_chunk(request_id, self.worker_id, ErrorCode.INTERNAL, message)))
+            batch.append((info.reply, _error_chunk(request_id, self.worker_id, ErrorCode.INTERNAL, message,
+                                                   info.epoch, info.num_chunks)))
         self._inflight.clear()
         self._send(batch)
 
@@ -289,7 +335,7 @@ class EngineLoop:
             ttft_p50_ms=statistics.median(self._ttft_ms) if self._ttft_ms else None,
             tpot_p50_ms=statistics.median(self._tpot_ms) if self._tpot_ms else None,
             num_finished=self._num_finished, num_aborted=self._num_aborted,
-            request_ids=list(self._inflight),
+            request_ids=list(self._inflight), request_epochs=[i.epoch for i in self._inflight.values()],
             private_weight_bytes=int(_stat(stats, "private_weight_bytes", 0)),
             cached_fraction=dict(_stat(stats, "cached_fraction", {}) or {}),
         )
@@ -301,6 +347,6 @@ def _stat(stats: Any, name: str, default: Any) -> Any:
     return getattr(stats, name, default)
 
 
-def _error_chunk(request_id: str, worker_id: str, code: int, message: str) -> bytes:
+def _error_chunk(request_id: str, worker_id: str, code: int, message: str, epoch: int, seq: int = 0) -> bytes:
     return schemas.encode(TokenChunk(request_id, worker_id, finish_reason=FinishReason.ERROR,
-                                     error_code=int(code), error=message))
+                                     error_code=int(code), error=message, epoch=epoch, seq=seq))

@@ -8,7 +8,9 @@ and serves NATS subjects:
     c2c.worker.<id>.abort      AbortRequest
     c2c.worker.<id>.residency  ResidencyCommand (prewarm / evict)
     c2c.control.<id>           ControlUpdate -> Engine.set_control
-and publishes c2c.telemetry.<id> (~100 ms) plus a heartbeat key c2c:worker:<id> (TTL).
+and publishes c2c.telemetry.<id> (~100 ms). A thread of its own keeps the heartbeat key
+c2c:worker:<id> (TTL) alive (worker.heartbeat), so no compute stalls it. Requests of a
+gateway that died (its key c2c:gateway:<id> gone) are aborted: nobody reads them.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from services.schemas import (
     WorkerInfo,
     WorkerTelemetry,
 )
+from worker.heartbeat import Heartbeat
 from worker.slices import SliceSpec, apply_slice, discover_slices
 
 log = logging.getLogger(__name__)
+_ORPHAN_CHECK_S = 2.0  # a gateway's key missing on two checks in a row: its requests are aborted
 
 
 def worker_id_for(config: WorkerConfig, spec: SliceSpec) -> str:
@@ -62,6 +66,8 @@ class WorkerService:
         self._out: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
         self._started_s = time.time()
+        self.heartbeat: Heartbeat | None = None
+        self._missing_gateways: set[str] = set()  # gone at the last orphan check
 
     def _build_engine(self):
         from worker.engine import Engine, EngineConfig
@@ -83,17 +89,19 @@ class WorkerService:
         c = self.config
         self.nc = await natsutil.connect_nats(c.nats_url, f"worker-{self.worker_id}", c.connect_timeout_s)
         self.redis = await natsutil.connect_redis(c.redis_url, c.connect_timeout_s)
-        engine = await asyncio.to_thread(self._build_engine)
-        await asyncio.to_thread(engine.warmup)
+        engine = await natsutil.in_daemon_thread(self._build_engine)
+        await natsutil.in_daemon_thread(engine.warmup)  # kernels from the cache the launcher filled
         self.loop_thread = EngineLoop(engine, self.worker_id, asyncio.get_running_loop(), self._out.put_nowait)
         await self._add_pinned_models()
         self.loop_thread.start()
         natsutil.spawn(self._publisher(), self._tasks, "chunk publisher")
         await self._subscribe()
         await self._telemetry()  # placers know this worker before its heartbeat says "ready"
-        await self._heartbeat()
+        self.heartbeat = Heartbeat(c.redis_url, keys.worker(self.worker_id), self._heartbeat_row,
+                                   period_s=max(0.2, c.heartbeat_ttl_s / 3), ttl_s=c.heartbeat_ttl_s)
+        await asyncio.to_thread(self.heartbeat.start)
         natsutil.spawn(self._every(c.telemetry_interval_s, self._telemetry), self._tasks, "telemetry")
-        natsutil.spawn(self._every(max(0.2, c.heartbeat_ttl_s / 3), self._heartbeat), self._tasks, "heartbeat")
+        natsutil.spawn(self._every(_ORPHAN_CHECK_S, self._abort_orphans), self._tasks, "orphan check")
         log.info("worker %s ready on %s (%s, residency=%s)", self.worker_id, self.spec.name, self.spec.profile, c.residency)
 
     async def _subscribe(self) -> None:
@@ -117,24 +125,24 @@ class WorkerService:
             task.cancel()
         if self.nc is not None and self.nc.is_connected and self.loop_thread is not None:
             await self._telemetry(is_stopping=True)
+        if self.heartbeat is not None:
+            await asyncio.to_thread(self.heartbeat.stop)
         if self.loop_thread is not None:
             await asyncio.to_thread(self.loop_thread.stop)
             await self._hand_over(self.loop_thread.unfinished())
-        if self.redis is not None:
-            await self.redis.delete(keys.worker(self.worker_id))
         await natsutil.close_nats(self.nc)
         if self.redis is not None:
             await self.redis.aclose()
 
-    async def _hand_over(self, unfinished: list[tuple[str, str]]) -> None:
+    async def _hand_over(self, unfinished: list[tuple[str, str, int]]) -> None:
         """Ask each gateway to resubmit its unfinished request (as if this worker died)."""
         if self.nc is None or not self.nc.is_connected:
             return
         while not self._out.empty():  # chunks already produced go first, in order
             for subject, payload in self._out.get_nowait():
                 await self.nc.publish(subject, payload)
-        for request_id, reply in unfinished:
-            chunk = TokenChunk(request_id, self.worker_id, redispatch=True)
+        for request_id, reply, epoch in unfinished:
+            chunk = TokenChunk(request_id, self.worker_id, redispatch=True, epoch=epoch)
             await self.nc.publish(reply, schemas.encode(chunk))
         if unfinished:
             log.info("handed %d unfinished requests back for re-dispatch", len(unfinished))
@@ -157,20 +165,26 @@ class WorkerService:
         if pinned and req.model_id not in pinned:
             await self._reply_error(req, msg.reply, ErrorCode.NO_CAPACITY, f"worker {self.worker_id} serves only {', '.join(pinned)}")
             return
-        if req.model_id not in self.model_paths and not await self._ensure_model(req.model_id):
+        try:
+            is_known = req.model_id in self.model_paths or await self._ensure_model(req.model_id)
+        except natsutil.IO_ERRORS as exc:
+            log.warning("[req=%s] catalog unavailable: %s", req.request_id, exc)
+            await self._reply_error(req, msg.reply, ErrorCode.NO_CAPACITY, "the model catalog is unavailable; retry shortly")
+            return
+        if not is_known:
             await self._reply_error(req, msg.reply, ErrorCode.MODEL_NOT_FOUND, f"The model '{req.model_id}' does not exist")
             return
         self.loop_thread.submit(("submit", req, msg.reply))
 
     async def _reply_error(self, req: SubmitRequest, reply: str, code: ErrorCode, message: str) -> None:
         chunk = TokenChunk(req.request_id, self.worker_id, finish_reason=FinishReason.ERROR,
-                           error_code=code, error=message)
+                           error_code=code, error=message, epoch=req.epoch)
         if reply:
             await self.nc.publish(reply, schemas.encode(chunk))
 
     def on_abort(self, abort: AbortRequest, msg: Msg) -> None:
         """c2c.worker.<id>.abort (AbortRequest): stop the request, free its slot."""
-        self.loop_thread.submit(("abort", abort.request_id))
+        self.loop_thread.submit(("abort", abort.request_id, abort.epoch))
 
     async def on_residency(self, cmd: ResidencyCommand, msg: Msg) -> None:
         """c2c.worker.<id>.residency (ResidencyCommand): prewarm (resident + mapped) or evict."""
@@ -214,12 +228,33 @@ class WorkerService:
             kv_free_frac=s.kv_free_frac, ttft_p50_ms=s.ttft_p50_ms, tpot_p50_ms=s.tpot_p50_ms,
             pinned_models=self.config.pinned_models, residency=self.config.residency,
             num_finished=s.num_finished, num_aborted=s.num_aborted, request_ids=s.request_ids,
-            is_stopping=is_stopping,
+            is_stopping=is_stopping, request_epochs=s.request_epochs, stalled_s=self.loop_thread.stalled_s(),
         )
         await self.nc.publish(subjects.telemetry(self.worker_id), schemas.encode(t))
 
-    async def _heartbeat(self) -> None:
-        """c2c:worker:<id> (WorkerInfo fields, TTL) and the slice's cached models."""
+    async def _abort_orphans(self) -> None:
+        """Abort the requests of gateways that are gone (key missing twice in a row)."""
+        by_gateway: dict[str, list[str]] = {}
+        for request_id, reply in self.loop_thread.inflight_replies():
+            by_gateway.setdefault(subjects.gateway_id_of_inbox(reply), []).append(request_id)
+        by_gateway.pop("", None)
+        if not by_gateway:
+            self._missing_gateways.clear()
+            return
+        gateway_ids = list(by_gateway)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gateway_id in gateway_ids:
+                pipe.exists(keys.gateway(gateway_id))
+            found = await pipe.execute()
+        missing = {g for g, is_alive in zip(gateway_ids, found, strict=True) if not is_alive}
+        for gateway_id in missing & self._missing_gateways:
+            log.warning("gateway %s is gone: aborting its %d requests", gateway_id, len(by_gateway[gateway_id]))
+            for request_id in by_gateway[gateway_id]:
+                self.loop_thread.submit(("abort", request_id, 0))
+        self._missing_gateways = missing
+
+    def _heartbeat_row(self) -> dict[str, str]:
+        """c2c:worker:<id> (WorkerInfo fields, TTL), written by the heartbeat thread."""
         info = WorkerInfo(
             worker_id=self.worker_id, node=self.config.node, gpu=self.spec.gpu,
             slice_profile=self.spec.profile, memory_bytes=self.spec.memory_bytes,
@@ -229,11 +264,8 @@ class WorkerService:
         )
         row = {k: (",".join(v) if isinstance(v, list) else str(v)) for k, v in schemas.to_json_dict(info).items()}
         row.setdefault("private_weight_bytes", "0")  # always there, 0 included (host mode)
-        key = keys.worker(self.worker_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=row)
-            pipe.expire(key, self.config.heartbeat_ttl_s)
-            await pipe.execute()
+        row["stalled_s"] = f"{self.loop_thread.stalled_s():.1f}"
+        return row
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
