@@ -89,6 +89,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=f"engine-{worker_id}", daemon=True)
         self._last_stats_s = 0.0
         self._busy_since_s: float | None = None  # monotonic start of the step or command running now
+        self._aborted: set[str] = set()  # requests whose engine abort output is still to come (not theirs)
 
     def start(self) -> None:
         self._thread.start()
@@ -219,7 +220,8 @@ class EngineLoop:
                         req.request_id, req.epoch, running.epoch)
             return False
         log.info("[req=%s] epoch %d replaces epoch %d here", req.request_id, req.epoch, running.epoch)
-        self.engine.abort(req.request_id)
+        self.engine.abort(req.request_id)  # its "abort" output comes from the next step: not ours
+        self._aborted.add(req.request_id)
         del self._inflight[req.request_id]
         return True
 
@@ -253,7 +255,8 @@ class EngineLoop:
         info = self._inflight.get(request_id)
         if info is None or (epoch and info.epoch > epoch):  # a newer assignment is not fenced
             return
-        self.engine.abort(request_id)
+        self.engine.abort(request_id)  # its output comes from the next step, maybe after a new epoch
+        self._aborted.add(request_id)
         del self._inflight[request_id]
         self._num_aborted += 1
         log.info("[req=%s] aborted (epoch %d)", request_id, info.epoch)
@@ -268,9 +271,16 @@ class EngineLoop:
             return
         finally:
             self._busy_since_s = None
-        batch = [self._chunk_of(out, step_start_s) for out in outputs if out.request_id in self._inflight]
+        batch = [self._chunk_of(out, step_start_s) for out in outputs if self._is_ours(out)]
         if batch:
             self._send(batch)
+
+    def _is_ours(self, out) -> bool:
+        """An output of a request in flight, not the abort output of an epoch aborted or replaced."""
+        if out.request_id in self._aborted and out.finished and out.finish_reason == "abort":
+            self._aborted.discard(out.request_id)
+            return False
+        return out.request_id in self._inflight
 
     def _chunk_of(self, out, step_start_s: float) -> tuple[str, bytes]:
         info = self._inflight[out.request_id]

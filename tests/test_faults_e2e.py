@@ -1,0 +1,203 @@
+"""Faults against a real cluster (nats-server, Valkey, gateway, placer, two CPU workers):
+a worker paused past its expiry mid-stream, fenced epochs on a worker, a gateway that
+vanished. Outputs are greedy and compared with the engine's own: nothing wrong, nothing
+twice. Every wait is on an event, with a generous ceiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import time
+
+import aiohttp
+import msgspec
+import nats
+import psutil
+import pytest
+
+from services import schemas, subjects
+from services.launcher import LocalCluster
+from services.schemas import AbortRequest, SubmitRequest, TokenChunk, WorkerTelemetry
+
+PROMPTS = ["The quick brown fox", "Hello, world", "One two three", "Lorem ipsum"]
+MAX_TOKENS = 600
+WAIT_S = 180.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model):
+    return tiny_model("llama", seed=7)
+
+
+@pytest.fixture(scope="module")
+def cluster(servers, model_dir):
+    env = {"C2C_WORKER_EXPIRY_S": "2", "C2C_HEARTBEAT_TTL_S": "1", "C2C_PREWARM_INTERVAL_S": "0"}
+    with LocalCluster([model_dir], num_workers=2, nats_url=servers.nats_url, redis_url=servers.redis_url,
+                      extra_env=env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    from worker.engine import Engine, SamplingParams
+
+    engine = Engine()
+    engine.add_model(model_dir.name, model_dir)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    return {p: engine.generate(model_dir.name, p, params).new_text for p in PROMPTS}
+
+
+def _pid_of(worker_id: str) -> int:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "--worker-id" in cmdline and cmdline[cmdline.index("--worker-id") + 1] == worker_id:
+            return proc.pid
+    raise AssertionError(f"no process for worker {worker_id}")
+
+
+async def _metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M))
+
+
+async def _stream_text(resp) -> str:
+    texts = []
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line.startswith("data: {"):
+            event = json.loads(line.removeprefix("data: "))
+            assert "error" not in event, event
+            texts.append(event["choices"][0]["text"])
+    return "".join(texts)
+
+
+async def test_a_paused_worker_adds_no_wrong_or_duplicated_text(cluster, model_dir, expected):
+    """SIGSTOP past the expiry: its requests continue elsewhere; after SIGCONT it must
+    not add a word to any stream (fencing), and it drops the fenced requests."""
+    before = await _metric(cluster.url, "c2c_redispatches_total")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
+        responses = await asyncio.gather(*[session.post(f"{cluster.url}/v1/completions", json={
+            "model": model_dir.name, "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+            "temperature": 0, "stream": True}) for p in PROMPTS])
+        assert all(r.status == 200 for r in responses)
+        paused_id = responses[0].headers["X-Worker-Id"]
+        pid = _pid_of(paused_id)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await _wait_for(lambda: _metric(cluster.url, "c2c_redispatches_total"), lambda v: v > before)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        texts = await asyncio.gather(*[_stream_text(r) for r in responses])
+    for prompt, text in zip(PROMPTS, texts, strict=True):
+        assert text == expected[prompt]  # nothing lost, nothing repeated, nothing foreign
+    async with _telemetry_of(cluster, paused_id) as telemetry:  # it dropped what was fenced off
+        await _wait_for(telemetry.get, lambda t: t.num_running == 0 and not t.request_ids)
+
+
+async def _wait_for(probe, done, ceiling_s: float = WAIT_S):
+    deadline = time.monotonic() + ceiling_s
+    while time.monotonic() < deadline:
+        value = await probe()
+        if done(value):
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not reached within {ceiling_s:.0f} s (last: {value!r})")
+
+
+class _Telemetry:
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def get(self) -> WorkerTelemetry:
+        return schemas.decode(WorkerTelemetry, (await asyncio.wait_for(self.queue.get(), WAIT_S)).data)
+
+
+class _telemetry_of:
+    """async with _telemetry_of(cluster, worker_id) as t: await t.get() -> the next report."""
+
+    def __init__(self, cluster: LocalCluster, worker_id: str):
+        self.url, self.subject = cluster.nats_url, subjects.telemetry(worker_id)
+
+    async def __aenter__(self) -> _Telemetry:
+        self.nc = await nats.connect(self.url)
+        telemetry = _Telemetry()
+        await self.nc.subscribe(self.subject, cb=telemetry.queue.put)
+        return telemetry
+
+    async def __aexit__(self, *exc) -> None:
+        await self.nc.close()
+
+
+class _FakeGateway:
+    """Submits straight to one worker and reads its chunks, as a gateway would."""
+
+    def __init__(self, nc, gateway_id: str, worker_id: str):
+        self.nc, self.gateway_id, self.worker_id = nc, gateway_id, worker_id
+        self.chunks: asyncio.Queue = asyncio.Queue()
+
+    async def start(self) -> _FakeGateway:
+        await self.nc.subscribe(subjects.gateway_inbox_all(self.gateway_id), cb=self.chunks.put)
+        await self.nc.flush()
+        return self
+
+    async def submit(self, req: SubmitRequest) -> None:
+        inbox = subjects.gateway_inbox(self.gateway_id, req.request_id)
+        await self.nc.publish(subjects.worker_submit(self.worker_id), schemas.encode(req), reply=inbox)
+
+    async def abort(self, abort: AbortRequest) -> None:
+        await self.nc.publish(subjects.worker_abort(self.worker_id), schemas.encode(abort))
+
+    async def next_chunk(self) -> TokenChunk:
+        return schemas.decode(TokenChunk, (await asyncio.wait_for(self.chunks.get(), WAIT_S)).data)
+
+
+async def test_a_newer_epoch_replaces_the_older_one_on_the_same_worker(cluster, model_dir, expected):
+    """A re-dispatch that lands on the worker still running the old epoch (it was only
+    slow) replaces it; an abort of the old epoch spares the new one."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(cluster.redis_url)
+    await redis.set(f"c2c:gateway:gwfence{os.getpid()}", "1", ex=600)
+    nc = await nats.connect(cluster.nats_url)
+    gateway = await _FakeGateway(nc, f"gwfence{os.getpid()}", cluster.worker_ids[1]).start()
+    prompt = PROMPTS[2]
+    req = SubmitRequest(request_id=f"fence-{os.getpid()}", model_id=model_dir.name, prompt=prompt,
+                        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, epoch=1)
+    await gateway.submit(req)
+    first = await gateway.next_chunk()
+    assert (first.epoch, first.seq) == (1, 0)
+    await gateway.submit(msgspec.structs.replace(req, epoch=2))
+    await gateway.abort(AbortRequest(req.request_id, "fenced", epoch=1))
+    texts, seqs = [], []
+    while True:
+        chunk = await gateway.next_chunk()
+        if chunk.epoch == 2:
+            texts.append(chunk.text)
+            seqs.append(chunk.seq)
+            if chunk.is_final:
+                break
+    assert seqs == list(range(len(seqs)))  # in order, none missing
+    assert "".join(texts) == expected[prompt]
+    await nc.close()
+    await redis.aclose()
+
+
+async def test_requests_of_a_vanished_gateway_are_aborted(cluster, model_dir):
+    """Nobody reads these chunks (their gateway's key is gone): the worker stops them."""
+    nc = await nats.connect(cluster.nats_url)
+    worker_id = cluster.worker_ids[0]
+    gateway = await _FakeGateway(nc, f"gwgone{os.getpid()}", worker_id).start()  # no c2c:gateway key
+    num_requests, max_tokens = 6, 2000 - 16
+    async with _telemetry_of(cluster, worker_id) as telemetry:
+        aborted_before = (await telemetry.get()).num_aborted
+        for i in range(num_requests):
+            await gateway.submit(SubmitRequest(request_id=f"orphan-{os.getpid()}-{i}", model_id=model_dir.name,
+                                               prompt="x", max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        report = await _wait_for(telemetry.get, lambda t: t.num_aborted > aborted_before and not t.request_ids)
+    assert report.num_aborted - aborted_before == num_requests  # stopped, not run to the end
+    await nc.close()
