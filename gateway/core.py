@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _chunk_decoder = schemas.decoder(TokenChunk)
 _BEAT_EVERY_S = 1.0
 _BEAT_TTL_S = 5  # a worker aborts this gateway's requests this long after it died
+BUS_GRACE_S = 5.0  # open streams wait this long for the bus to come back, then fail with 503
 
 
 class GatewayCore:
@@ -49,7 +50,8 @@ class GatewayCore:
 
     async def start(self) -> None:
         self.nc = await natsutil.connect_nats(self.config.nats_url, f"gateway-{self.gateway_id}",
-                                              self.config.connect_timeout_s, on_reconnected=self._on_reconnected)
+                                              self.config.connect_timeout_s, on_reconnected=self._on_reconnected,
+                                              on_disconnected=self._on_disconnected)
         self.redis = await natsutil.connect_redis(self.config.redis_url, self.config.connect_timeout_s)
         await self._beat()
         await self.nc.subscribe(subjects.gateway_inbox_all(self.gateway_id), cb=self._on_reply)
@@ -81,6 +83,17 @@ class GatewayCore:
         while True:
             await asyncio.sleep(_BEAT_EVERY_S)
             await self._beat()
+
+    async def _on_disconnected(self) -> None:
+        self.spawn(self._fail_streams_unless_reconnected(), "bus grace")
+
+    async def _fail_streams_unless_reconnected(self) -> None:
+        await asyncio.sleep(BUS_GRACE_S)
+        if self.is_connected:
+            return
+        log.warning("NATS still unreachable after %.0f s: failing %d open requests", BUS_GRACE_S, len(self.streams))
+        for stream in list(self.streams.values()):
+            stream.deliver(stream.local_error(ErrorCode.NO_CAPACITY, "the message bus is unavailable; retry shortly"))
 
     async def _on_reconnected(self) -> None:
         """The bus came back: chunks sent meanwhile are lost, so re-dispatch every stream."""

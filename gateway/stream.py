@@ -116,6 +116,11 @@ class RequestStream:
         """Called by the core's inbox subscription (any epoch; filtered when taken)."""
         self.queue.put_nowait(chunk)
 
+    def local_error(self, code: ErrorCode, message: str) -> TokenChunk:
+        """A final error chunk made here (no worker): it ends the current epoch as it is."""
+        return TokenChunk(self.req.request_id, finish_reason=FinishReason.ERROR, error_code=code, error=message,
+                          epoch=self.epoch)
+
     async def next_chunk(self) -> TokenChunk:
         """The next accepted chunk; raises C2CError(TIMEOUT) when the workers go quiet or
         the request's deadline passes, NO_CAPACITY after too many re-dispatches."""
@@ -129,7 +134,7 @@ class RequestStream:
                 continue
             if chunk.redispatch:
                 await self._redispatch(f"worker {chunk.worker_id or '?'} left mid-request")
-            elif chunk.seq != self._next_seq:
+            elif chunk.seq != self._next_seq and chunk.worker_id:  # (placer and local errors: no seq)
                 await self._redispatch(f"chunks lost on the bus (got #{chunk.seq}, expected #{self._next_seq})")
             else:
                 self._next_seq += 1

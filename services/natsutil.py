@@ -37,7 +37,8 @@ IO_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, nats.errors.E
 
 
 async def connect_nats(url: str, name: str, timeout_s: float = 20.0,
-                       on_reconnected: Callable[[], Awaitable[None]] | None = None) -> NATS:
+                       on_reconnected: Callable[[], Awaitable[None]] | None = None,
+                       on_disconnected: Callable[[], Awaitable[None]] | None = None) -> NATS:
     """Connect, retrying until `timeout_s`; raises C2CError naming the URL if it never answers.
 
     `url` may list several servers of one NATS cluster, comma-separated: the client picks
@@ -47,16 +48,18 @@ async def connect_nats(url: str, name: str, timeout_s: float = 20.0,
     last: Exception | None = None
     holder: list[NATS] = []
 
-    async def on_disconnected() -> None:
+    async def disconnected() -> None:
         if holder and not (holder[0].is_closed or holder[0].is_draining):
             log.warning("NATS connection lost; reconnecting to %s", url)
+            if on_disconnected is not None:
+                await on_disconnected()
 
     while time.monotonic() < deadline:
         try:
             nc = await nats.connect(
                 servers=servers, name=name, connect_timeout=2, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5, allow_reconnect=True,
-                error_cb=_log_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
+                error_cb=_log_error, disconnected_cb=disconnected, reconnected_cb=on_reconnected,
             )
             holder.append(nc)
             return nc

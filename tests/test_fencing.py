@@ -188,3 +188,77 @@ async def test_too_many_redispatches_fail_with_503(client, fake):
     resp = await asyncio.wait_for(response, WAIT_S)
     assert resp.status == 503
     assert "re-dispatches" in (await resp.json())["error"]["message"]
+
+
+async def test_the_request_deadline_ends_a_slow_request_with_504(aiohttp_client, private_servers, catalog_model, fake):
+    """Chunks keep coming, but too slowly to finish in time: 504, and the worker is told."""
+    env = {"C2C_NATS_URL": private_servers.nats_url, "C2C_REDIS_URL": private_servers.redis_url}
+    config = dataclasses.replace(load_config(GatewayConfig, environ=env, log_it=False), request_timeout_s=1.0)
+    client = await aiohttp_client(create_app(config))
+    response = _post(client, max_tokens=100)
+    req, reply = await fake.next_submit()
+    for seq in range(100):  # until the gateway gives up (one chunk per 50 ms)
+        await fake.send(reply, _chunk(req, "w1", seq, "x"))
+        if response.done():
+            break
+        await asyncio.sleep(0.05)
+    resp = await asyncio.wait_for(response, WAIT_S)
+    assert resp.status == 504
+    assert "deadline" in (await resp.json())["error"]["message"]
+    worker_id, abort = await fake.next_abort()
+    assert (worker_id, abort.request_id) == ("w1", req.request_id)
+
+
+async def test_no_bus_answers_503_at_once(aiohttp_client, catalog_model, tmp_path):
+    """NATS down: 503 with Retry-After within a second, not a 60 s wait."""
+    import time
+
+    with EmbeddedServers() as servers:
+        model_client = redis.Redis.from_url(servers.redis_url, decode_responses=True)
+        entry = to_hash(entry_for(_model_dir(tmp_path)))
+        model_client.hset(keys.model(MODEL), mapping=entry)
+        model_client.close()
+        env = {"C2C_NATS_URL": servers.nats_url, "C2C_REDIS_URL": servers.redis_url}
+        client = await aiohttp_client(create_app(load_config(GatewayConfig, environ=env, log_it=False)))
+        nats_proc = servers._procs[0]
+        nats_proc.kill()
+        nats_proc.wait()
+        for _ in range(3):
+            started = time.monotonic()
+            resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            assert resp.status == 503, await resp.text()
+            assert resp.headers["Retry-After"]
+            assert (await resp.json())["error"]["message"]
+            assert time.monotonic() - started < 5  # generous; it is milliseconds
+
+
+def _model_dir(tmp_path):
+    model_dir = tmp_path / MODEL
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
+    return model_dir
+
+
+async def test_open_streams_fail_with_503_when_the_bus_stays_down(aiohttp_client, tmp_path):
+    """NATS dies mid-stream and does not come back: the client hears within the grace."""
+    from gateway.core import BUS_GRACE_S
+
+    with EmbeddedServers() as servers:
+        model_client = redis.Redis.from_url(servers.redis_url, decode_responses=True)
+        model_client.hset(keys.model(MODEL), mapping=to_hash(entry_for(_model_dir(tmp_path))))
+        model_client.close()
+        env = {"C2C_NATS_URL": servers.nats_url, "C2C_REDIS_URL": servers.redis_url}
+        config = dataclasses.replace(load_config(GatewayConfig, environ=env, log_it=False),
+                                     first_chunk_timeout_s=WAIT_S, chunk_timeout_s=WAIT_S)
+        client = await aiohttp_client(create_app(config))
+        nc = await nats.connect(servers.nats_url)
+        fake = await FakeCluster(nc).start()
+        response = _post(client, max_tokens=5)
+        req, reply = await fake.next_submit()
+        await fake.send(reply, _chunk(req, "w1", 0, "a"))
+        servers._procs[0].kill()  # nats-server
+        resp = await asyncio.wait_for(response, WAIT_S)
+        assert resp.status == 503
+        assert "message bus" in (await resp.json())["error"]["message"]
+        assert BUS_GRACE_S < WAIT_S
+        await nc.close()
