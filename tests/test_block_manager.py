@@ -51,3 +51,34 @@ def test_free_returns_blocks_for_reuse():
 def test_rejects_empty_cache():
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+def test_fresh_blocks_go_out_in_ascending_order():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a, b = _seq("a"), _seq("b")
+    bm.allocate(a, 5)
+    bm.allocate(b, 4)
+    assert a.block_table == [0, 1, 2] and b.block_table == [3, 4]
+
+
+def test_the_last_freed_blocks_are_reused_first():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a, b, c = _seq("a"), _seq("b"), _seq("c")
+    bm.allocate(a, 4)   # [0, 1]
+    bm.allocate(b, 4)   # [2, 3]
+    bm.free(a)
+    bm.free(b)          # freed last: reused first, in its table's order
+    bm.allocate(c, 8)
+    assert c.block_table == [2, 3, 0, 1]
+
+
+def test_sequential_requests_cycle_through_the_same_blocks():
+    bm = BlockManager(num_blocks=1000, block_size=4)
+    used = set()
+    for i in range(200):  # one request at a time, growing token by token as in decode
+        seq = _seq(f"r{i}")
+        for num_tokens in range(1, 4 * (1 + i % 3) + 1):
+            bm.append(seq, num_tokens)
+        used.update(seq.block_table)
+        bm.free(seq)
+    assert used == {0, 1, 2}  # the largest request's need, not 200 requests' worth

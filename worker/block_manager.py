@@ -3,11 +3,16 @@
 The cache holds `num_blocks` blocks of `block_size` token slots. A sequence owns the
 blocks listed in its `block_table`, in order; token position p lives in block
 `block_table[p // block_size]` at offset `p % block_size`. No prefix sharing.
+
+Free blocks are a stack (last in, first out): the block freed last is reused first, and
+blocks never used go out in ascending order. The cache's memory is fresh anonymous pages
+faulted in on first write, so a worker touches only as many blocks as its largest
+concurrent need, however many requests pass through (first-in-first-out reuse walked
+every block of the cache, so every page of it ended up resident).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
 
 
@@ -25,7 +30,7 @@ class BlockManager:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() -> 0, 1, ...
 
     @property
     def num_free_blocks(self) -> int:
@@ -48,7 +53,7 @@ class BlockManager:
         if missing > len(self.free_block_ids):
             raise MemoryError(f"need {missing} KV blocks, {len(self.free_block_ids)} free")
         for _ in range(missing):
-            seq.block_table.append(self.free_block_ids.popleft())
+            seq.block_table.append(self.free_block_ids.pop())
 
     def can_append(self, seq: HasBlockTable, num_tokens: int) -> bool:
         """Can one more token (the `num_tokens`-th slot) be stored? Decode's check."""
@@ -58,6 +63,7 @@ class BlockManager:
         self.allocate(seq, num_tokens)
 
     def free(self, seq: HasBlockTable) -> None:
-        """Give back all of `seq`'s blocks (finish or preemption)."""
+        """Give back all of `seq`'s blocks (finish or preemption); they are the next reused,
+        in the table's order."""
         self.free_block_ids.extend(reversed(seq.block_table))
         seq.block_table.clear()
