@@ -14,6 +14,7 @@ Residency modes:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import time
@@ -140,6 +141,7 @@ class ModelRunner:
         slot = self.slots[model_id]
         slot.model, slot.kv, slot.private_bytes = None, None, 0
         if slot.kv_buffer is not None:
+            _release_pages(slot.kv_buffer)
             self._free_kv_buffers.append(slot.kv_buffer)
             slot.kv_buffer = None
         if self.weight_backend is not None:
@@ -191,8 +193,9 @@ class ModelRunner:
 
     # -- one step -------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
-        """Forward the batch; returns one sampled token per sequence with a sample flag."""
+    def run(self, batch: ScheduledBatch) -> list[int | Exception]:
+        """Forward the batch; returns one sampled token per sequence with a sample flag,
+        or the exception of a sample that failed (`Sampler.sample`: that request alone)."""
         slot = self.slots[batch.model_id]
         seqs = batch.seqs
         forward_batch = ForwardBatch.build(
@@ -219,6 +222,14 @@ def _zero_pages(num_bytes: int) -> torch.Tensor:
     """
     pages = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(pages, dtype=torch.uint8)  # keeps `pages` alive
+
+
+def _release_pages(buffer: torch.Tensor) -> None:
+    """Give a `_zero_pages` buffer's pages back to the OS (MADV_DONTNEED): a pooled KV
+    buffer then holds no memory, and reads as zeros (finite) when a model takes it again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(buffer.numel()), mmap.MADV_DONTNEED):
+        logger.warning("madvise(MADV_DONTNEED) of a KV buffer failed: errno %d", ctypes.get_errno())
 
 
 def _files_bytes(model_dir: Path) -> int:
