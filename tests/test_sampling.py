@@ -63,3 +63,55 @@ def test_temperature_sampling_follows_the_distribution():
     draws = [sampler.sample(logits[None], [P(1.0, seed=3)], ["r"])[0] for _ in range(2000)]
     freq0 = draws.count(0) / len(draws)
     assert 0.65 < freq0 < 0.75
+
+
+def test_tiny_temperature_is_greedy_and_never_nan():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 64) * 30
+    params = [P(1e-40), P(1e-6), P(4.9e-324), P(1e-40, top_k=5, top_p=1e-50, seed=1)]
+    assert Sampler().sample(logits, params, ["a", "b", "c", "d"]) == logits.argmax(dim=-1).tolist()
+
+
+def test_tiny_top_p_keeps_the_top_token():
+    torch.manual_seed(4)
+    logits = torch.randn(64)
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        assert sample_row(logits, 1.0, 0, 1e-50, gen) == int(logits.argmax())
+
+
+def test_small_and_huge_temperatures_sample_without_error():
+    logits = torch.tensor([1e30, -1e30, 0.0, 3.0])  # a spread that overflows logits / T
+    gen = torch.Generator().manual_seed(0)
+    assert sample_row(logits, 1e-5, 0, 1.0, gen) == 0
+    assert {sample_row(logits, 1e38, 0, 1.0, gen) for _ in range(200)} == {0, 1, 2, 3}  # ~uniform
+
+
+def test_a_bad_logits_row_fails_alone():
+    logits = torch.tensor([[0.0, 2.0, 1.0],
+                           [float("nan")] * 3,                # nothing to sample: this row fails
+                           [float("nan"), 1.0, float("inf")],  # NaN out, +inf is the top token
+                           [float("nan"), 5.0, 4.0]])
+    params = [P(0.0), P(0.7, seed=1), P(0.0), P(1.0, top_k=1)]
+    out = Sampler().sample(logits, params, ["a", "b", "c", "d"])
+    assert out[0] == 1 and isinstance(out[1], Exception) and out[2] == 2 and out[3] == 1
+
+
+def test_check_params_rejects_what_sampling_cannot_take():
+    import pytest
+
+    from services.errors import InvalidRequest
+    from worker.engine import SamplingParams
+    from worker.sampling import check_params
+
+    bad = [dict(seed=1 << 64), dict(seed=-(1 << 63) - 1), dict(seed="1"), dict(temperature=10**400),
+           dict(temperature="1"), dict(temperature=float("nan")), dict(top_p=None), dict(top_p=float("nan")),
+           dict(max_tokens=1.5), dict(max_tokens=True), dict(stop=None), dict(stop=5), dict(stop=[1]),
+           dict(stop_token_ids=None), dict(stop_token_ids=["a"]), dict(top_k=1.0)]
+    for fields in bad:
+        with pytest.raises(InvalidRequest) as info:
+            check_params(SamplingParams(**fields))
+        assert info.value.param == next(iter(fields))
+    for fields in (dict(seed=(1 << 64) - 1), dict(seed=-(1 << 63)), dict(temperature=1e-40), dict(top_p=1e-50),
+                   dict(temperature=10**30), dict(stop="x"), dict(top_k=10**9)):
+        check_params(SamplingParams(**fields))

@@ -107,3 +107,101 @@ def test_flush_emits_an_incomplete_character_at_the_end(tok_dir):
     first_byte_of_emoji = _byte_tokens(tok, "😀")[0]
     assert detok.add(first_byte_of_emoji) == ""
     assert detok.flush() == REPLACEMENT_CHAR
+
+
+def test_encode_releases_the_gil_and_decodes_meanwhile(tok_dir):
+    """Another Python thread keeps running (and decoding) while a long text is encoded:
+    Tokenizer.encode of `tokenizers` holds the GIL, which stopped a worker's heartbeats."""
+    import threading
+    import time
+
+    tok = Tokenizer(tok_dir)
+    text = " ".join(CORPUS) * 3000  # ~1 MB
+    ids = tok.encode("café crème")
+    done, num_ticks, decoded = threading.Event(), [0], set()
+
+    def tick():
+        while not done.is_set():
+            decoded.add(tok.decode(ids))
+            num_ticks[0] += 1
+            time.sleep(0.0005)  # waits for the GIL after each nap: no ticks while it is held
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        before = num_ticks[0]
+        encoded = tok.encode(text)
+        during = num_ticks[0] - before
+    finally:
+        done.set()
+        ticker.join()
+    assert len(encoded) > 100_000
+    assert during >= 10  # holding the GIL for the whole encode gives 0-2
+    assert decoded == {"café crème"}
+
+
+def test_encode_matches_the_plain_encode(tok_dir):
+    tok = Tokenizer(tok_dir)
+    for text in ["hello world", " café  😀\n\nbrûlée ", "<s>hi</s> there", "x" * 5000]:
+        for special in (True, False):
+            assert tok.encode(text, special) == tok._tok.encode(text, add_special_tokens=special).ids
+
+
+def test_text_that_is_not_unicode_is_invalid_request(tok_dir):
+    with pytest.raises(InvalidRequest, match="prompt"):
+        Tokenizer(tok_dir).encode("a\ud800b")
+
+
+@pytest.fixture(scope="module")
+def long_token_tok(tmp_path_factory):
+    """A tokenizer whose tokens span whole long words (far more characters a token than the
+    8 encode_bounded guesses first), so its prefix probing has to grow."""
+    out = tmp_path_factory.mktemp("longtok")
+    words = ["abcdefghijklmnopqrstuvwxyz", "zyxwvutsrqponmlkjihgfedcba", "thequickbrownfoxjumpsover"]
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([" ".join(words * 50)] * 20, trainer)
+    hf.save(str(out / "tokenizer.json"))
+    return Tokenizer(out)
+
+
+def test_encode_bounded_never_rejects_a_text_that_fits(long_token_tok, tok_dir):
+    import random
+
+    rng = random.Random(0)
+    short_tok = Tokenizer(tok_dir)
+    texts = [(long_token_tok, " abcdefghijklmnopqrstuvwxyz thequickbrownfoxjumpsover" * 3000),
+             (long_token_tok, "abcdefghijklmnopqrstuvwxyz" * 4000),            # no space to cut at
+             (short_tok, " ".join(rng.choice(CORPUS) for _ in range(3000))),
+             (short_tok, "😀" * 20000)]
+    for i, (tok, text) in enumerate(texts):
+        ids = tok.encode(text)
+        if i < 2:
+            assert len(text) > 8 * (len(ids) + 64)  # long tokens: probing prefixes, it must grow
+        for limit in (len(ids), len(ids) + 1, 10 * len(ids)):
+            assert tok.encode_bounded(text, limit) == ids
+        over = tok.encode_bounded(text, len(ids) // 2)  # None, or the ids when it was cheaper to encode all
+        assert over is None if i < 2 else over in (None, ids)
+
+
+def test_encode_bounded_reads_a_bounded_prefix_of_a_huge_text(tok_dir, monkeypatch):
+    tok = Tokenizer(tok_dir)
+    encoded_chars = []
+    real_encode = tok._encode
+    monkeypatch.setattr(tok, "_encode", lambda text, special: encoded_chars.append(len(text)) or real_encode(text, special))
+    text = " ".join(CORPUS) * 3000  # ~1 MB, ~300k tokens
+    assert tok.encode_bounded(text, 2047) is None
+    assert sum(encoded_chars) <= 4 * 8 * (2047 + 64) < len(text) // 10
+
+
+def test_check_messages():
+    from worker.tokenizer import check_messages
+
+    for bad in ([], {}, "hi", [1], [{"content": "x"}], [{"role": 1, "content": "x"}],
+                [{"role": "user", "content": 5}]):
+        with pytest.raises(InvalidRequest) as info:
+            check_messages(bad)
+        assert info.value.param == "messages"
+    check_messages([{"role": "user", "content": "x"}, {"role": "assistant", "content": None}])

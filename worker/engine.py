@@ -5,13 +5,20 @@ which sequences, how many tokens each), `runner.run(batch)` (tensors: forward + 
 `scheduler.postprocess(...)` then the engine's own stop checks and detokenization.
 
 Failures: bad input raises `InvalidRequest` / `ContextLengthExceeded` / `ModelNotFound`
-from `add_request` and nothing is queued; an exception inside a step fails that model's
-running requests (finish_reason "error", with the message) and the engine keeps serving.
+from `tokenize_request` / `add_request` and nothing is queued. An exception in a step's
+forward pass fails that model's running requests; one request whose sample or
+postprocessing fails ends alone (finish_reason "error", with the message) while the
+batch's others go on; the engine keeps serving either way.
+
+Threads: only one thread (the engine loop's) may call `add_request`, `step` and the
+rest; `tokenize_request` is safe from any thread, so a caller tokenizes a long prompt
+elsewhere (the GIL released) and hands `add_request` the ids.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -22,8 +29,8 @@ from services.errors import ContextLengthExceeded, ErrorCode, InvalidRequest, Mo
 from worker.checkpoint import load_config
 from worker.sampling import check_params
 from worker.scheduler import Scheduler, SchedulerConfig
-from worker.sequence import Sequence
-from worker.tokenizer import IncrementalDetokenizer, Tokenizer
+from worker.sequence import Sequence, check_times
+from worker.tokenizer import TextStream, Tokenizer, prompt_ids
 
 logger = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -98,9 +105,7 @@ class _Request:
     """What the engine keeps per request beside its Sequence: text and stop state."""
 
     seq: Sequence
-    detok: IncrementalDetokenizer
-    text: str = ""                    # generated text so far (up to a stop string)
-    num_sent_chars: int = 0
+    text: TextStream
     cold_start: bool = False
 
 
@@ -156,7 +161,7 @@ class Engine:
         return True
 
     def has_model(self, model_id) -> bool:
-        return model_id in self._tokenizers
+        return isinstance(model_id, str) and model_id in self._tokenizers
 
     def model_ids(self) -> list[str]:
         return list(self._tokenizers)
@@ -170,7 +175,7 @@ class Engine:
         return self.runner.slots[model_id].config.max_position_embeddings
 
     def _check_model(self, model_id) -> None:
-        if model_id not in self._tokenizers:
+        if not isinstance(model_id, str) or model_id not in self._tokenizers:
             raise ModelNotFound(f"model {model_id!r} is not served here (serving: {', '.join(self._tokenizers) or 'none'})",
                                 param="model")
 
@@ -181,48 +186,51 @@ class Engine:
                     messages: list[dict] | None = None,
                     arrival_s: float | None = None,
                     ttft_slo_s: float | None = None, tpot_slo_s: float | None = None) -> None:
-        """Queue a request; raises InvalidRequest / ContextLengthExceeded / ModelNotFound at once."""
+        """Queue a request; raises InvalidRequest / ContextLengthExceeded / ModelNotFound at once.
+
+        Cheap with prompt_token_ids (from `tokenize_request`, run in another thread)."""
         params = params or SamplingParams()
         self._check_model(model_id)
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequest(f"request id must be a non-empty string, got {request_id!r}")
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
         check_params(params)
-        token_ids = self._prompt_ids(model_id, prompt, prompt_token_ids, messages)
+        check_times(arrival_s=arrival_s, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s)
+        token_ids = self.tokenize_request(model_id, prompt, prompt_token_ids, messages)
         self._check_length(model_id, len(token_ids), params.max_tokens)
         seq = Sequence(request_id, model_id, token_ids, len(token_ids), params,
                        time.time() if arrival_s is None else arrival_s)
         seq.ttft_slo_s = ttft_slo_s or seq.ttft_slo_s
         seq.tpot_slo_s = tpot_slo_s or seq.tpot_slo_s
-        detok = IncrementalDetokenizer(self._tokenizers[model_id], token_ids)
-        self._requests[request_id] = _Request(seq, detok)
+        text = TextStream(self._tokenizers[model_id], token_ids, params.stop)
+        self._requests[request_id] = _Request(seq, text)
         self.scheduler.add(seq)
 
-    def _prompt_ids(self, model_id, prompt, prompt_token_ids, messages) -> list[int]:
-        tokenizer = self._tokenizers[model_id]
-        if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
-            raise InvalidRequest("give exactly one of prompt, prompt_token_ids, messages")
-        if messages is not None:
-            if not isinstance(messages, list) or not messages:
-                raise InvalidRequest("messages must be a non-empty list", param="messages")
-            ids = tokenizer.encode_chat(messages)
-        elif prompt is not None:
-            if not isinstance(prompt, str) or not prompt:
-                raise InvalidRequest("prompt is empty", param="prompt")
-            ids = tokenizer.encode(prompt)
-        else:
-            ids = list(prompt_token_ids)
+    def tokenize_request(self, model_id, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                         messages: list[dict] | None = None) -> list[int]:
+        """A request's prompt ids, from exactly one of prompt, prompt_token_ids, messages.
+
+        Thread-safe (reads what add_model wrote), and the GIL is released while text is
+        encoded. Bounded: a text certainly past the context window is rejected after a
+        prefix of it is tokenized. Raises ModelNotFound, InvalidRequest (an id outside the
+        vocabulary, bad messages), ContextLengthExceeded (the prompt fills the window).
+        """
+        self._check_model(model_id)
+        window = self.context_window(model_id)
         vocab_size = self.runner.slots[model_id].config.vocab_size
-        if not ids:
-            raise InvalidRequest("prompt is empty (no tokens)", param="prompt")
-        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
-            raise InvalidRequest(f"prompt token ids must be ints in [0, {vocab_size})", param="prompt")
+        ids = prompt_ids(self._tokenizers[model_id], window - 1, vocab_size, prompt, prompt_token_ids, messages)
+        if ids is None or len(ids) >= window:
+            num_tokens = len(ids) if ids is not None else (
+                len(prompt_token_ids) if prompt_token_ids is not None else f"more than {window - 1}")
+            raise ContextLengthExceeded(f"prompt has {num_tokens} tokens; {model_id}'s context window is "
+                                        f"{window} tokens", param="messages" if messages is not None else "prompt")
         return ids
 
     def _check_length(self, model_id: str, num_prompt: int, max_tokens: int) -> None:
         window = self.context_window(model_id)
-        if num_prompt >= window:
-            raise ContextLengthExceeded(
-                f"prompt has {num_prompt} tokens; {model_id}'s context window is {window} tokens", param="prompt")
         if num_prompt + max_tokens > window:
             raise ContextLengthExceeded(
                 f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {num_prompt + max_tokens} "
@@ -235,6 +243,8 @@ class Engine:
 
     def abort(self, request_id) -> None:
         """Stop a request; its final output (finish_reason "abort") comes from the next step."""
+        if not isinstance(request_id, str):
+            raise InvalidRequest(f"request id must be a string, got {request_id!r}")
         req = self._requests.get(request_id)
         if req is None:
             return
@@ -254,14 +264,36 @@ class Engine:
         try:
             if self.runner.ensure_loaded(batch.model_id, self.scheduler.is_model_busy):
                 self._mark_cold_start(batch.seqs)
-            token_ids = self.runner.run(batch)
+            sampled = self.runner.run(batch)  # a token id, or the exception of a failed sample
         except Exception as exc:  # one model's failure must not stop the others
             logger.exception("step of model %s failed", batch.model_id)
             return outputs + self._fail_model(batch.model_id, exc)
         self._count(batch)
-        for seq in self.scheduler.postprocess(batch, token_ids):
-            outputs.append(self._postprocess(self._requests[seq.request_id]))
+        outputs += self._fail_unsampled(batch, sampled)
+        for seq in self.scheduler.postprocess(batch, sampled):
+            outputs.append(self._postprocess_or_fail(self._requests[seq.request_id]))
         return outputs
+
+    def _fail_unsampled(self, batch, sampled: list) -> list[RequestOutput]:
+        """Requests whose sample failed end with an error; the batch's others go on."""
+        sampled_seqs = [s for s, flag in zip(batch.seqs, batch.sample_flags, strict=True) if flag]
+        outputs = []
+        for seq, token_id in zip(sampled_seqs, sampled, strict=True):
+            if isinstance(token_id, Exception):
+                logger.error("[req=%s] sampling failed: %s", seq.request_id, token_id)
+                outputs.append(self._fail_request(self._requests[seq.request_id], token_id))
+        return outputs
+
+    def _postprocess_or_fail(self, req: _Request) -> RequestOutput:
+        try:
+            return self._postprocess(req)
+        except Exception as exc:  # one request's detokenization or stop check must not fail the step
+            logger.exception("[req=%s] postprocessing failed", req.seq.request_id)
+            return self._fail_request(req, exc)
+
+    def _fail_request(self, req: _Request, exc: Exception) -> RequestOutput:
+        self.scheduler.finish(req.seq, "error")
+        return self._final(req, "error", f"{type(exc).__name__}: {exc}", ErrorCode.INTERNAL)
 
     def _mark_cold_start(self, seqs: list[Sequence]) -> None:
         first = next((s for s in seqs if s.first_token_s is None), seqs[0])
@@ -284,11 +316,11 @@ class Engine:
         elif not params.ignore_eos and token in self._tokenizers[seq.model_id].eos_token_ids:
             reason = "stop"
         else:
-            req.text += req.detok.add(token)
+            req.text.add(token)
         if reason is None and (seq.num_generated >= params.max_tokens
                                or seq.num_tokens >= self.context_window(seq.model_id)):
             reason = "length"
-        new_text, hit_stop = self._release_text(req, final=reason is not None)
+        new_text, hit_stop = req.text.release(final=reason is not None)
         if hit_stop:
             reason = "stop"
         if reason is not None:
@@ -297,34 +329,13 @@ class Engine:
         return RequestOutput(seq.request_id, seq.model_id, [token], new_text, reason is not None, reason,
                              seq.num_prompt_tokens, seq.num_generated, cold_start=self._take_cold(req))
 
-    def _release_text(self, req: _Request, final: bool) -> tuple[str, bool]:
-        """Text safe to send now, and whether a stop string ended the request.
-
-        Text that could be the start of a stop string is held back until it is not.
-        """
-        if final:
-            req.text += req.detok.flush()
-        stops = req.seq.params.stop
-        hit = min((i for s in stops if (i := req.text.find(s, req.num_sent_chars)) >= 0), default=-1)
-        if hit >= 0:
-            req.text = req.text[:hit]
-        end = len(req.text) if final or hit >= 0 else len(req.text) - _held_back(req.text, req.num_sent_chars, stops)
-        new_text = req.text[req.num_sent_chars : end]
-        req.num_sent_chars = end
-        return new_text, hit >= 0
-
     def _take_cold(self, req: _Request) -> bool:
         cold, req.cold_start = req.cold_start, False
         return cold
 
     def _fail_model(self, model_id: str, exc: Exception) -> list[RequestOutput]:
-        message = f"{type(exc).__name__}: {exc}"
         failed = [s for s in self.scheduler.running if s.model_id == model_id]
-        outputs = []
-        for seq in failed:
-            self.scheduler.finish(seq, "error")
-            outputs.append(self._final(self._requests[seq.request_id], "error", message, ErrorCode.INTERNAL))
-        return outputs
+        return [self._fail_request(self._requests[seq.request_id], exc) for seq in failed]
 
     def _final(self, req: _Request, reason: str, error: str | None = None, error_code: int = 0) -> RequestOutput:
         seq = req.seq
@@ -345,15 +356,11 @@ class Engine:
             if value is None:
                 continue
             if name in ("chunk_size", "max_num_seqs", "max_num_batched_tokens"):
-                if int(value) < 1:
-                    raise InvalidRequest(f"{name} must be >= 1, got {value}")
-                setattr(self.scheduler.config, name, int(value))
+                setattr(self.scheduler.config, name, _knob(name, value, int, 1, math.inf))
             elif name == "decode_threshold":
-                kernels.set_decode_threshold(int(value))
+                kernels.set_decode_threshold(_knob(name, value, int, 0, math.inf))
             elif name == "rho":
-                if not 0.0 <= float(value) <= 1.0:
-                    raise InvalidRequest(f"rho must be in [0, 1], got {value}")
-                self.runner.set_rho(float(value))
+                self.runner.set_rho(_knob(name, value, float, 0.0, 1.0))
             else:
                 logger.debug("ignoring unknown control knob %s=%r", name, value)
 
@@ -392,12 +399,12 @@ def _merge(into: RequestOutput, out: RequestOutput) -> None:
         setattr(into, name, getattr(out, name))
 
 
-def _held_back(text: str, start: int, stops: list[str]) -> int:
-    """Length of the longest tail of text[start:] that is a proper prefix of a stop string."""
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text) - start), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
+def _knob(name: str, value, kind: type, low: float, high: float):
+    """A control knob as `kind` in [low, high]; InvalidRequest naming it otherwise."""
+    try:
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"{name} must be a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise InvalidRequest(f"{name} must be in [{low}, {high}], got {value!r}")
+    return number

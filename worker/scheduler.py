@@ -111,14 +111,21 @@ class Scheduler:
         return None
 
     def postprocess(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Advance KV counts, append sampled tokens; returns the sequences given a token."""
+        """Advance KV counts, append sampled tokens; returns the sequences given a token.
+
+        A sequence finished during the step (its sample failed) is skipped: its token
+        (one per sample flag, as always) is dropped and its blocks are already free.
+        """
         now_s = self.clock()
         tokens = iter(sampled_token_ids)
         updated = []
         for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags, strict=True):
+            token_id = next(tokens) if samples else None
+            if seq.is_finished:
+                continue
             seq.num_computed_tokens += num_new
             if samples:
-                seq.token_ids.append(next(tokens))
+                seq.token_ids.append(token_id)
                 if seq.first_token_s is None:
                     seq.first_token_s = now_s
                 seq.last_token_s = now_s

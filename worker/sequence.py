@@ -9,9 +9,12 @@ appended. Preemption by recompute sets `num_computed_tokens` back to 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
+
+from services.errors import InvalidRequest
 
 
 class SequenceStatus(IntEnum):
@@ -62,3 +65,25 @@ class Sequence:
     @property
     def generated_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+
+def check_times(**times_s) -> None:
+    """A request's arrival time and SLOs, when given, are finite numbers (SLOs > 0):
+    a NaN would poison the scheduler's deadline order for every request. InvalidRequest."""
+    for name, value in times_s.items():
+        if value is None:
+            continue
+        is_slo = name != "arrival_s"
+        if not is_finite_number(value) or (is_slo and value <= 0):
+            raise InvalidRequest(f"{name} must be a finite number{' > 0' if is_slo else ''}, got {value!r}",
+                                 param=name)
+
+
+def is_finite_number(x) -> bool:
+    """A finite float, or an int a float can hold (not a bool)."""
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
