@@ -1,9 +1,11 @@
 """The gateway's aiohttp application: OpenAI-compatible HTTP in front of NATS.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream or not), GET /v1/models,
-GET /health, GET /metrics. Errors are mapped in one middleware (gateway.errors).
-A stream waits for its first chunk before sending headers, so a request that fails
-before producing a token still gets its proper HTTP status and error body.
+GET /health, GET /metrics. Errors are mapped in one middleware (gateway.errors). A request
+is bounded before anything is published: its body by what one bus message carries (413),
+its prompt by the model's context window, every value by its range (openai_api). A stream
+waits for its first chunk before sending headers, so a request that fails before producing
+a token still gets its proper HTTP status and error body.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from gateway.core import GatewayCore, RequestStream, error_of
 from gateway.errors import RETRY_AFTER_S, error_middleware, error_payload
 from gateway.metrics import GatewayMetrics
 from services.config import GatewayConfig
-from services.errors import C2CError, ErrorCode, InvalidRequest
+from services.errors import C2CError, ErrorCode
 from services.schemas import FINISH_REASON_TEXT, RequestKind
 
 log = logging.getLogger(__name__)
@@ -58,11 +60,16 @@ def _check_auth(request: web.Request) -> None:
 
 
 async def _read_json(request: web.Request):
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
+    """The body as strict JSON, at most what one bus message carries (413 past it)."""
+    limit = openai_api.max_body_bytes(request.app[CORE].nc.max_payload)
+    if request.content_length is not None and request.content_length > limit:
+        raise openai_api.RequestTooLarge(f"the body has {request.content_length} bytes; at most {limit} fit "
+                                         "on the message bus")
+    raw = await request.read()  # aiohttp decompresses gzip/deflate here (corrupt: RequestPayloadError)
+    if len(raw) > limit:
+        raise openai_api.RequestTooLarge(f"the body has {len(raw)} bytes (decoded); at most {limit} fit "
+                                         "on the message bus")
+    return openai_api.decode_body(raw, request.headers.get("Content-Type", ""))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -79,7 +86,9 @@ async def _generate(request: web.Request, kind: RequestKind) -> web.StreamRespon
     _check_auth(request)
     req = openai_api.parse_request(kind, await _read_json(request))
     core = request.app[CORE]
-    await core.check_model(req.model)
+    entry = await core.check_model(req.model)
+    openai_api.check_context(req, entry.context_window)
+    openai_api.check_bus_size(req.submit, core.nc.max_payload)  # nothing published can fail to encode
     async with core.open(req) as stream:
         first = await stream.next_chunk()
         if first.error_code:

@@ -1,23 +1,45 @@
 """OpenAI request validation and response formatting (no I/O).
 
-`parse_request(kind, body)` turns a decoded JSON body into a `ParsedRequest` or raises
-`InvalidRequest` naming the parameter (unknown parameter, wrong type, bad value).
-The `*_response` / `*_chunk` functions build OpenAI's exact wire objects.
+`decode_body(raw)` parses a body as strict JSON (finite numbers, bounded depth, text that
+UTF-8 can carry); `parse_request(kind, body)` turns it into a `ParsedRequest` or raises
+`InvalidRequest` naming the parameter (unknown parameter, wrong type, value out of its
+range, which the message states). `check_context` bounds a request by the model's context
+window and `check_bus_size` by what one NATS message carries, so nothing that reaches the
+bus can fail to encode. The `*_response` / `*_chunk` functions build OpenAI's wire objects.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import math
+import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.errors import InvalidRequest
+import msgspec
+
+from services import schemas
+from services.errors import ContextLengthExceeded, InvalidRequest
 from services.schemas import RequestKind, SubmitRequest
 
 DEFAULT_MAX_TOKENS = {RequestKind.COMPLETION: 16, RequestKind.CHAT: 256}
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 1024
+MAX_MODEL_ID_CHARS = 256
+MAX_JSON_DEPTH = 64
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# a text prompt with more characters than this per context-window token certainly does not
+# fit (no known vocabulary has a token this long); anything shorter is the worker's to count
+MAX_CHARS_PER_TOKEN = 1024
+# room on the bus for the msgpack envelope and the token ids a re-dispatch appends
+ENVELOPE_HEADROOM_BYTES = 64 << 10
+_MAX_INT_DIGITS = 40  # longer integers read as +-1e40: out of every range, so the error names the parameter
+_SURROGATE = re.compile("[\ud800-\udfff]")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _COMMON = {
@@ -41,6 +63,16 @@ ALLOWED = {
 }
 
 
+class RequestTooLarge(InvalidRequest):
+    """413: a body or request larger than one message on the bus can carry."""
+
+    code_text = "request_too_large"
+
+    @property
+    def http_status(self) -> int:
+        return 413
+
+
 @dataclass
 class ParsedRequest:
     kind: RequestKind
@@ -48,6 +80,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     submit: SubmitRequest
+    max_tokens_param: str | None = None  # the parameter that set max_tokens; None: the default
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -64,6 +97,62 @@ def new_request_id(kind: RequestKind) -> str:
     return f"{prefix}-{_ID_PREFIX}{next(_id_counter):08x}"
 
 
+# -- the body: strict JSON ------------------------------------------------------------------
+def decode_body(raw: bytes, content_type: str = "") -> Any:
+    """The JSON value of a request body; InvalidRequest for what is not JSON or cannot travel
+    (invalid UTF-8, lone surrogates, nesting past MAX_JSON_DEPTH). Numbers past every range
+    (NaN, 1e400, 5,000 digits) are left to the parameter checks, which name the parameter."""
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty: send a JSON object (Content-Type: application/json)")
+    try:
+        body = json.loads(raw, parse_constant=_bounded_float, parse_float=_bounded_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise InvalidRequest(f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        hint = "" if "json" in content_type else f" (Content-Type was {content_type or 'missing'!r})"
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}{hint}") from None
+    _check_tree(body)
+    return body
+
+
+def _bounded_float(text: str) -> float:
+    """NaN, Infinity (not JSON, but sent) and 1e400 read as NaN or +-max: out of every range
+    a parameter accepts, so the error names the parameter."""
+    value = float(text)
+    return value if math.isfinite(value) or value != value else math.copysign(sys.float_info.max, value)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        return -(10**_MAX_INT_DIGITS) if text.startswith("-") else 10**_MAX_INT_DIGITS
+    return int(text)
+
+
+def _check_tree(body: Any) -> None:
+    """Depth bound and UTF-8-encodable text, over every key and value (iteratively)."""
+    stack: list[tuple[Any, int, str | None]] = [(body, 1, None)]
+    while stack:
+        value, depth, param = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", param=param)
+        if isinstance(value, str):
+            _check_text(value, param)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, param)  # a bad top-level key is named by no param: never echoed
+                stack.append((item, depth + 1, param or key))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, param) for item in value if isinstance(item, (str, dict, list)))
+
+
+def _check_text(text: str, param: str | None) -> None:
+    if not text.isascii() and _SURROGATE.search(text):
+        where = f"'{param}'" if param else "the body"
+        raise InvalidRequest(f"{where} contains a lone UTF-16 surrogate (\\ud800-\\udfff): text must be valid "
+                             "Unicode", param=param)
+
+
+# -- parameters ------------------------------------------------------------------------------
 def _get(body: dict, name: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
     value = body.get(name, default)
     if value is None:
@@ -82,13 +171,43 @@ def _type_name(kinds: type | tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
+def _get_int(body: dict, name: str, low: int, high: int, default: int | None = None) -> int | None:
+    value = _get(body, name, int, default)
+    if value is not None and not low <= value <= high:
+        shown = value if abs(value) < 10**_MAX_INT_DIGITS else f"a number of more than {_MAX_INT_DIGITS} digits"
+        raise InvalidRequest(f"'{name}' must be an integer in [{low}, {high}], got {shown}", param=name)
+    return value
+
+
+def _get_float(body: dict, name: str, low: float, high: float, default: float, low_open: bool = False) -> float:
+    value = _get(body, name, (int, float), default)
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.copysign(math.inf, value)
+    if not (low < value <= high if low_open else low <= value <= high):
+        interval = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
+        raise InvalidRequest(f"'{name}' must be a number in {interval}, got {value:g}", param=name)
+    return value
+
+
 def _check_parameters(kind: RequestKind, body: dict) -> None:
     for name in body:
         if name not in ALLOWED[kind]:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
+            raise InvalidRequest(f"Unrecognized request argument supplied: {name[:100]}", param=name[:100])
     for name, neutral in _NEUTRAL.items():
         if name in body and body[name] not in neutral:
             raise InvalidRequest(f"'{name}' is not supported (only its default value)", param=name)
+
+
+def check_model_id(model: str | None) -> str:
+    """A model id that can be looked up: present, not too long, valid Unicode."""
+    if not model:
+        raise InvalidRequest("'model' is required", param="model")
+    if len(model) > MAX_MODEL_ID_CHARS:
+        raise InvalidRequest(f"'model' must be at most {MAX_MODEL_ID_CHARS} characters", param="model")
+    _check_text(model, "model")
+    return model
 
 
 def _parse_stop(body: dict) -> list[str]:
@@ -101,7 +220,13 @@ def _parse_stop(body: dict) -> list[str]:
         raise InvalidRequest("'stop' must be a non-empty string or an array of them", param="stop")
     if len(stop) > MAX_STOP_SEQUENCES:
         raise InvalidRequest(f"'stop' allows at most {MAX_STOP_SEQUENCES} sequences", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidRequest(f"a 'stop' sequence must be at most {MAX_STOP_CHARS} characters", param="stop")
     return stop
+
+
+def _is_token_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX
 
 
 def _parse_prompt(body: dict) -> tuple[str | None, list[int] | None]:
@@ -110,11 +235,12 @@ def _parse_prompt(body: dict) -> tuple[str | None, list[int] | None]:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return prompt, None
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+    if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
         return None, prompt
     if prompt is None:
         raise InvalidRequest("'prompt' is required", param="prompt")
-    raise InvalidRequest("'prompt' must be a string or an array of token ids (one prompt)", param="prompt")
+    raise InvalidRequest(f"'prompt' must be a string or a non-empty array of token ids (integers in [0, {INT32_MAX}]), "
+                         "one prompt", param="prompt")
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -144,31 +270,24 @@ def _parse_messages(body: dict) -> list[dict[str, str]]:
     return parsed
 
 
-def _parse_max_tokens(kind: RequestKind, body: dict) -> int:
-    value = _get(body, "max_completion_tokens", int) if kind == RequestKind.CHAT else None
-    name = "max_completion_tokens"
-    if value is None:
-        value, name = _get(body, "max_tokens", int), "max_tokens"
-    if value is None:
-        return DEFAULT_MAX_TOKENS[kind]
-    if value < 1:
-        raise InvalidRequest(f"'{name}' must be at least 1", param=name)
-    return value
+def _parse_max_tokens(kind: RequestKind, body: dict) -> tuple[int, str | None]:
+    """(max_tokens, the parameter that set it or None for the default)."""
+    for name in ("max_completion_tokens", "max_tokens") if kind == RequestKind.CHAT else ("max_tokens",):
+        value = _get_int(body, name, 1, INT32_MAX)
+        if value is not None:
+            return value, name
+    return DEFAULT_MAX_TOKENS[kind], None
 
 
 def _parse_sampling(body: dict) -> dict[str, Any]:
-    temperature = float(_get(body, "temperature", (int, float), 1.0))
-    if not 0.0 <= temperature <= 2.0:
-        raise InvalidRequest("'temperature' must be between 0 and 2", param="temperature")
-    top_p = float(_get(body, "top_p", (int, float), 1.0))
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidRequest("'top_p' must be in (0, 1]", param="top_p")
-    top_k = _get(body, "top_k", int, 0)
-    if top_k < 0 and top_k != -1:
-        raise InvalidRequest("'top_k' must be >= 0 (or -1 for off)", param="top_k")
+    is_off = type(body.get("top_k")) is int and body["top_k"] == -1  # -1: off, as 0 is
+    top_k = 0 if is_off else _get_int(body, "top_k", 0, INT32_MAX, 0)
     return {
-        "temperature": temperature, "top_p": top_p, "top_k": max(top_k, 0),
-        "seed": _get(body, "seed", int), "ignore_eos": _get(body, "ignore_eos", bool, False),
+        "temperature": _get_float(body, "temperature", 0.0, 2.0, 1.0),
+        "top_p": _get_float(body, "top_p", 0.0, 1.0, 1.0, low_open=True),
+        "top_k": top_k,
+        "seed": _get_int(body, "seed", INT64_MIN, INT64_MAX),
+        "ignore_eos": _get(body, "ignore_eos", bool, False),
     }
 
 
@@ -180,7 +299,7 @@ def _parse_stream(body: dict) -> tuple[bool, bool]:
     options = options or {}
     unknown = set(options) - {"include_usage", "continuous_usage_stats"}
     if unknown:
-        raise InvalidRequest(f"Unrecognized stream option: {sorted(unknown)[0]}", param="stream_options")
+        raise InvalidRequest(f"Unrecognized stream option: {sorted(unknown)[0][:100]}", param="stream_options")
     include_usage = _get(options, "include_usage", bool, False)
     return stream, include_usage
 
@@ -188,19 +307,16 @@ def _parse_stream(body: dict) -> tuple[bool, bool]:
 def parse_request(kind: RequestKind, body: Any) -> ParsedRequest:
     """Validate an OpenAI request body; raises InvalidRequest naming the bad parameter."""
     if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
+        raise InvalidRequest(f"the request body must be a JSON object, got {'null' if body is None else _type_name(type(body))}")
     _check_parameters(kind, body)
-    model = _get(body, "model", str)
-    if not model:
-        raise InvalidRequest("'model' is required", param="model")
-    n = _get(body, "n", int, 1)
-    if n != 1:
+    model = check_model_id(_get(body, "model", str))
+    if _get(body, "n", int, 1) != 1:
         raise InvalidRequest("only 'n' = 1 is supported", param="n")
     stream, include_usage = _parse_stream(body)
+    max_tokens, max_tokens_param = _parse_max_tokens(kind, body)
     submit = SubmitRequest(
-        request_id=new_request_id(kind), model_id=model, kind=kind,
-        max_tokens=_parse_max_tokens(kind, body), stop=_parse_stop(body),
-        arrival_s=time.time(), **_parse_sampling(body),
+        request_id=new_request_id(kind), model_id=model, kind=kind, max_tokens=max_tokens,
+        stop=_parse_stop(body), arrival_s=time.time(), **_parse_sampling(body),
     )
     if kind == RequestKind.CHAT:
         submit.messages = _parse_messages(body)
@@ -209,9 +325,53 @@ def parse_request(kind: RequestKind, body: Any) -> ParsedRequest:
         submit.prompt, submit.prompt_token_ids = _parse_prompt(body)
         submit.num_prompt_chars = len(submit.prompt) if submit.prompt is not None else 4 * len(submit.prompt_token_ids)
     _get(body, "user", str)
-    return ParsedRequest(kind=kind, model=model, stream=stream, include_usage=include_usage, submit=submit)
+    return ParsedRequest(kind=kind, model=model, stream=stream, include_usage=include_usage, submit=submit,
+                         max_tokens_param=max_tokens_param)
 
 
+# -- bounds of the model and of the bus ------------------------------------------------------
+def check_context(req: ParsedRequest, context_window: int) -> None:
+    """Reject what certainly cannot fit the model's context window (0: unknown, no check)."""
+    if context_window <= 0:
+        return
+    submit, param = req.submit, req.max_tokens_param or "max_tokens"
+    if submit.max_tokens > context_window:
+        if req.max_tokens_param is None:
+            submit.max_tokens = context_window  # the default never exceeds the window
+        else:
+            raise InvalidRequest(f"'{param}' must be an integer in [1, {context_window}] ({req.model}'s context "
+                                 f"window), got {submit.max_tokens}", param=param)
+    ids = submit.prompt_token_ids
+    if ids is not None:
+        if len(ids) >= context_window:
+            raise ContextLengthExceeded(f"prompt has {len(ids)} tokens; {req.model}'s context window is "
+                                        f"{context_window} tokens", param="prompt")
+        if len(ids) + submit.max_tokens > context_window:
+            raise ContextLengthExceeded(f"prompt ({len(ids)} tokens) + {param} ({submit.max_tokens}) exceeds "
+                                        f"{req.model}'s context window of {context_window} tokens", param=param)
+    elif submit.num_prompt_chars > context_window * MAX_CHARS_PER_TOKEN:
+        raise ContextLengthExceeded(f"the prompt has {submit.num_prompt_chars} characters: more tokens than "
+                                    f"{req.model}'s context window of {context_window} tokens",
+                                    param="messages" if req.kind == RequestKind.CHAT else "prompt")
+
+
+def max_body_bytes(max_payload_bytes: int) -> int:
+    """The largest body the gateway reads: what one bus message carries, less the envelope."""
+    return max(0, max_payload_bytes - ENVELOPE_HEADROOM_BYTES)
+
+
+def check_bus_size(submit: SubmitRequest, max_payload_bytes: int) -> None:
+    """The encoded request fits one bus message with headroom (and encodes at all)."""
+    try:
+        num_bytes = len(schemas.encode(submit))
+    except (OverflowError, UnicodeEncodeError, TypeError, msgspec.EncodeError) as exc:
+        raise InvalidRequest(f"the request cannot be encoded: {exc}") from None
+    if num_bytes > max_body_bytes(max_payload_bytes):
+        raise RequestTooLarge(f"the request encodes to {num_bytes} bytes; at most "
+                              f"{max_body_bytes(max_payload_bytes)} fit on the message bus")
+
+
+# -- responses -------------------------------------------------------------------------------
 def usage(num_prompt_tokens: int, num_generated_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": num_prompt_tokens, "completion_tokens": num_generated_tokens,
