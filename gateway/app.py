@@ -1,17 +1,19 @@
 """The gateway's aiohttp application: OpenAI-compatible HTTP in front of NATS.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream or not), GET /v1/models,
-GET /health, GET /metrics. Errors are mapped in one middleware (gateway.errors). A request
-is bounded before anything is published: its body by what one bus message carries (413),
-its prompt by the model's context window, every value by its range (openai_api). A stream
-waits for its first chunk before sending headers, so a request that fails before producing
-a token still gets its proper HTTP status and error body.
+GET /health, GET /ready?model=ID, GET /metrics. Errors are mapped in one middleware
+(gateway.errors). A request is bounded before anything is published: its body by what
+one bus message carries (413), its prompt by the model's context window, every value by
+its range (openai_api). A stream waits for its first chunk before sending headers, so a
+request that fails before producing a token still gets its proper HTTP status and error body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 
 from aiohttp import web
 
@@ -19,6 +21,7 @@ from gateway import openai_api
 from gateway.core import GatewayCore, RequestStream, error_of
 from gateway.errors import RETRY_AFTER_S, error_middleware, error_payload
 from gateway.metrics import GatewayMetrics
+from services import keys, natsutil
 from services.config import GatewayConfig
 from services.errors import C2CError, ErrorCode
 from services.schemas import FINISH_REASON_TEXT, RequestKind
@@ -28,6 +31,53 @@ CORE = web.AppKey("core", GatewayCore)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 CONFIG = web.AppKey("config", GatewayConfig)
 _DONE = b"data: [DONE]\n\n"
+_REDIS_TIMEOUT_S = 1.0  # /health and /ready answer 503 after this, never hang on Redis
+_LIVE_FOR_S = 1.0  # a healthy answer is reused this long
+_DEGRADED_FOR_S = 0.2  # an unhealthy one this long (so a starting cluster turns healthy soon)
+
+
+class Liveness:
+    """Live workers from their heartbeat keys (`c2c:worker:*`), cached so /health is cheap."""
+
+    def __init__(self) -> None:
+        self._answer: tuple[str, list[frozenset[str]]] = ("not checked yet", [])
+        self._until_s = 0.0
+        self._lock = asyncio.Lock()
+
+    async def check(self, core: GatewayCore) -> tuple[str, list[frozenset[str]]]:
+        """(why not healthy, "" if healthy; per live worker the models it is pinned to, empty: any)."""
+        async with self._lock:
+            if time.monotonic() >= self._until_s:
+                self._answer = await self._probe(core)
+                self._until_s = time.monotonic() + (_DEGRADED_FOR_S if self._answer[0] else _LIVE_FOR_S)
+            return self._answer
+
+    async def _probe(self, core: GatewayCore) -> tuple[str, list[frozenset[str]]]:
+        if not core.is_connected:
+            return "not connected to NATS", []
+        try:
+            async with asyncio.timeout(_REDIS_TIMEOUT_S):
+                rows = await _worker_rows(core.redis)
+        except (TimeoutError, *natsutil.IO_ERRORS) as exc:
+            return f"Redis unavailable: {str(exc) or 'no answer within 1 s'}", []
+        if not rows:
+            return "no worker heartbeat", []
+        return "", [frozenset(m for m in row.get("pinned_models", "").split(",") if m) for row in rows]
+
+
+async def _worker_rows(redis) -> list[dict[str, str]]:
+    """The heartbeat hashes of live workers (SCAN, never KEYS)."""
+    worker_keys = [k async for k in redis.scan_iter(match=keys.WORKER_PATTERN, count=500)]
+    if not worker_keys:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in worker_keys:
+            pipe.hgetall(key)
+        rows = await pipe.execute(raise_on_error=False)
+    return [row for row in rows if isinstance(row, dict) and row]
+
+
+LIVENESS = web.AppKey("liveness", Liveness)
 
 
 def create_app(config: GatewayConfig) -> web.Application:
@@ -36,11 +86,13 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = GatewayMetrics()
     app[RETRY_AFTER_S] = config.retry_after_s
+    app[LIVENESS] = Liveness()
     app.cleanup_ctx.append(_core_ctx)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     return app
 
@@ -168,9 +220,36 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health: 200 when connected to NATS, else 503."""
-    ok = request.app[CORE].is_connected
-    return web.json_response({"status": "ok" if ok else "degraded"}, status=200 if ok else 503)
+    """GET /health: 200 when connected to NATS and Redis and some worker heartbeats, else 503
+    with the reason (answers cached ~1 s; Redis errors and stalls give 503 within ~1 s)."""
+    reason, workers = await request.app[LIVENESS].check(request.app[CORE])
+    if reason:
+        return web.json_response({"status": "degraded", "reason": reason}, status=503)
+    return web.json_response({"status": "ok", "num_workers": len(workers)})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """GET /ready?model=ID: 200 when a live worker can serve the model (one pinned to it or to
+    none), 404 (OpenAI body) for an unknown model, 503 otherwise; no model: any live worker."""
+    model_id = request.query.get("model")
+    core = request.app[CORE]
+    if model_id is not None:
+        await _check_model_quickly(core, openai_api.check_model_id(model_id))
+    reason, workers = await request.app[LIVENESS].check(core)
+    serving = [w for w in workers if model_id is None or not w or model_id in w]
+    if not reason and not serving:
+        reason = f"no live worker serves {model_id}"
+    if reason:
+        return web.json_response({"status": "not_ready", "model": model_id, "reason": reason}, status=503)
+    return web.json_response({"status": "ready", "model": model_id, "num_workers": len(serving)})
+
+
+async def _check_model_quickly(core: GatewayCore, model_id: str) -> None:
+    try:
+        async with asyncio.timeout(_REDIS_TIMEOUT_S):
+            await core.check_model(model_id)
+    except TimeoutError:
+        raise C2CError("model catalog unavailable: Redis did not answer", code=ErrorCode.NO_CAPACITY) from None
 
 
 async def metrics(request: web.Request) -> web.Response:

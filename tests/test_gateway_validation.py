@@ -116,13 +116,12 @@ async def test_placer_without_workers_is_503_at_once(client, servers):
         await placer.stop()
 
 
-async def test_models_health_metrics(client):
+async def test_models_and_metrics(client):
     resp = await client.get("/v1/models")
     assert resp.status == 200
     body = await resp.json()
     assert body["object"] == "list"
     assert {"id": MODEL, "object": "model"}.items() <= next(m for m in body["data"] if m["id"] == MODEL).items()
-    assert (await client.get("/health")).status == 200
     text = await (await client.get("/metrics")).text()
     assert "c2c_requests_waiting" in text and "c2c_time_to_first_token_seconds" in text
 
@@ -147,7 +146,7 @@ async def test_gateway_keeps_serving_after_errors(client):
     for _ in range(3):
         await client.post("/v1/completions", data=b"][")
     await asyncio.sleep(0)
-    assert (await client.get("/health")).status == 200
+    assert (await client.get("/v1/models")).status == 200
 
 
 async def test_models_dir_is_registered_at_start(aiohttp_client, servers, tmp_path):
@@ -176,3 +175,83 @@ async def test_silent_upstream_is_504(aiohttp_client, servers, catalog_model):
         assert time.monotonic() - started < 5
     finally:
         await nc.close()
+
+
+# -- /health and /ready: worker heartbeats in Redis, answers bounded when Redis fails ---------
+async def _poll_status(client, path: str, status: int, ceiling_s: float = 15.0):
+    """The first response of `path` with `status` (answers are cached ~1 s), within a ceiling."""
+    deadline = time.monotonic() + ceiling_s
+    while True:
+        resp = await client.get(path)
+        if resp.status == status or time.monotonic() > deadline:
+            return resp
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def no_live_workers(servers):
+    """Waits until no worker heartbeat is left from other test modules (their TTL expires)."""
+    client = redis.Redis.from_url(servers.redis_url, decode_responses=True)
+    deadline = time.monotonic() + 60
+    while any(True for _ in client.scan_iter(match=keys.WORKER_PATTERN)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    yield client
+    client.close()
+
+
+async def test_health_and_ready_follow_worker_heartbeats(client, no_live_workers):
+    resp = await client.get("/health")
+    assert resp.status == 503
+    assert (await resp.json()) == {"status": "degraded", "reason": "no worker heartbeat"}
+    fake = keys.worker(f"fake-validation-{time.monotonic_ns()}")
+    no_live_workers.hset(fake, mapping={"worker_id": fake, "pinned_models": "someone-else,another"})
+    no_live_workers.expire(fake, 60)
+    try:
+        assert (await _poll_status(client, "/health", 200)).status == 200
+        assert (await (await client.get("/ready")).json())["status"] == "ready"
+        resp = await client.get(f"/ready?model={MODEL}")
+        assert resp.status == 503 and "no live worker serves" in (await resp.json())["reason"]
+        resp = await client.get("/ready?model=no-such-model")
+        assert resp.status == 404
+        _assert_error(await resp.json(), "invalid_request_error", param="model", code="model_not_found")
+        no_live_workers.hdel(fake, "pinned_models")  # now it serves any model
+        resp = await _poll_status(client, f"/ready?model={MODEL}", 200)
+        assert resp.status == 200 and (await resp.json())["num_workers"] == 1
+    finally:
+        no_live_workers.delete(fake)
+    resp = await _poll_status(client, "/health", 503)
+    assert resp.status == 503
+
+
+async def _silent_server():
+    """A TCP server that accepts connections and never answers (a stalled Redis)."""
+    return await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("failure", ["refused", "stalled"])
+async def test_health_and_ready_answer_503_quickly_when_redis_fails(client, failure):
+    import redis.asyncio as aioredis
+
+    from gateway.app import CORE
+
+    core = client.server.app[CORE]
+    server = await _silent_server() if failure == "stalled" else None
+    port = server.sockets[0].getsockname()[1] if server else 1
+    broken = aioredis.from_url(f"redis://127.0.0.1:{port}", decode_responses=True)
+    core.redis, working = broken, core.redis
+    try:
+        for path in ("/health", "/ready", "/ready?model=not-in-the-cached-catalog"):
+            started = time.monotonic()
+            resp = await client.get(path)
+            assert resp.status == 503, (path, await resp.text())
+            assert time.monotonic() - started < 5
+            body = await resp.json()
+            if "error" in body:  # the catalog lookup of /ready?model= failed: OpenAI's body
+                _assert_error(body, "server_error", code="no_capacity")
+            else:
+                assert body["reason"].startswith("Redis unavailable: ") and len(body["reason"]) > 19, body
+    finally:
+        core.redis = working
+        await broken.aclose()
+        if server:
+            server.close()
