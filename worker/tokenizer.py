@@ -90,8 +90,9 @@ class Tokenizer:
         longer than the span guessed, a prefix of it ending at a space is counted first,
         and a prefix over max_num_tokens + _CUT_SLACK_TOKENS means the whole text is over
         too (a cut at a space leaves every word before it whole). Each guess at least
-        doubles, so a text is read at most about twice over. A text that is not certainly
-        over is encoded whole, in one call: its ids are exactly encode(text)'s.
+        doubles, so all prefixes together cost less than twice the last one. A text that
+        is not certainly over is encoded whole, in one call: its ids are exactly
+        encode(text)'s (and may be more than max_num_tokens: the caller checks).
         """
         limit = max_num_tokens + _CUT_SLACK_TOKENS
         num_chars = _FIRST_GUESS_CHARS_PER_TOKEN * limit
