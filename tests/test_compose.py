@@ -268,7 +268,9 @@ def test_k8s_probes_and_restart_policies(k8s):
         if d["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
             assert d["spec"]["template"]["spec"]["restartPolicy"] == "Always", d["metadata"]["name"]
     gateway = _containers(k8s)["gateway"]
-    assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
+    # /health is 503 while no worker heartbeats: a liveness probe on it would restart
+    # healthy gateways; /metrics depends on nothing but the event loop
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/metrics"
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/ready"
     for name in ("nats", "redis"):
         assert _containers(k8s)[name]["livenessProbe"] and _containers(k8s)[name]["readinessProbe"], name
