@@ -23,7 +23,7 @@ from gateway.errors import RETRY_AFTER_S, error_middleware, error_payload
 from gateway.metrics import GatewayMetrics
 from services import keys, natsutil
 from services.config import GatewayConfig
-from services.errors import C2CError, ErrorCode
+from services.errors import C2CError, ErrorCode, RequestTooLarge
 from services.schemas import FINISH_REASON_TEXT, RequestKind
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,11 @@ async def _read_json(request: web.Request):
     """The body as strict JSON, at most what one bus message carries (413 past it)."""
     limit = openai_api.max_body_bytes(request.app[CORE].nc.max_payload)
     if request.content_length is not None and request.content_length > limit:
-        raise openai_api.RequestTooLarge(f"the body has {request.content_length} bytes; at most {limit} fit "
+        raise RequestTooLarge(f"the body has {request.content_length} bytes; at most {limit} fit "
                                          "on the message bus")
     raw = await request.read()  # aiohttp decompresses gzip/deflate here (corrupt: RequestPayloadError)
     if len(raw) > limit:
-        raise openai_api.RequestTooLarge(f"the body has {len(raw)} bytes (decoded); at most {limit} fit "
+        raise RequestTooLarge(f"the body has {len(raw)} bytes (decoded); at most {limit} fit "
                                          "on the message bus")
     return openai_api.decode_body(raw, request.headers.get("Content-Type", ""))
 

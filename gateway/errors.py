@@ -30,13 +30,13 @@ CODE_TEXT = {
     ErrorCode.INTERNAL: "internal_error",
     ErrorCode.ABORTED: "aborted",
     ErrorCode.UNAUTHORIZED: "invalid_api_key",
+    ErrorCode.REQUEST_TOO_LARGE: "request_too_large",
 }
 
 
 def error_payload(exc: C2CError) -> dict:
     code = ErrorCode(exc.code)
-    code_text = getattr(exc, "code_text", None) or CODE_TEXT.get(code)
-    return error_body(str(exc), OPENAI_TYPE.get(code, "server_error"), exc.param, code_text)
+    return error_body(str(exc), OPENAI_TYPE.get(code, "server_error"), exc.param, CODE_TEXT.get(code))
 
 
 def error_response(exc: C2CError, retry_after_s: int = 1) -> web.Response:

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from services import schemas
-from services.errors import ContextLengthExceeded, InvalidRequest
+from services.errors import ContextLengthExceeded, InvalidRequest, RequestTooLarge
 from services.schemas import RequestKind, SubmitRequest
 
 DEFAULT_MAX_TOKENS = {RequestKind.COMPLETION: 16, RequestKind.CHAT: 256}
@@ -61,16 +61,6 @@ ALLOWED = {
         "parallel_tool_calls", "response_format", "store", "metadata",
     },
 }
-
-
-class RequestTooLarge(InvalidRequest):
-    """413: a body or request larger than one message on the bus can carry."""
-
-    code_text = "request_too_large"
-
-    @property
-    def http_status(self) -> int:
-        return 413
 
 
 @dataclass

@@ -33,7 +33,7 @@ MAX_REDISPATCHES = 4  # then the request fails instead of bouncing between dying
 
 def error_of(chunk: TokenChunk) -> C2CError:
     code = ErrorCode(chunk.error_code) if chunk.error_code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
-    return C2CError(chunk.error or code.name.lower().replace("_", " "), code=code)
+    return C2CError(chunk.error or code.name.lower().replace("_", " "), code=code, param=chunk.error_param or None)
 
 
 class RequestStream:

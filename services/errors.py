@@ -22,6 +22,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 6  # 500: the engine failed on this request
     ABORTED = 7  # the client went away / request cancelled
     UNAUTHORIZED = 8  # 401
+    REQUEST_TOO_LARGE = 9  # 413: more than one message on the bus can carry
 
 
 HTTP_STATUS = {
@@ -33,6 +34,7 @@ HTTP_STATUS = {
     ErrorCode.INTERNAL: 500,
     ErrorCode.ABORTED: 499,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.REQUEST_TOO_LARGE: 413,
 }
 
 OPENAI_TYPE = {
@@ -44,6 +46,7 @@ OPENAI_TYPE = {
     ErrorCode.INTERNAL: "server_error",
     ErrorCode.ABORTED: "server_error",
     ErrorCode.UNAUTHORIZED: "authentication_error",
+    ErrorCode.REQUEST_TOO_LARGE: "invalid_request_error",
 }
 
 
@@ -77,6 +80,10 @@ class ModelNotFound(C2CError):
 
 class NoCapacity(C2CError):
     code = ErrorCode.NO_CAPACITY
+
+
+class RequestTooLarge(C2CError):
+    code = ErrorCode.REQUEST_TOO_LARGE
 
 
 class CheckpointError(C2CError):

@@ -102,6 +102,7 @@ class TokenChunk(msgspec.Struct, **_HOT):
     num_resumed_tokens: int = 0  # first chunk after a re-dispatch: streamed tokens kept as prompt
     epoch: int = 0  # the assignment this chunk belongs to; the gateway drops other epochs (fencing)
     seq: int = 0  # this chunk's index within its assignment: a gap means chunks were lost
+    error_param: str = ""  # the request parameter an error is about (OpenAI's error.param)
 
     @property
     def is_final(self) -> bool:

@@ -205,7 +205,8 @@ class EngineLoop:
                                     arrival_s=req.arrival_s or None, **prompt)
         except C2CError as exc:
             log.info("[req=%s] rejected: %s", req.request_id, exc)
-            self._send([(reply, _error_chunk(req.request_id, self.worker_id, exc.code, str(exc), req.epoch))])
+            self._send([(reply, _error_chunk(req.request_id, self.worker_id, exc.code, str(exc), req.epoch,
+                                             param=exc.param or ""))])
             return
         self._inflight[req.request_id] = info
 
@@ -357,6 +358,7 @@ def _stat(stats: Any, name: str, default: Any) -> Any:
     return getattr(stats, name, default)
 
 
-def _error_chunk(request_id: str, worker_id: str, code: int, message: str, epoch: int, seq: int = 0) -> bytes:
-    return schemas.encode(TokenChunk(request_id, worker_id, finish_reason=FinishReason.ERROR,
-                                     error_code=int(code), error=message, epoch=epoch, seq=seq))
+def _error_chunk(request_id: str, worker_id: str, code: int, message: str, epoch: int, seq: int = 0,
+                 param: str = "") -> bytes:
+    return schemas.encode(TokenChunk(request_id, worker_id, finish_reason=FinishReason.ERROR, error_code=int(code),
+                                     error=message, epoch=epoch, seq=seq, error_param=param))
