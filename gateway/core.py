@@ -45,6 +45,7 @@ class GatewayCore:
         self.redis = None
         self.models: dict[str, schemas.ModelEntry] = {}
         self.streams: dict[str, RequestStream] = {}
+        self.model_roots = catalog.parse_roots(config.model_roots)
         self.io_errors = natsutil.IO_ERRORS
         self._tasks: set[asyncio.Task] = set()
 
@@ -57,7 +58,7 @@ class GatewayCore:
         await self.nc.subscribe(subjects.gateway_inbox_all(self.gateway_id), cb=self._on_reply)
         await self.nc.flush()
         if self.config.models_dir:
-            await catalog.register(self.redis, catalog.checkpoint_dirs(self.config.models_dir))
+            await catalog.register(self.redis, catalog.checkpoint_dirs(self.config.models_dir), self.model_roots)
         await self.refresh_catalog()
         natsutil.spawn(self._refresh_loop(), self._tasks, "catalog refresh")
         natsutil.spawn(self._beat_loop(), self._tasks, "gateway heartbeat")
@@ -108,7 +109,7 @@ class GatewayCore:
     async def refresh_catalog(self) -> None:
         """Reload the catalog; on a Redis error keep the last one (logged)."""
         try:
-            self.models = await catalog.load_all(self.redis)
+            self.models = await catalog.load_all(self.redis, self.model_roots)
         except natsutil.IO_ERRORS as exc:
             log.warning("catalog refresh failed, serving the last one: %s", exc)
 
@@ -122,7 +123,7 @@ class GatewayCore:
         entry = self.models.get(model_id)
         if entry is None:
             try:
-                entry = await catalog.lookup(self.redis, model_id)
+                entry = await catalog.lookup(self.redis, model_id, self.model_roots)
             except natsutil.IO_ERRORS as exc:
                 raise C2CError(f"model catalog unavailable: {exc}", code=ErrorCode.NO_CAPACITY) from None
             if entry is not None:

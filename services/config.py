@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from services.errors import C2CError
+from services.logutil import redact
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")
@@ -162,6 +163,7 @@ def load_config(cls: type[C], args: argparse.Namespace | None = None,
     config = cls(**values)
     config.validate()
     if log_it:
-        shown = {k: ("***" if k == "api_key" and v else v) for k, v in dataclasses.asdict(config).items()}
+        shown = {k: ("***" if k == "api_key" and v else redact(v) if k.endswith("_url") else v)
+                 for k, v in dataclasses.asdict(config).items()}
         log.info("%s %s", cls.__name__, shown)
     return config

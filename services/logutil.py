@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 
@@ -11,6 +12,11 @@ class RequestLog(logging.LoggerAdapter):
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[req={self.extra['request_id']}] {msg}", kwargs
+
+
+def redact(url: str) -> str:
+    """A URL (or comma-separated URLs) with passwords replaced by ***, for logs and errors."""
+    return re.sub(r"//[^@/,]*@", "//***@", url)
 
 
 def request_log(logger: logging.Logger, request_id: str) -> RequestLog:

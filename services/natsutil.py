@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from redis.exceptions import RedisError
 
 from services import schemas
 from services.errors import C2CError
+from services.logutil import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,34 +41,48 @@ IO_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError, nats.errors.E
 async def connect_nats(url: str, name: str, timeout_s: float = 20.0,
                        on_reconnected: Callable[[], Awaitable[None]] | None = None,
                        on_disconnected: Callable[[], Awaitable[None]] | None = None) -> NATS:
-    """Connect, retrying until `timeout_s`; raises C2CError naming the URL if it never answers.
+    """Connect, retrying until `timeout_s`; raises C2CError naming the URL (password
+    redacted) if it never answers or refuses the credentials.
 
     `url` may list several servers of one NATS cluster, comma-separated: the client picks
-    one and fails over to the others (and to those the cluster gossips) when it dies."""
-    servers = [u.strip() for u in url.split(",") if u.strip()]
+    one and fails over to the others (and to those the cluster gossips) when it dies.
+    Credentials in the first URL serve every server, gossiped ones included."""
+    servers, user, password = _servers_and_credentials(url)
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     holder: list[NATS] = []
 
     async def disconnected() -> None:
         if holder and not (holder[0].is_closed or holder[0].is_draining):
-            log.warning("NATS connection lost; reconnecting to %s", url)
+            log.warning("NATS connection lost; reconnecting to %s", redact(url))
             if on_disconnected is not None:
                 await on_disconnected()
 
     while time.monotonic() < deadline:
-        try:
-            nc = await nats.connect(
-                servers=servers, name=name, connect_timeout=2, max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5, allow_reconnect=True,
+        try:  # a refused password makes nats-py retry forever: the deadline bounds it
+            nc = await asyncio.wait_for(nats.connect(
+                servers=servers, user=user, password=password, name=name, connect_timeout=2,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
                 error_cb=_log_error, disconnected_cb=disconnected, reconnected_cb=on_reconnected,
-            )
+            ), timeout=max(0.1, deadline - time.monotonic()))
             holder.append(nc)
             return nc
-        except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
-            last = exc
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            last = last if isinstance(exc, TimeoutError) and last else exc
             await asyncio.sleep(0.3)
-    raise C2CError(f"cannot connect to NATS at {url} within {timeout_s:.0f} s: {last}")
+    raise C2CError(f"cannot connect to NATS at {redact(url)} within {timeout_s:.0f} s: {last!r}")
+
+
+def _servers_and_credentials(url: str) -> tuple[list[str], str | None, str | None]:
+    """Server URLs without credentials, and the user/password of the first that has them."""
+    servers, user, password = [], None, None
+    for item in (u.strip() for u in url.split(",") if u.strip()):
+        parts = urllib.parse.urlsplit(item)
+        if parts.username is not None and user is None:
+            user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+        servers.append(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl())
+    return servers, user, password
 
 
 async def _log_error(exc: Exception) -> None:
@@ -85,7 +101,7 @@ async def connect_redis(url: str, timeout_s: float = 20.0):
             return client
         except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             if time.monotonic() >= deadline:
-                raise C2CError(f"cannot connect to Redis at {url} within {timeout_s:.0f} s: {exc}") from exc
+                raise C2CError(f"cannot connect to Redis at {redact(url)} within {timeout_s:.0f} s: {exc}") from exc
             await asyncio.sleep(0.3)
 
 

@@ -116,6 +116,25 @@ async def test_cluster_refuses_clients_without_the_credentials(cluster):
     await nc.close()
 
 
+async def test_a_wrong_password_fails_within_the_timeout_and_is_not_logged(cluster):
+    """nats-py retries a refused password forever; connect_nats ends at its deadline."""
+    from services.errors import C2CError
+
+    wrong = cluster.url.replace(f":{cluster.password}@", ":wrong-pw-77@")
+    started = time.monotonic()
+    with pytest.raises(C2CError) as caught:
+        await natsutil.connect_nats(wrong, "wrong-password", timeout_s=3)
+    assert time.monotonic() - started < CEILING_S  # bounded (3 s asked; a hang is the bug)
+    assert "wrong-pw-77" not in str(caught.value) and "***@" in str(caught.value)
+
+
+def test_credentials_of_the_first_url_serve_every_server():
+    servers, user, password = natsutil._servers_and_credentials(
+        "nats://u:p%40ss@a:4222, nats://b:4223,nats://[::1]:4224")
+    assert servers == ["nats://a:4222", "nats://b:4223", "nats://[::1]:4224"]
+    assert (user, password) == ("u", "p@ss")
+
+
 @pytest.mark.parametrize("victim", ["responder", "requester"])
 async def test_request_reply_survives_killing_a_clients_server(cluster, victim):
     responder_nc = await natsutil.connect_nats(cluster.url, "responder", timeout_s=CEILING_S)

@@ -67,6 +67,7 @@ class WorkerService:
         self._tasks: set[asyncio.Task] = set()
         self._started_s = time.time()
         self.heartbeat: Heartbeat | None = None
+        self.model_roots = catalog.parse_roots(config.model_roots)
         self._missing_gateways: set[str] = set()  # gone at the last orphan check
 
     def _build_engine(self):
@@ -151,7 +152,7 @@ class WorkerService:
         """Register a catalog model with the engine (one Redis read the first time)."""
         if model_id in self.model_paths:
             return True
-        entry = await catalog.lookup(self.redis, model_id)
+        entry = await catalog.lookup(self.redis, model_id, self.model_roots)  # None outside the roots
         if entry is None:
             return False
         self.model_paths[model_id] = entry.path
