@@ -201,3 +201,24 @@ async def test_requests_of_a_vanished_gateway_are_aborted(cluster, model_dir):
         report = await _wait_for(telemetry.get, lambda t: t.num_aborted > aborted_before and not t.request_ids)
     assert report.num_aborted - aborted_before == num_requests  # stopped, not run to the end
     await nc.close()
+
+
+async def test_huge_prompts_hurt_no_one(cluster, model_dir, expected):
+    """~900 KB prompts are refused (context window) while innocent streams run: the
+    innocent answers are exact and no worker was taken for dead (no re-dispatch)."""
+    before = await _metric(cluster.url, "c2c_redispatches_total")
+    huge = "lorem ipsum dolor sit amet " * 33_000  # ~890 KB, under the bus's message limit
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
+        innocent = [session.post(f"{cluster.url}/v1/completions", json={
+            "model": model_dir.name, "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+            "temperature": 0, "stream": True}) for p in PROMPTS[:2]]
+        bad = [session.post(f"{cluster.url}/v1/completions", json={
+            "model": model_dir.name, "prompt": huge, "max_tokens": 4}) for _ in range(3)]
+        responses = await asyncio.gather(*innocent, *bad)
+        texts = await asyncio.gather(*[_stream_text(r) for r in responses[:2]])
+        for resp in responses[2:]:
+            body = await resp.json()
+            assert resp.status == 400, body
+            assert body["error"]["code"] == "context_length_exceeded"
+    assert texts == [expected[p] for p in PROMPTS[:2]]
+    assert await _metric(cluster.url, "c2c_redispatches_total") == before

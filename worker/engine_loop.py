@@ -29,10 +29,10 @@ from services.errors import C2CError, ErrorCode
 from services.schemas import (
     FINISH_REASON_FROM_TEXT,
     FinishReason,
-    RequestKind,
     SubmitRequest,
     TokenChunk,
 )
+from worker.admission import Admission
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05
@@ -90,6 +90,9 @@ class EngineLoop:
         self._last_stats_s = 0.0
         self._busy_since_s: float | None = None  # monotonic start of the step or command running now
         self._aborted: set[str] = set()  # requests whose engine abort output is still to come (not theirs)
+        # request id -> (epoch, reply, monotonic time received) while its prompt is prepared
+        self._preparing: dict[str, tuple[int, str, float]] = {}
+        self.admission = Admission(engine, worker_id, lambda *done: self.commands.put(("admit", *done)))
 
     def start(self) -> None:
         self._thread.start()
@@ -98,6 +101,7 @@ class EngineLoop:
         """Stop after the current step; a step stuck longer than timeout_s is left behind
         (the thread is a daemon; its late chunks carry a fenced-off epoch)."""
         self._stop.set()
+        self.admission.stop()
         self.commands.put(("noop",))
         self._thread.join(timeout=timeout_s)
 
@@ -129,7 +133,8 @@ class EngineLoop:
 
     def unfinished(self) -> list[tuple[str, str, int]]:
         """(request id, reply inbox, epoch) of requests still in flight; call after stop()."""
-        return [(request_id, info.reply, info.epoch) for request_id, info in list(self._inflight.items())]
+        preparing = [(request_id, reply, epoch) for request_id, (epoch, reply, _) in list(self._preparing.items())]
+        return preparing + [(request_id, info.reply, info.epoch) for request_id, info in list(self._inflight.items())]
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -149,6 +154,8 @@ class EngineLoop:
         try:
             if kind == "submit":
                 self._add_request(command[1], command[2])
+            elif kind == "admit":
+                self._admit(command[1], command[2], command[3])
             elif kind == "abort":
                 self._abort(command[1], command[2] if len(command) > 2 else 0)
             elif kind == "control":
@@ -188,71 +195,63 @@ class EngineLoop:
             log.info("evict %s refused: requests of it are running", model_id)
 
     def _add_request(self, req: SubmitRequest, reply: str) -> None:
-        from worker.engine import SamplingParams
-
-        params = SamplingParams(
-            max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-            top_k=req.top_k, seed=req.seed, stop=list(req.stop),
-            stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
-        )
+        """A submit: its prompt is prepared off this thread, then `_admit` adds it."""
         if not self._replace_older(req):
             return
-        info = _Inflight(reply, req.arrival_s, time.monotonic(), epoch=req.epoch)
+        self._preparing[req.request_id] = (req.epoch, reply, time.monotonic())
+        self.admission.submit(req, reply)
+
+    def _admit(self, req: SubmitRequest, reply: str, prepared) -> None:
+        """The prompt is ready (or refused): add the request unless it was aborted or
+        replaced by a newer epoch meanwhile."""
+        from worker.engine import SamplingParams
+
+        pending = self._preparing.get(req.request_id)
+        if pending is None or pending[0] != req.epoch:
+            return
+        del self._preparing[req.request_id]
         try:
-            prompt = self._prompt_of(req, info)
-            params.max_tokens = max(1, req.max_tokens - info.num_resumed)
-            self.engine.add_request(req.request_id, req.model_id, params=params,
-                                    arrival_s=req.arrival_s or None, **prompt)
+            if isinstance(prepared, C2CError):
+                raise prepared
+            params = SamplingParams(
+                max_tokens=max(1, req.max_tokens - prepared.num_resumed), temperature=req.temperature,
+                top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=list(req.stop),
+                stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
+            )
+            self.engine.add_request(req.request_id, req.model_id, params=params, arrival_s=req.arrival_s or None,
+                                    prompt_token_ids=prepared.token_ids)
         except C2CError as exc:
             log.info("[req=%s] rejected: %s", req.request_id, exc)
             self._send([(reply, _error_chunk(req.request_id, self.worker_id, exc.code, str(exc), req.epoch,
                                              param=exc.param or ""))])
             return
-        self._inflight[req.request_id] = info
+        self._inflight[req.request_id] = _Inflight(reply, req.arrival_s, pending[2], epoch=req.epoch,
+                                                   num_resumed=prepared.num_resumed,
+                                                   num_skip_chars=prepared.num_skip_chars)
 
     def _replace_older(self, req: SubmitRequest) -> bool:
-        """A request already running here under an older epoch gives way to this one; a
-        submit of an epoch not newer than the running one is a duplicate and is dropped."""
+        """A request here under an older epoch (running or being prepared) gives way to
+        this one; a submit of an epoch not newer is a duplicate and is dropped."""
         running = self._inflight.get(req.request_id)
-        if running is None:
-            return True
-        if req.epoch <= running.epoch:
-            log.warning("[req=%s] dropped a duplicate submit of epoch %d (epoch %d runs)",
-                        req.request_id, req.epoch, running.epoch)
+        pending = self._preparing.get(req.request_id)
+        newest = max(([running.epoch] if running else []) + ([pending[0]] if pending else []), default=None)
+        if newest is not None and req.epoch <= newest:
+            log.warning("[req=%s] dropped a duplicate submit of epoch %d (epoch %d is here)",
+                        req.request_id, req.epoch, newest)
             return False
-        log.info("[req=%s] epoch %d replaces epoch %d here", req.request_id, req.epoch, running.epoch)
-        self.engine.abort(req.request_id)  # its "abort" output comes from the next step: not ours
-        self._aborted.add(req.request_id)
-        del self._inflight[req.request_id]
+        if running is not None:
+            log.info("[req=%s] epoch %d replaces epoch %d here", req.request_id, req.epoch, running.epoch)
+            self.engine.abort(req.request_id)  # its "abort" output comes from the next step: not ours
+            self._aborted.add(req.request_id)
+            del self._inflight[req.request_id]
         return True
 
-    def _prompt_of(self, req: SubmitRequest, info: _Inflight) -> dict[str, Any]:
-        """The prompt kwargs of add_request. A re-dispatched request continues after the
-        longest run of its streamed tokens whose text the client fully got; tokens whose
-        text was held back (a UTF-8 character cut in two) are generated again."""
-        if not req.resumed_token_ids:
-            if req.kind == RequestKind.CHAT:
-                return {"messages": req.messages}
-            return {"prompt": req.prompt, "prompt_token_ids": req.prompt_token_ids}
-        from worker.tokenizer import IncrementalDetokenizer
-
-        tokenizer = self.engine.tokenizer(req.model_id)
-        if req.kind == RequestKind.CHAT:
-            ids = tokenizer.encode_chat(req.messages)
-        else:
-            ids = list(req.prompt_token_ids) if req.prompt_token_ids else tokenizer.encode(req.prompt)
-        detok, num_chars, num_chars_kept = IncrementalDetokenizer(tokenizer, ids), 0, 0
-        for i, token_id in enumerate(req.resumed_token_ids):
-            delta = detok.add(token_id)  # '' while a character's bytes are incomplete
-            num_chars += len(delta)
-            if delta and num_chars <= req.resumed_num_chars:
-                info.num_resumed, num_chars_kept = i + 1, num_chars
-        info.num_skip_chars = req.resumed_num_chars - num_chars_kept
-        log.info("[req=%s] resumed after %d of %d streamed tokens", req.request_id,
-                 info.num_resumed, len(req.resumed_token_ids))
-        return {"prompt_token_ids": ids + list(req.resumed_token_ids[: info.num_resumed])}
-
     def _abort(self, request_id: str, epoch: int = 0) -> None:
+        pending = self._preparing.get(request_id)
+        if pending is not None and (not epoch or pending[0] <= epoch):
+            del self._preparing[request_id]  # its prompt, once ready, is dropped
+            self._num_aborted += 1
+            log.info("[req=%s] aborted while its prompt was prepared (epoch %d)", request_id, pending[0])
         info = self._inflight.get(request_id)
         if info is None or (epoch and info.epoch > epoch):  # a newer assignment is not fenced
             return
@@ -346,7 +345,8 @@ class EngineLoop:
             ttft_p50_ms=statistics.median(self._ttft_ms) if self._ttft_ms else None,
             tpot_p50_ms=statistics.median(self._tpot_ms) if self._tpot_ms else None,
             num_finished=self._num_finished, num_aborted=self._num_aborted,
-            request_ids=list(self._inflight), request_epochs=[i.epoch for i in self._inflight.values()],
+            request_ids=[*self._preparing, *self._inflight],
+            request_epochs=[p[0] for p in self._preparing.values()] + [i.epoch for i in self._inflight.values()],
             private_weight_bytes=int(_stat(stats, "private_weight_bytes", 0)),
             cached_fraction=dict(_stat(stats, "cached_fraction", {}) or {}),
         )
