@@ -62,6 +62,7 @@ def slice_view_of(t: WorkerTelemetry) -> SliceView:
         models=frozenset(t.models), cached_fraction=dict(t.cached_fraction),
         num_running=t.num_running, num_waiting=t.num_waiting, max_num_seqs=t.max_num_seqs,
         kv_free_frac=t.kv_free_frac, link_util=t.link_util, pinned_models=frozenset(t.pinned_models),
+        queued_prefill_tokens=t.queued_prefill_tokens, prefill_tokens_per_s=t.prefill_tokens_per_s,
     )
 
 
@@ -252,7 +253,9 @@ class Placer:
             return
         if self.prewarmer is not None:
             self.prewarmer.observe(req.model_id)
-        view = RequestView(req.request_id, req.model_id, max(1, req.num_prompt_chars // 4), req.slo_class)
+        # admission: a slice whose queued prefill alone outlasts max_queue_wait_s is not a candidate
+        view = RequestView(req.request_id, req.model_id, max(1, req.num_prompt_chars // 4), req.slo_class,
+                           ttft_slo_ms=1000.0 * self.config.max_queue_wait_s, max_wait_frac=1.0)
         worker_id = choose_slice(view, self._live_views())
         if worker_id is None:
             await self._reject(req, msg.reply)
@@ -266,7 +269,9 @@ class Placer:
         self._unrecorded[req.request_id] = (worker_id, req.model_id, msg.reply or "", f"{time.time():.3f}", str(req.epoch))
 
     async def _reject(self, req: SubmitRequest, reply: str) -> None:
-        reason = "no worker is running" if not self.views else f"no worker can take model '{req.model_id}' now"
+        reason = "no worker is running" if not self.views else (
+            f"no worker can take model '{req.model_id}' now (all full, or more than "
+            f"{self.config.max_queue_wait_s:.0f} s of prompts queued); retry later")
         log.info("[req=%s] rejected: %s", req.request_id, reason)
         if reply:
             chunk = TokenChunk(req.request_id, finish_reason=FinishReason.ERROR, epoch=req.epoch,

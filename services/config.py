@@ -67,6 +67,8 @@ class GatewayConfig(CommonConfig):
 @dataclass(frozen=True)
 class PlacerConfig(CommonConfig):
     worker_expiry_s: float = field(default=3.0, metadata=_help("declare a worker dead after this without a heartbeat"))
+    max_queue_wait_s: float = field(default=30.0, metadata=_help(
+        "refuse a request (503) when every slice that may serve it has more queued prefill than this (0: never)"))
     stall_timeout_s: float = field(default=60.0, metadata=_help(
         "declare a worker stalled when its engine made no step for this long while it had work"))
     request_ttl_s: int = field(default=600, metadata=_help("TTL of c2c:req:<id> assignment records"))
@@ -77,6 +79,7 @@ class PlacerConfig(CommonConfig):
         super().validate()
         _check(self.worker_expiry_s > 0, "worker_expiry_s", "must be > 0")
         _check(self.stall_timeout_s > 0, "stall_timeout_s", "must be > 0")
+        _check(self.max_queue_wait_s >= 0, "max_queue_wait_s", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,8 @@ class WorkerTelemetry(msgspec.Struct, **_HOT):
     is_stopping: bool = False  # last message of a worker shutting down: route nothing more here
     request_epochs: list[int] = []  # the epoch of each of request_ids (fencing a worker that came back)
     stalled_s: float = 0.0  # how long the engine has had work without finishing a step
+    queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting, not yet prefilled
+    prefill_tokens_per_s: float = 0.0  # measured prefill throughput of this slice (0: not yet)
 
 
 class ControlUpdate(msgspec.Struct, omit_defaults=True):

@@ -121,7 +121,8 @@ class _telemetry_of:
     """async with _telemetry_of(cluster, worker_id) as t: await t.get() -> the next report."""
 
     def __init__(self, cluster: LocalCluster, worker_id: str):
-        self.url, self.subject = cluster.nats_url, subjects.telemetry(worker_id)
+        self.url = cluster.nats_url
+        self.subject = subjects.TELEMETRY_ALL if worker_id == "*" else subjects.telemetry(worker_id)
 
     async def __aenter__(self) -> _Telemetry:
         self.nc = await nats.connect(self.url)
@@ -222,3 +223,14 @@ async def test_huge_prompts_hurt_no_one(cluster, model_dir, expected):
             assert body["error"]["code"] == "context_length_exceeded"
     assert texts == [expected[p] for p in PROMPTS[:2]]
     assert await _metric(cluster.url, "c2c_redispatches_total") == before
+
+
+async def test_telemetry_reports_the_measured_prefill_rate(cluster, model_dir):
+    """The placer's admission reads these: a live worker must produce them."""
+    async with _telemetry_of(cluster, "*") as telemetry, aiohttp.ClientSession() as session:
+        for _ in range(4):  # whichever worker the placer picks prefills these
+            body = {"model": model_dir.name, "prompt": "seven ravens " * 200, "max_tokens": 1}
+            async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
+                assert resp.status == 200
+        report = await _wait_for(telemetry.get, lambda t: t.prefill_tokens_per_s > 0, ceiling_s=WAIT_S)
+    assert report.queued_prefill_tokens >= 0

@@ -116,3 +116,16 @@ def test_waiting_ordered_by_deadline():
     sched.add(late)
     sched.add(early)
     assert _run_step(sched).seqs == [early]
+
+
+def test_queued_prefill_tokens_count_prompts_not_yet_in_the_kv_cache():
+    sched, _ = _make(SchedulerConfig(max_num_batched_tokens=8, chunk_size=8))
+    a, b = _seq("a", 12), _seq("b", 5)
+    sched.add(a)
+    sched.add(b)
+    assert sched.num_queued_prefill_tokens() == 17
+    _run_step(sched)  # 8 of a's prompt
+    assert sched.num_queued_prefill_tokens() == 9
+    _run_step(sched)
+    _run_step(sched)
+    assert sched.num_queued_prefill_tokens() == 0  # both decode now: one token each is decode work

@@ -98,6 +98,7 @@ class EngineStats:
     num_preemptions: int = 0
     private_weight_bytes: int = 0     # "load": weights copied into this process (host: 0)
     cached_fraction: dict[str, float] = field(default_factory=dict)  # loaded model -> achieved ρ
+    num_queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting, not yet prefilled
 
 
 @dataclass
@@ -376,7 +377,7 @@ class Engine:
                            max((m.kv_used_frac for m in per_model.values()), default=0.0),
                            per_model, s.num_steps, s.num_prefill_tokens, s.num_decode_tokens,
                            self.scheduler.num_preemptions, self.runner.loaded_bytes(),
-                           self.runner.cached_fractions())
+                           self.runner.cached_fractions(), self.scheduler.num_queued_prefill_tokens())
 
     def generate(self, model_id, prompt, params: SamplingParams | None = None, **kwargs) -> RequestOutput:
         """Run one request to the end (other requests' outputs in these steps are dropped)."""

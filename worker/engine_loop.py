@@ -57,6 +57,8 @@ class Snapshot:
     request_epochs: list[int] = field(default_factory=list)
     private_weight_bytes: int = 0
     cached_fraction: dict[str, float] = field(default_factory=dict)
+    queued_prefill_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0
 
 
 @dataclass
@@ -89,6 +91,9 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=f"engine-{worker_id}", daemon=True)
         self._last_stats_s = 0.0
         self._busy_since_s: float | None = None  # monotonic start of the step or command running now
+        self._step_s = 0.0  # time spent in steps since start (prefill throughput = tokens / this)
+        self._last_rate_sample = (0, 0.0)  # (prefill tokens, step seconds) at the last snapshot
+        self._prefill_tokens_per_s = 0.0  # moving average over snapshots that prefilled
         self._aborted: set[str] = set()  # requests whose engine abort output is still to come (not theirs)
         # request id -> (epoch, reply, monotonic time received) while its prompt is prepared
         self._preparing: dict[str, tuple[int, str, float]] = {}
@@ -271,6 +276,7 @@ class EngineLoop:
             return
         finally:
             self._busy_since_s = None
+            self._step_s += time.monotonic() - step_start_s
         batch = [self._chunk_of(out, step_start_s) for out in outputs if self._is_ours(out)]
         if batch:
             self._send(batch)
@@ -336,6 +342,7 @@ class EngineLoop:
             return
         self._last_stats_s = now_s
         stats = self.engine.stats()
+        self._measure_prefill(int(_stat(stats, "num_prefill_tokens", 0)))
         per_model = _stat(stats, "per_model", {}) or {}
         mapped = [m for m, st in per_model.items() if _stat(st, "is_loaded", True)]
         self.snapshot = Snapshot(
@@ -349,7 +356,19 @@ class EngineLoop:
             request_epochs=[p[0] for p in self._preparing.values()] + [i.epoch for i in self._inflight.values()],
             private_weight_bytes=int(_stat(stats, "private_weight_bytes", 0)),
             cached_fraction=dict(_stat(stats, "cached_fraction", {}) or {}),
+            queued_prefill_tokens=int(_stat(stats, "num_queued_prefill_tokens", 0)),
+            prefill_tokens_per_s=self._prefill_tokens_per_s,
         )
+
+    def _measure_prefill(self, num_prefill_tokens: int) -> None:
+        """Prefill tokens per second of step time, averaged over the windows that prefilled."""
+        last_tokens, last_step_s = self._last_rate_sample
+        num_tokens, step_s = num_prefill_tokens - last_tokens, self._step_s - last_step_s
+        self._last_rate_sample = (num_prefill_tokens, self._step_s)
+        if num_tokens > 0 and step_s > 0:
+            rate = num_tokens / step_s
+            old = self._prefill_tokens_per_s
+            self._prefill_tokens_per_s = rate if old == 0 else 0.7 * old + 0.3 * rate
 
 
 def _stat(stats: Any, name: str, default: Any) -> Any:

@@ -211,6 +211,12 @@ class Scheduler:
         return list(seen)
 
     # -- stats ----------------------------------------------------------------------------
+    def num_queued_prefill_tokens(self) -> int:
+        """Prompt tokens admitted or waiting that are not in the KV cache yet (a decoding
+        sequence's one uncomputed token is decode work, not prefill)."""
+        waiting = sum(s.num_uncomputed_tokens for s in self.waiting)
+        return waiting + sum(s.num_uncomputed_tokens - (1 if s.num_generated else 0) for s in self.running)
+
     def model_stats(self, model_id: str) -> tuple[int, int, float]:
         """(num_running, num_waiting, kv_used_frac) of one model."""
         num_running = sum(1 for s in self.running if s.model_id == model_id)

@@ -230,6 +230,7 @@ class WorkerService:
             pinned_models=self.config.pinned_models, residency=self.config.residency,
             num_finished=s.num_finished, num_aborted=s.num_aborted, request_ids=s.request_ids,
             is_stopping=is_stopping, request_epochs=s.request_epochs, stalled_s=self.loop_thread.stalled_s(),
+            queued_prefill_tokens=s.queued_prefill_tokens, prefill_tokens_per_s=s.prefill_tokens_per_s,
         )
         await self.nc.publish(subjects.telemetry(self.worker_id), schemas.encode(t))
 
