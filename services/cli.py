@@ -7,7 +7,8 @@ Each subcommand lives in its own module, imported only when that subcommand runs
     run(args: argparse.Namespace) -> int     # the process exit code
 
 Errors a user can cause are raised as `services.errors.C2CError` and printed as one line
-(exit code 2), never as a stack trace.
+(exit code 2), never as a stack trace. An incomplete command (`c2cserve`, `c2cserve
+models`) prints its group's help, exit code 2.
 """
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Torch's OpenMP threads and Numba's parallel threads spin against each other on small
 # machines: with spinning OpenMP a batched 0.5B decode step took 3.1 s instead of 0.8 s.
 # Must be set before torch is imported, so it lives at the very top of the entry point.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# `transformers` 5 (a test extra) installs Hugging Face's `kernels` package into
+# site-packages, which shadows ours (an editable install's finder comes after
+# site-packages): every process starts here, so our project root goes first.
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
+if sys.path[:1] != [_PROJECT_ROOT]:
+    sys.path.insert(0, _PROJECT_ROOT)
 
 # command path -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -44,13 +53,17 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="c2cserve", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command", required=True)}
+    # not `required`: argparse would name the dest in its error; an incomplete command
+    # prints its group's help instead (main)
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands")}
     for path, (module_name, help_text) in COMMANDS.items():
         for depth in range(1, len(path)):
             prefix = path[:depth]
             if prefix not in groups:
-                sub = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
-                groups[prefix] = sub.add_subparsers(dest=f"command_{depth}", required=True)
+                sub = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands",
+                                                     description=f"c2cserve {' '.join(prefix)} commands")
+                groups[prefix] = sub.add_subparsers(dest=f"command_{depth}", metavar="COMMAND", title="commands")
         sub = groups[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
         sub.set_defaults(_module=module_name)
     return parser
@@ -60,8 +73,10 @@ def _add_module_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> a
     """Find the command's parser, let its module add its own arguments, then parse."""
     sub = _find_subparser(parser, argv)
     module_name = sub.get_default("_module")
-    if module_name is None:  # no complete command: argparse prints help or the usage error
-        return parser.parse_args(argv)
+    if module_name is None:  # no complete command: --help, a usage error, or the group's help
+        parser.parse_args(argv)
+        sub.print_help(sys.stderr)
+        sub.exit(2)
     module = importlib.import_module(module_name)
     module.add_arguments(sub)
     args = parser.parse_args(argv)
