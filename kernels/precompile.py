@@ -23,7 +23,7 @@ import time
 # ran three busy processes on its two cores.
 COLD_COMPILE_CPU_S = 75.0
 TICK_S = 5.0
-COLD_LINE = "compiling CPU kernels (first run only, ~{estimate_s:.0f} s)…"
+COLD_LINE = "compiling CPU kernels (first run only, ~{estimate_s:.0f} s)..."
 
 
 def kernel_dispatchers() -> list:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,8 +30,28 @@ NATS, VALKEY = "nats-server", "valkey-server"
 SERVER_NAMES = (NATS, VALKEY)  # the order of EmbeddedServers._procs
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port nothing listens on, below the kernel's ephemeral range: a port the kernel
+    hands out (bind to 0) can be taken by any outgoing connection's local end before the
+    server that was meant to bind it starts, or restarts, on it."""
+    low, _high = _ephemeral_ports()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # all taken: the kernel picks
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

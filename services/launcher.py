@@ -107,6 +107,8 @@ class LocalCluster:
 
     # -- start ----------------------------------------------------------------------------
     def start(self, timeout_s: float = 120) -> LocalCluster:
+        if self.workdir is not None:
+            raise C2CError("this cluster is already started")
         try:
             self._start(timeout_s)
         except Exception:
@@ -157,12 +159,12 @@ class LocalCluster:
         with open(log_path, "ab") as log_file:
             self._precompiler = subprocess.Popen(
                 [sys.executable, "-m", "kernels.precompile"], cwd=PROJECT_ROOT, env=self.env(),
-                stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, text=True,
-                start_new_session=True)
+                stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, encoding="utf-8",
+                errors="replace", start_new_session=True)
         threading.Thread(target=self._pump_precompile, args=(self._precompiler, log_path), daemon=True).start()
 
     def _pump_precompile(self, proc: subprocess.Popen, log_path: Path) -> None:
-        with open(log_path, "a") as log_file:
+        with open(log_path, "a", encoding="utf-8") as log_file:
             for line in proc.stdout:
                 log_file.write(line)
                 log_file.flush()
@@ -265,8 +267,9 @@ class LocalCluster:
 
     def _timeout_error(self, what: str, client) -> C2CError:
         _up, waiting = self._status(client)
-        culprit = next((n for n in waiting if n in self._services), PRECOMPILE)
-        return C2CError(f"{what} did not come up within {time.monotonic() - self._started_s:.0f} s "
+        fallback = PRECOMPILE if "CPU kernel compile" in waiting else "gateway"
+        culprit = next((n for n in waiting if n in self._services), fallback)
+        return C2CError(f"start-up timed out after {time.monotonic() - self._started_s:.0f} s waiting for {what} "
                         f"(raise --timeout on a slow machine); waiting on: {', '.join(waiting) or what}.\n"
                         f"last lines of {culprit}.log:\n{self.log_tail(culprit, 15)}\n(logs kept in {self.workdir})")
 
@@ -373,7 +376,7 @@ class LocalCluster:
         return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:])
 
     def __enter__(self) -> LocalCluster:
-        return self.start()
+        return self if self.workdir is not None else self.start()  # `with cluster.start(timeout_s=…):` too
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -42,7 +42,7 @@ def test_start_honours_its_timeout(servers, tiny_model):
     message = str(exc.value)
     kept = _kept_dir(message)
     try:
-        assert "did not come up within" in message and "--timeout" in message
+        assert "start-up timed out after" in message and "--timeout" in message
         assert "waiting on: " in message and "placer" in message
         assert kept.is_dir()
     finally:
