@@ -422,10 +422,19 @@ def run(args: argparse.Namespace) -> int:
             _say(line)
         threading.Event().wait()  # the supervisor thread works; Ctrl-C or SIGTERM ends this
     except KeyboardInterrupt:
-        _say("stopping...")
-        started_s = time.monotonic()
-        cluster.stop()
-        slowest = max(cluster.stop_times_s.items(), key=lambda kv: kv[1] or _STOP_TIMEOUT_S, default=None)
-        _say(f"stopped in {time.monotonic() - started_s:.1f} s" + (
-            f" (slowest: {slowest[0]}, {'killed' if slowest[1] is None else f'{slowest[1]:.1f} s'})" if slowest else ""))
+        _stop(cluster)
     return 0
+
+
+def _stop(cluster: LocalCluster) -> None:
+    """Stop once, whatever else arrives: a second Ctrl-C or SIGTERM (`timeout`, a service
+    manager) would otherwise abort the stop half-way and orphan services. It is bounded."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    _say("stopping...")
+    started_s = time.monotonic()
+    cluster.stop()
+    slowest = max(cluster.stop_times_s.items(), key=lambda kv: _STOP_TIMEOUT_S if kv[1] is None else kv[1], default=None)
+    took = "" if slowest is None else f" (slowest: {slowest[0]}, " + (
+        "killed)" if slowest[1] is None else f"{slowest[1]:.1f} s)")
+    _say(f"stopped in {time.monotonic() - started_s:.1f} s{took}")
