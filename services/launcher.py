@@ -40,7 +40,7 @@ from services import keys
 from services.catalog import entry_for, to_hash
 from services.embedded import SERVER_NAMES, VALKEY, EmbeddedServers, free_port, stop_processes
 from services.errors import C2CError
-from services.supervisor import ServiceProcess, Supervisor, Unit, stop_all
+from services.supervisor import ServiceProcess, Supervisor, Unit, start_reporting, stop_all
 
 log = logging.getLogger(__name__)
 DEMO_DIR = Path("~/.cache/c2cserve/demo").expanduser()
@@ -153,22 +153,10 @@ class LocalCluster:
         self._spawn("controller", ["controller"])
 
     def _start_precompile(self) -> None:
-        """`python -m kernels.precompile` in the background; its lines go to the progress
-        callback and its log. Run from the project root so `-m kernels` finds ours."""
-        log_path = self.workdir / f"{PRECOMPILE}.log"
-        with open(log_path, "ab") as log_file:
-            self._precompiler = subprocess.Popen(
-                [sys.executable, "-m", "kernels.precompile"], cwd=PROJECT_ROOT, env=self.env(),
-                stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, encoding="utf-8",
-                errors="replace", start_new_session=True)
-        threading.Thread(target=self._pump_precompile, args=(self._precompiler, log_path), daemon=True).start()
-
-    def _pump_precompile(self, proc: subprocess.Popen, log_path: Path) -> None:
-        with open(log_path, "a", encoding="utf-8") as log_file:
-            for line in proc.stdout:
-                log_file.write(line)
-                log_file.flush()
-                self.progress(line.rstrip())
+        """`python -m kernels.precompile` in the background, its lines reported as they
+        come. Run from the project root so `-m kernels` finds ours."""
+        self._precompiler = start_reporting([sys.executable, "-m", "kernels.precompile"], PROJECT_ROOT, self.env(),
+                                            self.workdir / f"{PRECOMPILE}.log", self.progress)
 
     def _register_catalog(self) -> list[str]:
         """Write the catalog (the model folders are its source of truth); returns the ids."""

@@ -1,4 +1,6 @@
-"""Restart what exits: the supervision loop behind `c2cserve up` (LocalCluster(supervise=True)).
+"""The local cluster's processes: start them (`ServiceProcess`, `start_reporting`), stop
+them all at once against one deadline (`stop_all`), and restart what exits: the
+supervision loop behind `c2cserve up` (LocalCluster(supervise=True)).
 
 A `Unit` is anything with a name, a way to see it has exited and a way to start it again:
 a service subprocess (gateway, placer, controller, a worker) or an embedded server
@@ -68,6 +70,25 @@ class ServiceProcess:
 
     def unit(self) -> Unit:
         return Unit(self.name, self.poll, self.restart)
+
+
+def start_reporting(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path,
+                    report: Callable[[str], None]) -> subprocess.Popen:
+    """A child whose output lines go to `report` (its stdout) and to `log_path` (both)."""
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log_file,
+                                stdin=subprocess.DEVNULL, encoding="utf-8", errors="replace",
+                                start_new_session=True)
+    threading.Thread(target=_pump, args=(proc, log_path, report), daemon=True).start()
+    return proc
+
+
+def _pump(proc: subprocess.Popen, log_path: Path, report: Callable[[str], None]) -> None:
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            report(line.rstrip())
 
 
 def stop_all(services: list[ServiceProcess], timeout_s: float) -> dict[str, float | None]:
