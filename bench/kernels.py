@@ -94,7 +94,7 @@ def bench_shape(model, name, n, k, m, repeats, cold_bytes: int = COLD_BYTES) -> 
     import torch
     import torch.nn.functional as F
 
-    import kernels
+    import c2c_kernels as kernels
 
     g = torch.Generator().manual_seed(n + k + m)
     num_copies = _num_copies(n, k, cold_bytes)
@@ -125,7 +125,7 @@ def call_overhead_us(repeats: int) -> dict:
     """Per-call cost of kernels.linear on tiny and 0.5B-small matrices at M = 1."""
     import torch
 
-    import kernels
+    import c2c_kernels as kernels
 
     out = {}
     for n, k in [(8, 64), (896, 896)]:
@@ -164,7 +164,7 @@ def run_cpu(quick: bool, threads: int | None) -> dict:
     import numba
     import torch
 
-    from kernels.membw import measure_read_gbps
+    from c2c_kernels.membw import measure_read_gbps
 
     if threads:
         torch.set_num_threads(threads)
@@ -185,7 +185,7 @@ def run_cpu(quick: bool, threads: int | None) -> dict:
 
 
 def render(report: dict) -> str:
-    from kernels.cpu_gemm import chosen_kernels
+    from c2c_kernels.cpu_gemm import chosen_kernels
 
     load_start, load_end = report["load_avg_1m"]
     lines = [
@@ -270,7 +270,7 @@ def gpu_copy_gbps(repeats: int, num_bytes: int = 1 << 30) -> dict:
 
 
 def _time_hybrid(path, dx, hw, dy, blocks: int, repeats: int) -> float:
-    from kernels import cuda_kernels
+    from c2c_kernels import cuda_kernels
 
     w_dev, w_host = hw.parts()
     return _gpu_time_s(
@@ -285,8 +285,8 @@ def gpu_hybrid_sweep(repeats: int, num_sms: int) -> list[dict]:
     import torch
     from numba import cuda
 
-    from kernels.cuda_backend import HybridWeight
-    from kernels.cuda_kernels import OS_CONFIG
+    from c2c_kernels.cuda_backend import HybridWeight
+    from c2c_kernels.cuda_kernels import OS_CONFIG
 
     n, k = GPU_SHAPE
     max_m = OS_CONFIG["max_m"]
@@ -324,7 +324,7 @@ def render_gpu(device: str, copy: dict, rows: list[dict]) -> str:
 
 def run_gpu_if_available(quick: bool, command: str, out_path: Path) -> dict | None:
     """The GPU tables, or None when no GPU is usable (nothing is written then)."""
-    from kernels.cuda_backend import gpu_available
+    from c2c_kernels.cuda_backend import gpu_available
 
     if not gpu_available():
         return None

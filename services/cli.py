@@ -18,19 +18,11 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 
 # Torch's OpenMP threads and Numba's parallel threads spin against each other on small
 # machines: with spinning OpenMP a batched 0.5B decode step took 3.1 s instead of 0.8 s.
 # Must be set before torch is imported, so it lives at the very top of the entry point.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-# `transformers` 5 (a test extra) installs Hugging Face's `kernels` package into
-# site-packages, which shadows ours (an editable install's finder comes after
-# site-packages): every process starts here, so our project root goes first.
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path[:1] != [_PROJECT_ROOT]:
-    sys.path.insert(0, _PROJECT_ROOT)
 
 # command path -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {

@@ -5,7 +5,7 @@ Without NATS/Redis URLs (arguments or `C2C_NATS_URL`/`C2C_REDIS_URL`) it starts
 work dir). It registers the catalog in Redis, then starts the gateway, placer,
 controller and N workers as `python -m services.cli <service>` subprocesses, and returns
 once the gateway answers /health and every worker heartbeats. With `precompile=True`
-the CPU kernels are compiled into Numba's cache (`python -m kernels.precompile`) while
+the CPU kernels are compiled into Numba's cache (`python -m c2c_kernels.precompile`) while
 the other services start, before any worker does. Every few seconds of start-up it
 reports what is up and what it waits on. A process that dies while starting, or a
 start that outlasts `timeout_s`, raises C2CError with the tail of the culprit's log,
@@ -153,9 +153,9 @@ class LocalCluster:
         self._spawn("controller", ["controller"])
 
     def _start_precompile(self) -> None:
-        """`python -m kernels.precompile` in the background, its lines reported as they
-        come. Run from the project root so `-m kernels` finds ours."""
-        self._precompiler = start_reporting([sys.executable, "-m", "kernels.precompile"], PROJECT_ROOT, self.env(),
+        """`python -m c2c_kernels.precompile` in the background, its lines reported as they
+        come. Run from the project root so `-m c2c_kernels` finds ours."""
+        self._precompiler = start_reporting([sys.executable, "-m", "c2c_kernels.precompile"], PROJECT_ROOT, self.env(),
                                             self.workdir / f"{PRECOMPILE}.log", self.progress)
 
     def _register_catalog(self) -> list[str]:
@@ -220,7 +220,7 @@ class LocalCluster:
     def _precompiled(self, _client) -> bool:
         code = self._precompiler.poll()
         if code not in (None, 0):
-            raise C2CError(f"the kernel compile (python -m kernels.precompile) exited with code {code}:\n"
+            raise C2CError(f"the kernel compile (python -m c2c_kernels.precompile) exited with code {code}:\n"
                            f"{self.log_tail(PRECOMPILE, 15)}\n(logs kept in {self.workdir})")
         return code == 0
 

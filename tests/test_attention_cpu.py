@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_attention
+import c2c_kernels as kernels
+from c2c_kernels import cpu_attention
 from worker.forward_batch import ForwardBatch, build_attention_metadata
 
 

@@ -23,8 +23,8 @@ def test_simulator_subprocess(run_in_cuda_simulator):
 
 @pytest.mark.skipif(not IN_SIM, reason="runs inside test_simulator_subprocess")
 def test_cuda_runner_wraps_weights_and_follows_rho(tiny_model):
-    import kernels
-    from kernels.cuda_backend import HybridWeight
+    import c2c_kernels as kernels
+    from c2c_kernels.cuda_backend import HybridWeight
     from worker.engine import Engine, EngineConfig
 
     model_dir = tiny_model("llama", dtype="bfloat16")

@@ -1,5 +1,5 @@
 """First start on a busy machine, as `c2cserve up` does it: a supervised LocalCluster with
-the kernel compile step (`python -m kernels.precompile`) and an EMPTY Numba cache
+the kernel compile step (`python -m c2c_kernels.precompile`) and an EMPTY Numba cache
 (`NUMBA_CACHE_DIR`, which Numba honours for `cache=True` functions) while a busy loop
 holds a core. The compile must say up front that it compiles and about how long it takes,
 report progress every few seconds, finish before any worker starts (the worker then only
@@ -69,7 +69,7 @@ def test_first_start_compiles_once_with_progress_then_serves(tmp_path, tiny_mode
     assert list(cache_dir.rglob("*.nbi")), "nothing went to NUMBA_CACHE_DIR"
     assert not late, f"the worker compiled what the compile step had not: {late}"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
-    warm = subprocess.run([sys.executable, "-m", "kernels.precompile"], cwd=ROOT, env=env,
+    warm = subprocess.run([sys.executable, "-m", "c2c_kernels.precompile"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert warm.returncode == 0, warm.stderr[-3000:]
     assert warm.stdout.startswith("CPU kernels loaded from the cache in "), warm.stdout

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_gemm
-from kernels.membw import measure_read_gbps
-from kernels.reference import linear_ref, moe_ref
+import c2c_kernels as kernels
+from c2c_kernels import cpu_gemm
+from c2c_kernels.membw import measure_read_gbps
+from c2c_kernels.reference import linear_ref, moe_ref
 from services.errors import InvalidRequest
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

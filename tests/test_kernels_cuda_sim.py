@@ -33,7 +33,7 @@ def bf16_bits(n, k, seed):
 
 
 def assert_close(y, x, w_bits):
-    from kernels.reference import linear_bits_ref
+    from c2c_kernels.reference import linear_bits_ref
 
     ref = linear_bits_ref(x, w_bits)
     assert y.shape == ref.shape
@@ -47,7 +47,7 @@ def assert_close(y, x, w_bits):
 def test_kernel_split_by_rho(shape, rho, path):
     from numba import cuda
 
-    from kernels import cuda_kernels
+    from c2c_kernels import cuda_kernels
 
     m, n, k = shape
     m = min(m, cuda_kernels.OS_CONFIG["max_m"]) if path == "os" else m
@@ -68,7 +68,7 @@ def test_kernel_split_by_rho(shape, rho, path):
 
 @sim_only
 def test_words_pad_odd_k_with_zeros():
-    from kernels.cuda_kernels import as_words
+    from c2c_kernels.cuda_kernels import as_words
 
     bits = np.arange(1, 16, dtype=np.uint16).reshape(3, 5)
     words = as_words(bits)
@@ -81,7 +81,7 @@ def test_words_pad_odd_k_with_zeros():
 
 @sim_only
 def test_tile_order_is_a_permutation_that_interleaves():
-    from kernels.cuda_kernels import _tile_of
+    from c2c_kernels.cuda_kernels import _tile_of
 
     for num_tiles, num_dev in [(10, 0), (10, 10), (10, 3), (7, 5), (1, 1)]:
         order = [_tile_of(t, num_tiles, num_dev) for t in range(num_tiles)]
@@ -95,9 +95,9 @@ def test_tile_order_is_a_permutation_that_interleaves():
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rho", RHOS)
 def test_hybrid_weight_through_kernels_linear(rho, path):
-    import kernels
-    from kernels.cuda_backend import DeviceTileCache, HybridWeight
-    from kernels.reference import linear_ref
+    import c2c_kernels as kernels
+    from c2c_kernels.cuda_backend import DeviceTileCache, HybridWeight
+    from c2c_kernels.reference import linear_ref
 
     w, _ = bf16_bits(19, 23, seed=7)  # odd K: the weight and x are zero-padded to 24
     hw = HybridWeight(w, name="layer.q_proj.weight")
@@ -118,7 +118,7 @@ def test_hybrid_weight_through_kernels_linear(rho, path):
 
 @sim_only
 def test_tile_cache_caps_rho_by_capacity():
-    from kernels.cuda_backend import CudaWeightBackend
+    from c2c_kernels.cuda_backend import CudaWeightBackend
 
     backend = CudaWeightBackend(cache_bytes=0)
     g = torch.Generator().manual_seed(2)

@@ -30,7 +30,7 @@ def test_kernel_compiles_to_sm90_ptx(path):
     _nvvm_or_skip()
     from numba import cuda
 
-    from kernels import cuda_kernels
+    from c2c_kernels import cuda_kernels
 
     if path == "os":
         fn = cuda_kernels.make_os_kernel(**cuda_kernels.OS_CONFIG)

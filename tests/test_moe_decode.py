@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.reference import linear_ref
+import c2c_kernels as kernels
+from c2c_kernels.reference import linear_ref
 from worker.layers import SwiGLU
 from worker.moe import MoEBlock
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import kernels
+import c2c_kernels as kernels
 
 
 @pytest.mark.parametrize("num_tokens,hidden", [(1, 896), (7, 33), (130, 64)])

@@ -351,7 +351,7 @@ class Engine:
     # -- control and stats --------------------------------------------------------------
     def set_control(self, **knobs) -> None:
         """Runtime knobs: chunk_size, max_num_seqs, max_num_batched_tokens, decode_threshold, rho."""
-        import kernels
+        import c2c_kernels as kernels
 
         for name, value in knobs.items():
             if value is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import c2c_kernels as kernels
 from worker.checkpoint import ModelConfig
 from worker.forward_batch import AttentionMetadata, ForwardBatch, build_attention_metadata
 from worker.layers import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
+import c2c_kernels as kernels
 from worker.checkpoint import ModelConfig
 from worker.layers import SwiGLU, layer_prefix
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import c2c_kernels as kernels
 from worker.checkpoint import ModelConfig, checkpoint_tensor_files
 from worker.forward_batch import ForwardBatch
 from worker.layers import without_fused_parts
@@ -63,10 +63,10 @@ class ModelRunner:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         # cuda: weights stay in host memory, mapped into the GPU; a DeviceTileCache of
-        # device_cache_bytes holds the cached fraction rho of them (kernels.cuda_backend).
+        # device_cache_bytes holds the cached fraction rho of them (c2c_kernels.cuda_backend).
         self.weight_backend = None
         if device == "cuda":
-            from kernels.cuda_backend import CudaWeightBackend
+            from c2c_kernels.cuda_backend import CudaWeightBackend
 
             self.weight_backend = CudaWeightBackend(device_cache_bytes)
         self.block_size = block_size

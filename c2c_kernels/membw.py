@@ -12,7 +12,7 @@ import time
 import numba as nb
 import numpy as np
 
-from kernels.cpu_gemv import PARALLEL_LOCK
+from c2c_kernels.cpu_gemv import PARALLEL_LOCK
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from numba import cuda
 
-import kernels
-from kernels import cuda_kernels
-from kernels.cuda_kernels import IS_SIMULATOR
+import c2c_kernels as kernels
+from c2c_kernels import cuda_kernels
+from c2c_kernels.cuda_kernels import IS_SIMULATOR
 
 log = logging.getLogger(__name__)
 

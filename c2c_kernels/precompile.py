@@ -1,8 +1,8 @@
-"""`python -m kernels.precompile`: compile every CPU kernel into Numba's cache, once.
+"""`python -m c2c_kernels.precompile`: compile every CPU kernel into Numba's cache, once.
 
 The CPU kernels are `numba.njit(cache=True)` functions: the first process to call one
 compiles it (tens of seconds per parallel kernel) and writes the machine code to the
-cache (`__pycache__/*.nbi|*.nbc` beside kernels/*.py, or under `NUMBA_CACHE_DIR`);
+cache (`__pycache__/*.nbi|*.nbc` beside c2c_kernels/*.py, or under `NUMBA_CACHE_DIR`);
 later processes load it in well under a second. `c2cserve up` runs this step before it
 starts workers, so N workers do not each compile the same kernels silently while their
 start-up clock runs. It runs `kernels.warmup()` (the exact variants a worker warms up)
@@ -27,15 +27,15 @@ COLD_LINE = "compiling CPU kernels (first run only, ~{estimate_s:.0f} s)..."
 
 
 def kernel_dispatchers() -> list:
-    """Every cached (`cache=True`) Numba dispatcher of the imported `kernels` modules."""
+    """Every cached (`cache=True`) Numba dispatcher of the imported `c2c_kernels` modules."""
     from numba.core.caching import FunctionCache
     from numba.core.dispatcher import Dispatcher
 
-    import kernels  # noqa: F401  (imports the CPU kernel modules)
+    import c2c_kernels  # noqa: F401  (imports the CPU kernel modules)
 
     found = {}
     for name, module in list(sys.modules.items()):
-        if not name.startswith("kernels.") or module is None:
+        if not name.startswith("c2c_kernels.") or module is None:
             continue
         for value in vars(module).values():
             if isinstance(value, Dispatcher) and isinstance(value._cache, FunctionCache) \
@@ -82,7 +82,7 @@ def _tick(dispatchers: list, estimate: float, started_s: float, done: threading.
 
 def precompile() -> float:
     """Compile (or load) every kernel a worker warms up; returns the seconds it took."""
-    import kernels
+    import c2c_kernels as kernels
 
     dispatchers = kernel_dispatchers()
     num_cold = sum(not is_cached(d) for d in dispatchers)

@@ -1,5 +1,5 @@
 """HybridGEMM: y = x @ W.T with W streamed from host memory (CPU path here, CUDA in
-`kernels.cuda_backend`).
+`c2c_kernels.cuda_backend`).
 
 `linear` is what every linear layer and the LM head of the engine calls:
 - fp32 weights: torch `F.linear` (MKL streams fp32 at memory bandwidth);
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_attention, cpu_pointwise
-from kernels.cpu_gemm import _numba_ws, prefill_linear
-from kernels.cpu_gemv import (
+from c2c_kernels import cpu_attention, cpu_pointwise
+from c2c_kernels.cpu_gemm import _numba_ws, prefill_linear
+from c2c_kernels.cpu_gemv import (
     PARALLEL_LOCK,
     gemm_skinny,
     gemm_skinny_serial,
@@ -152,7 +152,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     """x += delta in place (the residual stream), then RMSNorm(x) * weight as a new tensor.
 
     x, delta [T, H] fp32, weight [H] fp32 (the model widens its norm weights once).
-    Serial Numba on the CPU (`kernels.cpu_pointwise`); `rms_norm` elsewhere.
+    Serial Numba on the CPU (`c2c_kernels.cpu_pointwise`); `rms_norm` elsewhere.
     """
     tensors = (x, weight) if delta is None else (x, weight, delta)
     if not (_is_cpu_f32(*tensors) and all(t.is_contiguous() for t in tensors)):
@@ -180,7 +180,7 @@ def can_use_decode_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def decode_attention(q, k_new, v_new, k_cache, v_cache, slots, tables, lows, lens, max_keys: int) -> torch.Tensor:
-    """Paged decode attention on the CPU (`kernels.cpu_attention`); writes the new k/v.
+    """Paged decode attention on the CPU (`c2c_kernels.cpu_attention`); writes the new k/v.
 
     q [S, nH, D], k_new/v_new [S, nKV, D], caches [num_blocks, block_size, nKV, D] fp32,
     slots [S], tables [S, Bmax], lows/lens [S] int64, max_keys = max(lens - lows) (known

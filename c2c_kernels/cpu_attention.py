@@ -22,7 +22,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from kernels.cpu_gemv import PARALLEL_LOCK
+from c2c_kernels.cpu_gemv import PARALLEL_LOCK
 
 # Below this many multiply-adds a call runs on the calling thread: waking the thread
 # pool costs more than the arithmetic.

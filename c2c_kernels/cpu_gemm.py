@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_gemv import PARALLEL_LOCK, gemm_ws
+from c2c_kernels.cpu_gemv import PARALLEL_LOCK, gemm_ws
 from services.errors import InvalidRequest
 
 # Tiles of gemm_ws: a weight panel [N_BLOCK, K_BLOCK] (bf16: 128 KiB) stays in L2 while
