@@ -26,7 +26,7 @@ from gateway.stream import RequestStream, error_of
 from services import catalog, keys, natsutil, schemas, subjects
 from services.config import GatewayConfig
 from services.errors import C2CError, ErrorCode, ModelNotFound
-from services.schemas import FinishReason, TokenChunk
+from services.schemas import TokenChunk
 
 __all__ = ["GatewayCore", "RequestStream", "error_of"]
 log = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ class GatewayCore:
         if stream is None:
             return
         if natsutil.is_no_responders(msg):
-            stream.deliver(TokenChunk(request_id, finish_reason=FinishReason.ERROR, epoch=stream.epoch,
-                                      error_code=ErrorCode.NO_CAPACITY, error="no placer or worker is listening"))
+            stream.no_responders()
             return
         try:
             stream.deliver(_chunk_decoder.decode(msg.data))

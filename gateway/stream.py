@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _ABORT_WAIT_S = 30.0
 MAX_REDISPATCHES = 4  # then the request fails instead of bouncing between dying workers
+NO_RESPONDERS = "no placer or worker is listening"
+# a submit nobody heard (a placer or worker restarting) is tried again after these pauses
+NO_RESPONDER_PAUSES_S = (0.25, 0.5, 1.0, 1.0)
 
 
 def error_of(chunk: TokenChunk) -> C2CError:
@@ -116,6 +119,10 @@ class RequestStream:
         """Called by the core's inbox subscription (any epoch; filtered when taken)."""
         self.queue.put_nowait(chunk)
 
+    def no_responders(self) -> None:
+        """The bus had nobody for our submit: try again shortly (within the re-dispatch budget)."""
+        self.deliver(TokenChunk(self.req.request_id, redispatch=True, epoch=self.epoch, error=NO_RESPONDERS))
+
     def local_error(self, code: ErrorCode, message: str) -> TokenChunk:
         """A final error chunk made here (no worker): it ends the current epoch as it is."""
         return TokenChunk(self.req.request_id, finish_reason=FinishReason.ERROR, error_code=code, error=message,
@@ -132,7 +139,9 @@ class RequestStream:
                 await self._give_up(timeout_s)
             if not self._is_current(chunk):
                 continue
-            if chunk.redispatch:
+            if chunk.redispatch and chunk.error == NO_RESPONDERS:
+                await self._redispatch(NO_RESPONDERS, pause_s=NO_RESPONDER_PAUSES_S[min(self.num_redispatches, 3)])
+            elif chunk.redispatch:
                 await self._redispatch(f"worker {chunk.worker_id or '?'} left mid-request")
             elif chunk.seq != self._next_seq and chunk.worker_id:  # (placer and local errors: no seq)
                 await self._redispatch(f"chunks lost on the bus (got #{chunk.seq}, expected #{self._next_seq})")
@@ -175,11 +184,12 @@ class RequestStream:
                            f"{self.core.config.request_timeout_s:.0f} s", code=ErrorCode.TIMEOUT)
         raise C2CError(f"no response from the workers within {timeout_s:.0f} s", code=ErrorCode.TIMEOUT)
 
-    async def _redispatch(self, why: str) -> None:
+    async def _redispatch(self, why: str, pause_s: float = 0.0) -> None:
         """Fence the current assignment off and submit again with the tokens the client has."""
         if self.num_redispatches >= MAX_REDISPATCHES:
-            raise NoCapacity(f"gave up after {self.num_redispatches} re-dispatches ({why})")
+            raise NoCapacity(f"{why}; gave up after {self.num_redispatches} re-dispatches")
         await self._send_abort("re-dispatched")
+        await asyncio.sleep(pause_s)
         self.num_redispatches += 1
         self.epoch += 1
         self._next_seq = 0

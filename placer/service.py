@@ -86,6 +86,7 @@ class Placer:
         self.inflight: dict[str, dict[str, tuple[str, float, int]]] = {}
         # worker declared dead -> request id -> the epoch fenced off (aborted if it comes back)
         self.fenced: dict[str, dict[str, int]] = {}
+        self.incarnations: dict[str, str] = {}  # worker -> the process last heard from
         self._tasks: set[asyncio.Task] = set()
         self.placer_id = uuid.uuid4().hex[:8]
         self._unrecorded: dict[str, tuple[str, ...]] = {}  # request id -> _RECORD_FIELDS, not yet in Redis
@@ -149,6 +150,9 @@ class Placer:
             return
         if t.worker_id in self.fenced:
             await self._abort_fenced(t)
+        if self.incarnations.get(t.worker_id, t.incarnation) != t.incarnation:
+            await self._restarted(t)
+        self.incarnations[t.worker_id] = t.incarnation
         now_s = time.monotonic()
         self.last_seen_s[t.worker_id] = now_s
         if t.stalled_s > self.config.stall_timeout_s:
@@ -161,6 +165,17 @@ class Placer:
             running = set(t.request_ids)
             for request_id in [r for r, (_, at_s, _) in inflight.items() if r not in running and now_s - at_s > _SETTLE_S]:
                 del inflight[request_id]
+
+    async def _restarted(self, t: WorkerTelemetry) -> None:
+        """The worker restarted under the same id before its heartbeat expired: what the
+        old process ran is lost; re-dispatch all but what the new one reports running."""
+        log.warning("worker %s restarted (incarnation %s); re-dispatching what the old one ran",
+                    t.worker_id, t.incarnation)
+        running = set(t.request_ids)
+        inflight = self.inflight.get(t.worker_id, {})
+        lost = {r: a for r, a in inflight.items() if r not in running}
+        self.inflight[t.worker_id] = {r: a for r, a in inflight.items() if r in running}
+        await self._redispatch_assignments(t.worker_id, lost)
 
     async def _abort_fenced(self, t: WorkerTelemetry) -> None:
         fenced = self.fenced[t.worker_id]
@@ -225,7 +240,10 @@ class Placer:
         The gateway knows which tokens its client already got; it resubmits with them
         appended to the prompt, so the stream continues with no loss or duplicates.
         """
-        for request_id, (reply, _, epoch) in self.inflight.pop(worker_id, {}).items():
+        await self._redispatch_assignments(worker_id, self.inflight.pop(worker_id, {}))
+
+    async def _redispatch_assignments(self, worker_id: str, assignments: dict[str, tuple[str, float, int]]) -> None:
+        for request_id, (reply, _, epoch) in assignments.items():
             log.warning("[req=%s] worker %s died mid-request: re-dispatching epoch %d", request_id, worker_id, epoch)
             self.fenced.setdefault(worker_id, {})[request_id] = epoch
             chunk = TokenChunk(request_id, worker_id, redispatch=True, epoch=epoch)

@@ -38,6 +38,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "overhead"): ("bench.overhead", "control-plane latency added by the services"),
     ("bench", "coldstart"): ("bench.coldstart", "what a cold start adds, host store vs load-on-demand"),
     ("bench", "serve"): ("bench.serve", "replay a serverless trace against each residency mode"),
+    ("bench", "faults"): ("bench.faults", "kill -9 and pause each process under load: wrong, failed, recovery"),
+    ("bench", "soak"): ("bench.soak", "memory of every process over many requests"),
     ("sim",): ("sim.cli", "discrete-event cluster simulation of the policies"),
 }
 

@@ -145,6 +145,7 @@ class WorkerTelemetry(msgspec.Struct, **_HOT):
     stalled_s: float = 0.0  # how long the engine has had work without finishing a step
     queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting, not yet prefilled
     prefill_tokens_per_s: float = 0.0  # measured prefill throughput of this slice (0: not yet)
+    incarnation: str = ""  # random per worker process: a new one under the same id means a restart
 
 
 class ControlUpdate(msgspec.Struct, omit_defaults=True):

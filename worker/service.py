@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 from nats.aio.msg import Msg
 
@@ -66,6 +67,7 @@ class WorkerService:
         self._out: asyncio.Queue[list[tuple[str, bytes]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
         self._started_s = time.time()
+        self.incarnation = uuid.uuid4().hex[:12]  # this process; a restart under the same id gets another
         self.heartbeat: Heartbeat | None = None
         self.model_roots = catalog.parse_roots(config.model_roots)
         self._missing_gateways: set[str] = set()  # gone at the last orphan check
@@ -91,6 +93,8 @@ class WorkerService:
         self.nc = await natsutil.connect_nats(c.nats_url, f"worker-{self.worker_id}", c.connect_timeout_s)
         self.redis = await natsutil.connect_redis(c.redis_url, c.connect_timeout_s)
         engine = await natsutil.in_daemon_thread(self._build_engine)
+        log.info("loading the compiled CPU kernels (a cold Numba cache compiles them first: about 75 s of CPU; "
+                 "`python -m c2c_kernels.precompile` does that ahead, with progress)")
         await natsutil.in_daemon_thread(engine.warmup)  # kernels from the cache the launcher filled
         self.loop_thread = EngineLoop(engine, self.worker_id, asyncio.get_running_loop(), self._out.put_nowait)
         await self._add_pinned_models()
@@ -231,6 +235,7 @@ class WorkerService:
             num_finished=s.num_finished, num_aborted=s.num_aborted, request_ids=s.request_ids,
             is_stopping=is_stopping, request_epochs=s.request_epochs, stalled_s=self.loop_thread.stalled_s(),
             queued_prefill_tokens=s.queued_prefill_tokens, prefill_tokens_per_s=s.prefill_tokens_per_s,
+            incarnation=self.incarnation,
         )
         await self.nc.publish(subjects.telemetry(self.worker_id), schemas.encode(t))
 
