@@ -94,16 +94,22 @@ def _expected(model_dir: Path, max_tokens: int) -> dict[str, str]:
     return {p: engine.generate(model_dir.name, p, params).new_text for p in PROMPTS}
 
 
-def find_process(target: str) -> psutil.Process:
-    """The live process of a service of this cluster (the first worker for "worker")."""
+def find_process(target: str, worker_id: str = "") -> psutil.Process:
+    """The live process of a service of this cluster (for "worker": that worker id, or
+    the first worker)."""
     for proc in psutil.Process().children(recursive=True):
         try:
             cmdline = proc.cmdline()
         except psutil.Error:
             continue
-        if _is_target(cmdline, target) and proc.status() != psutil.STATUS_ZOMBIE:
+        if _is_target(cmdline, target) and proc.status() != psutil.STATUS_ZOMBIE \
+                and (not worker_id or _worker_id_of(cmdline) == worker_id):
             return proc
     raise RuntimeError(f"no running {target} process")
+
+
+def _worker_id_of(cmdline: list[str]) -> str:
+    return cmdline[cmdline.index("--worker-id") + 1] if "--worker-id" in cmdline else ""
 
 
 def _is_target(cmdline: list[str], target: str) -> bool:
@@ -197,10 +203,10 @@ async def run_fault(load: Load, target: str, fault: str, args: argparse.Namespac
     runner = asyncio.ensure_future(load.run_until_stopped())
     await asyncio.sleep(2.0)  # the load is flowing before the fault
     fault_s = time.monotonic()
-    old_pid = await asyncio.to_thread(_inject, target, fault, args.pause_s)
+    old_pid, worker_id = await asyncio.to_thread(_inject, target, fault, args.pause_s)
     deadline, restarted_s = fault_s + args.ceiling_s, None
     while time.monotonic() < deadline:
-        if fault == "kill" and restarted_s is None and _has_new_process(target, old_pid):
+        if fault == "kill" and restarted_s is None and _has_new_process(target, worker_id, old_pid):
             restarted_s = time.monotonic() - fault_s
         row = row_of(f"{fault} {target}", load.outcomes, fault_s)
         is_back = fault != "kill" or restarted_s is not None
@@ -214,23 +220,24 @@ async def run_fault(load: Load, target: str, fault: str, args: argparse.Namespac
     return row
 
 
-def _has_new_process(target: str, old_pid: int) -> bool:
+def _has_new_process(target: str, worker_id: str, old_pid: int) -> bool:
     try:
-        return find_process(target).pid != old_pid
+        return find_process(target, worker_id).pid != old_pid
     except RuntimeError:
         return False
 
 
-def _inject(target: str, fault: str, pause_s: float) -> int:
-    """The fault on the target's process; returns its pid."""
+def _inject(target: str, fault: str, pause_s: float) -> tuple[int, str]:
+    """The fault on the target's process; returns its pid and worker id (workers)."""
     proc = find_process(target)
+    identity = (proc.pid, _worker_id_of(proc.cmdline()))
     if fault == "kill":
         os.kill(proc.pid, signal.SIGKILL)
-        return proc.pid
+        return identity
     os.kill(proc.pid, signal.SIGSTOP)
     time.sleep(pause_s)
     os.kill(proc.pid, signal.SIGCONT)
-    return proc.pid
+    return identity
 
 
 def _table(rows: list[Row]) -> str:

@@ -32,6 +32,7 @@ MAX_REDISPATCHES = 4  # then the request fails instead of bouncing between dying
 NO_RESPONDERS = "no placer or worker is listening"
 # a submit nobody heard (a placer or worker restarting) is tried again after these pauses
 NO_RESPONDER_PAUSES_S = (0.25, 0.5, 1.0, 1.0)
+ACCEPT_TIMEOUT_S = 5.0  # a worker acknowledges an assignment at once; silence this long: it was lost
 
 
 def error_of(chunk: TokenChunk) -> C2CError:
@@ -58,7 +59,9 @@ class RequestStream:
         self.token_ids: list[int] = []  # generated so far (re-dispatch appends them to the prompt)
         self.num_chars = 0  # text characters received so far
         self.num_redispatches = 0
+        self._dropped_epochs: set[int] = set()
         self._next_seq = 0  # the seq the next chunk of this epoch must carry
+        self._is_accepted = False  # a chunk of the current epoch came (its submit was not lost)
         self._start_s = time.monotonic()
         self._deadline_s = self._start_s + core.config.request_timeout_s
         self._last_s = self._start_s
@@ -136,8 +139,15 @@ class RequestStream:
             try:
                 chunk = await self._get(timeout_s)
             except TimeoutError:
-                await self._give_up(timeout_s)
+                if self._is_accepted or time.monotonic() >= self._deadline_s:
+                    await self._give_up(timeout_s)
+                await self._redispatch(f"no worker took epoch {self.epoch} within {ACCEPT_TIMEOUT_S:.0f} s")
+                continue
             if not self._is_current(chunk):
+                continue
+            self._is_accepted = True
+            if chunk.accepted:
+                self.worker_id = self.worker_id or chunk.worker_id
                 continue
             if chunk.redispatch and chunk.error == NO_RESPONDERS:
                 await self._redispatch(NO_RESPONDERS, pause_s=NO_RESPONDER_PAUSES_S[min(self.num_redispatches, 3)])
@@ -153,8 +163,10 @@ class RequestStream:
     def _is_current(self, chunk: TokenChunk) -> bool:
         """Of this epoch, and from the worker that first answered in it (fencing)."""
         if chunk.epoch != self.epoch:
-            self.rlog.info("dropped a chunk of epoch %d from worker %s (current epoch %d)",
-                           chunk.epoch, chunk.worker_id, self.epoch)
+            if chunk.epoch not in self._dropped_epochs:  # once per epoch: a fenced worker may go on a while
+                self._dropped_epochs.add(chunk.epoch)
+                self.rlog.info("dropping chunks of epoch %d from worker %s (current epoch %d)",
+                               chunk.epoch, chunk.worker_id, self.epoch)
             return False
         if self.worker_id and chunk.worker_id and chunk.worker_id != self.worker_id:
             self.rlog.warning("dropped a chunk from worker %s: epoch %d is assigned to %s",
@@ -165,6 +177,8 @@ class RequestStream:
     def _timeout_s(self) -> float:
         config = self.core.config
         per_chunk_s = config.chunk_timeout_s if self._got_first else config.first_chunk_timeout_s
+        if not self._is_accepted:
+            per_chunk_s = min(per_chunk_s, ACCEPT_TIMEOUT_S)
         return max(0.0, min(per_chunk_s, self._deadline_s - time.monotonic()))
 
     async def _get(self, timeout_s: float) -> TokenChunk:
@@ -193,6 +207,7 @@ class RequestStream:
         self.num_redispatches += 1
         self.epoch += 1
         self._next_seq = 0
+        self._is_accepted = False
         self.worker_id = ""
         if self._counted_worker:
             self.m.child(self.m.running, self.req.model, self._counted_worker).dec()

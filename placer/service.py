@@ -93,7 +93,8 @@ class Placer:
         self.prewarmer: Prewarmer | None = None
 
     async def start(self) -> None:
-        self.nc = await natsutil.connect_nats(self.config.nats_url, "placer", self.config.connect_timeout_s)
+        self.nc = await natsutil.connect_nats(self.config.nats_url, "placer", self.config.connect_timeout_s,
+                                              on_reconnected=self._on_reconnected)
         self.redis = await natsutil.connect_redis(self.config.redis_url, self.config.connect_timeout_s)
         await self._load_heartbeats()
         await self._load_assignments()
@@ -177,6 +178,14 @@ class Placer:
         self.inflight[t.worker_id] = {r: a for r, a in inflight.items() if r in running}
         await self._redispatch_assignments(t.worker_id, lost)
 
+    async def _on_reconnected(self) -> None:
+        """The bus came back: a submit forwarded into the dying connection is lost without a
+        word, so every assignment is re-dispatched (fencing drops whatever was not lost)."""
+        num = sum(len(a) for a in self.inflight.values())
+        log.warning("NATS reconnected: re-dispatching %d assignments", num)
+        for worker_id in list(self.inflight):
+            await self._redispatch_assignments(worker_id, self.inflight.pop(worker_id), fence=False)
+
     async def _abort_fenced(self, t: WorkerTelemetry) -> None:
         fenced = self.fenced[t.worker_id]
         running = dict(zip(t.request_ids, t.request_epochs, strict=False))
@@ -242,10 +251,14 @@ class Placer:
         """
         await self._redispatch_assignments(worker_id, self.inflight.pop(worker_id, {}))
 
-    async def _redispatch_assignments(self, worker_id: str, assignments: dict[str, tuple[str, float, int]]) -> None:
+    async def _redispatch_assignments(self, worker_id: str, assignments: dict[str, tuple[str, float, int]],
+                                      fence: bool = True) -> None:
+        """A redispatch chunk to each request's gateway; `fence`: abort the epoch on the
+        worker if it shows up there again (a worker taken for dead)."""
         for request_id, (reply, _, epoch) in assignments.items():
-            log.warning("[req=%s] worker %s died mid-request: re-dispatching epoch %d", request_id, worker_id, epoch)
-            self.fenced.setdefault(worker_id, {})[request_id] = epoch
+            log.warning("[req=%s] worker %s: re-dispatching epoch %d", request_id, worker_id, epoch)
+            if fence:
+                self.fenced.setdefault(worker_id, {})[request_id] = epoch
             chunk = TokenChunk(request_id, worker_id, redispatch=True, epoch=epoch)
             await self.nc.publish(reply, schemas.encode(chunk))
 

@@ -103,6 +103,7 @@ class TokenChunk(msgspec.Struct, **_HOT):
     epoch: int = 0  # the assignment this chunk belongs to; the gateway drops other epochs (fencing)
     seq: int = 0  # this chunk's index within its assignment: a gap means chunks were lost
     error_param: str = ""  # the request parameter an error is about (OpenAI's error.param)
+    accepted: bool = False  # a worker took this assignment (no tokens, no seq): it was not lost
 
     @property
     def is_final(self) -> bool:

@@ -90,3 +90,18 @@ def tiny_model(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def greedy_texts():
+    """Factory: greedy_texts(model_dir, prompts, max_tokens, ignore_eos=True) -> {prompt: text},
+    the engine's own greedy answers (what a cluster must return exactly)."""
+    from worker.engine import Engine, SamplingParams
+
+    def make(model_dir: Path, prompts: list[str], max_tokens: int, ignore_eos: bool = True) -> dict[str, str]:
+        engine = Engine()
+        engine.add_model(model_dir.name, model_dir)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+        return {p: engine.generate(model_dir.name, p, params).new_text for p in prompts}
+
+    return make

@@ -7,7 +7,6 @@ twice. Every wait is on an event, with a generous ceiling.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ import msgspec
 import nats
 import psutil
 import pytest
+from sse import stream_text
 
 from services import schemas, subjects
 from services.launcher import LocalCluster
@@ -42,13 +42,8 @@ def cluster(servers, model_dir):
 
 
 @pytest.fixture(scope="module")
-def expected(model_dir):
-    from worker.engine import Engine, SamplingParams
-
-    engine = Engine()
-    engine.add_model(model_dir.name, model_dir)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    return {p: engine.generate(model_dir.name, p, params).new_text for p in PROMPTS}
+def expected(model_dir, greedy_texts):
+    return greedy_texts(model_dir, PROMPTS, MAX_TOKENS)
 
 
 def _pid_of(worker_id: str) -> int:
@@ -63,17 +58,6 @@ async def _metric(url: str, name: str) -> float:
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
         text = await resp.text()
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M))
-
-
-async def _stream_text(resp) -> str:
-    texts = []
-    async for raw in resp.content:
-        line = raw.decode().strip()
-        if line.startswith("data: {"):
-            event = json.loads(line.removeprefix("data: "))
-            assert "error" not in event, event
-            texts.append(event["choices"][0]["text"])
-    return "".join(texts)
 
 
 async def test_a_paused_worker_adds_no_wrong_or_duplicated_text(cluster, model_dir, expected):
@@ -92,7 +76,7 @@ async def test_a_paused_worker_adds_no_wrong_or_duplicated_text(cluster, model_d
             await _wait_for(lambda: _metric(cluster.url, "c2c_redispatches_total"), lambda v: v > before)
         finally:
             os.kill(pid, signal.SIGCONT)
-        texts = await asyncio.gather(*[_stream_text(r) for r in responses])
+        texts = await asyncio.gather(*[stream_text(r) for r in responses])
     for prompt, text in zip(PROMPTS, texts, strict=True):
         assert text == expected[prompt]  # nothing lost, nothing repeated, nothing foreign
     async with _telemetry_of(cluster, paused_id) as telemetry:  # it dropped what was fenced off
@@ -154,7 +138,11 @@ class _FakeGateway:
         await self.nc.publish(subjects.worker_abort(self.worker_id), schemas.encode(abort))
 
     async def next_chunk(self) -> TokenChunk:
-        return schemas.decode(TokenChunk, (await asyncio.wait_for(self.chunks.get(), WAIT_S)).data)
+        """The next chunk with content (a worker's `accepted` acknowledgements are skipped)."""
+        while True:
+            chunk = schemas.decode(TokenChunk, (await asyncio.wait_for(self.chunks.get(), WAIT_S)).data)
+            if not chunk.accepted:
+                return chunk
 
 
 async def test_a_newer_epoch_replaces_the_older_one_on_the_same_worker(cluster, model_dir, expected):
@@ -216,7 +204,7 @@ async def test_huge_prompts_hurt_no_one(cluster, model_dir, expected):
         bad = [session.post(f"{cluster.url}/v1/completions", json={
             "model": model_dir.name, "prompt": huge, "max_tokens": 4}) for _ in range(3)]
         responses = await asyncio.gather(*innocent, *bad)
-        texts = await asyncio.gather(*[_stream_text(r) for r in responses[:2]])
+        texts = await asyncio.gather(*[stream_text(r) for r in responses[:2]])
         for resp in responses[2:]:
             body = await resp.json()
             assert resp.status == 400, body

@@ -5,12 +5,12 @@ before its heartbeat expires. The placer must tell the new process from the old 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 
 import aiohttp
 import pytest
+from sse import stream_text
 
 from services.launcher import LocalCluster
 
@@ -25,13 +25,8 @@ def model_dir(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def expected(model_dir):
-    from worker.engine import Engine, SamplingParams
-
-    engine = Engine()
-    engine.add_model(model_dir.name, model_dir)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    return {p: engine.generate(model_dir.name, p, params).new_text for p in PROMPTS}
+def expected(model_dir, greedy_texts):
+    return greedy_texts(model_dir, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +37,6 @@ def cluster(model_dir):
         yield running
 
 
-async def _stream_text(resp) -> str:
-    texts = []
-    async for raw in resp.content:
-        line = raw.decode().strip()
-        if line.startswith("data: {"):
-            event = json.loads(line.removeprefix("data: "))
-            assert "error" not in event, event
-            texts.append(event["choices"][0]["text"])
-    return "".join(texts)
-
-
 async def test_streams_survive_a_worker_restarted_under_its_id(cluster, model_dir, expected):
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
         responses = await asyncio.gather(*[session.post(f"{cluster.url}/v1/completions", json={
@@ -60,5 +44,5 @@ async def test_streams_survive_a_worker_restarted_under_its_id(cluster, model_di
             "temperature": 0, "stream": True}) for p in PROMPTS])
         assert all(r.status == 200 for r in responses)
         os.kill(cluster.pid(responses[0].headers["X-Worker-Id"]), signal.SIGKILL)
-        texts = await asyncio.gather(*[_stream_text(r) for r in responses])
+        texts = await asyncio.gather(*[stream_text(r) for r in responses])
     assert texts == [expected[p] for p in PROMPTS]

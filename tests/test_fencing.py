@@ -262,3 +262,17 @@ async def test_open_streams_fail_with_503_when_the_bus_stays_down(aiohttp_client
         assert "message bus" in (await resp.json())["error"]["message"]
         assert BUS_GRACE_S < WAIT_S
         await nc.close()
+
+
+async def test_a_submit_no_worker_took_is_redispatched(client, fake):
+    """Core NATS may drop a submit (a server died mid-route): no `accepted` within
+    ACCEPT_TIMEOUT_S and the gateway re-dispatches instead of waiting a minute."""
+    from gateway.stream import ACCEPT_TIMEOUT_S
+
+    response = _post(client)
+    req, _ = await fake.next_submit()  # ... and never answered: lost
+    again, reply = await asyncio.wait_for(fake.next_submit(), WAIT_S + ACCEPT_TIMEOUT_S)
+    assert (again.request_id, again.epoch) == (req.request_id, 2)
+    await fake.send(reply, TokenChunk(req.request_id, "w2", epoch=2, accepted=True),
+                    _chunk(again, "w2", 0, "Hel"), _final(again, "w2", 1, "lo"))
+    assert await _text(response) == "Hello"

@@ -32,12 +32,8 @@ def model_dir(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def expected(model_dir):
-    from worker.engine import Engine, SamplingParams
-
-    engine = Engine()
-    engine.add_model(model_dir.name, model_dir)
-    return engine.generate(model_dir.name, PROMPT, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)).new_text
+def expected(model_dir, greedy_texts):
+    return greedy_texts(model_dir, [PROMPT], MAX_TOKENS, ignore_eos=False)[PROMPT]
 
 
 @pytest.fixture(scope="module")

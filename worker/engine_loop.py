@@ -137,7 +137,7 @@ class EngineLoop:
                 self._fail_all(f"engine loop error: {exc}")
 
     def unfinished(self) -> list[tuple[str, str, int]]:
-        """(request id, reply inbox, epoch) of requests still in flight; call after stop()."""
+        """(request id, reply inbox, epoch) of requests in flight or being prepared (a copy: any thread)."""
         preparing = [(request_id, reply, epoch) for request_id, (epoch, reply, _) in list(self._preparing.items())]
         return preparing + [(request_id, info.reply, info.epoch) for request_id, info in list(self._inflight.items())]
 

@@ -90,7 +90,8 @@ class WorkerService:
         from worker.engine_loop import EngineLoop
 
         c = self.config
-        self.nc = await natsutil.connect_nats(c.nats_url, f"worker-{self.worker_id}", c.connect_timeout_s)
+        self.nc = await natsutil.connect_nats(c.nats_url, f"worker-{self.worker_id}", c.connect_timeout_s,
+                                              on_reconnected=self._on_reconnected)
         self.redis = await natsutil.connect_redis(c.redis_url, c.connect_timeout_s)
         engine = await natsutil.in_daemon_thread(self._build_engine)
         log.info("loading the compiled CPU kernels (a cold Numba cache compiles them first: about 75 s of CPU; "
@@ -152,6 +153,19 @@ class WorkerService:
         if unfinished:
             log.info("handed %d unfinished requests back for re-dispatch", len(unfinished))
 
+    async def _on_reconnected(self) -> None:
+        """The bus came back: chunks sent into the dying connection are lost without a word,
+        so every request here is handed back for re-dispatch and stopped (its gateway
+        resubmits it with a new epoch, here or elsewhere)."""
+        if self.loop_thread is None:
+            return
+        unfinished = self.loop_thread.unfinished()
+        log.warning("NATS reconnected: handing %d requests back for re-dispatch", len(unfinished))
+        for request_id, reply, epoch in unfinished:
+            chunk = TokenChunk(request_id, self.worker_id, redispatch=True, epoch=epoch)
+            await self.nc.publish(reply, schemas.encode(chunk))
+            self.loop_thread.submit(("abort", request_id, epoch))
+
     async def _ensure_model(self, model_id: str) -> bool:
         """Register a catalog model with the engine (one Redis read the first time)."""
         if model_id in self.model_paths:
@@ -164,8 +178,12 @@ class WorkerService:
         return True
 
     async def on_submit(self, req: SubmitRequest, msg: Msg) -> None:
-        """c2c.worker.<id>.submit (SubmitRequest) -> TokenChunks on msg.reply; an unknown
-        model or a model pinned elsewhere gets a final error chunk at once."""
+        """c2c.worker.<id>.submit (SubmitRequest) -> an `accepted` chunk at once, then
+        TokenChunks on msg.reply; an unknown model or a model pinned elsewhere gets a final
+        error chunk at once."""
+        if msg.reply:  # the gateway now knows the assignment arrived (core NATS may drop it)
+            await self.nc.publish(msg.reply, schemas.encode(
+                TokenChunk(req.request_id, self.worker_id, epoch=req.epoch, accepted=True)))
         pinned = self.config.pinned_models
         if pinned and req.model_id not in pinned:
             await self._reply_error(req, msg.reply, ErrorCode.NO_CAPACITY, f"worker {self.worker_id} serves only {', '.join(pinned)}")
