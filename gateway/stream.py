@@ -135,11 +135,11 @@ class RequestStream:
         """The next accepted chunk; raises C2CError(TIMEOUT) when the workers go quiet or
         the request's deadline passes, NO_CAPACITY after too many re-dispatches."""
         while True:
-            timeout_s = self._timeout_s()
+            timeout_s, is_accept_wait = self._timeout_s()
             try:
                 chunk = await self._get(timeout_s)
             except TimeoutError:
-                if self._is_accepted or time.monotonic() >= self._deadline_s:
+                if not is_accept_wait:
                     await self._give_up(timeout_s)
                 await self._redispatch(f"no worker took epoch {self.epoch} within {ACCEPT_TIMEOUT_S:.0f} s")
                 continue
@@ -174,12 +174,15 @@ class RequestStream:
             return False
         return True
 
-    def _timeout_s(self) -> float:
+    def _timeout_s(self) -> tuple[float, bool]:
+        """How long to wait for the next chunk, and whether running out means the
+        assignment was lost (no worker acknowledged it) rather than a timeout."""
         config = self.core.config
         per_chunk_s = config.chunk_timeout_s if self._got_first else config.first_chunk_timeout_s
-        if not self._is_accepted:
-            per_chunk_s = min(per_chunk_s, ACCEPT_TIMEOUT_S)
-        return max(0.0, min(per_chunk_s, self._deadline_s - time.monotonic()))
+        left_s = self._deadline_s - time.monotonic()
+        if not self._is_accepted and ACCEPT_TIMEOUT_S < min(per_chunk_s, left_s):
+            return ACCEPT_TIMEOUT_S, True
+        return max(0.0, min(per_chunk_s, left_s)), False
 
     async def _get(self, timeout_s: float) -> TokenChunk:
         """The next queued chunk; no timer when one is already there (the streaming case)."""

@@ -229,7 +229,7 @@ async def test_no_bus_answers_503_at_once(aiohttp_client, catalog_model, tmp_pat
             assert resp.status == 503, await resp.text()
             assert resp.headers["Retry-After"]
             assert (await resp.json())["error"]["message"]
-            assert time.monotonic() - started < 5  # generous; it is milliseconds
+            assert time.monotonic() - started < 20  # milliseconds here; a hang would be the 60 s chunk timeout
 
 
 def _model_dir(tmp_path):

@@ -96,7 +96,8 @@ async def test_no_placer_is_503_at_once(client):
     assert resp.status == 503
     assert int(resp.headers["Retry-After"]) >= 1
     _assert_error(await resp.json(), "server_error", code="no_capacity")
-    assert time.monotonic() - started < 5
+    # the gateway retries a submit nobody heard for 2.75 s (a placer restarting); a hang is 60 s
+    assert time.monotonic() - started < 20
 
 
 async def test_placer_without_workers_is_503_at_once(client, servers):
