@@ -222,3 +222,39 @@ async def test_telemetry_reports_the_measured_prefill_rate(cluster, model_dir):
                 assert resp.status == 200
         report = await _wait_for(telemetry.get, lambda t: t.prefill_tokens_per_s > 0, ceiling_s=WAIT_S)
     assert report.queued_prefill_tokens >= 0
+
+
+def test_a_bug_while_admitting_still_answers_the_client(model_dir):
+    """A non-C2C exception in the engine's add_request (run by the "admit" command) ends
+    that request with an error chunk instead of leaving its client waiting."""
+    import queue as queue_mod
+
+    from worker.engine import Engine
+    from worker.engine_loop import EngineLoop
+
+    engine = Engine()
+    engine.add_model(model_dir.name, model_dir)
+
+    def broken_add_request(*args, **kwargs):
+        raise RuntimeError("injected bug")
+
+    engine.add_request = broken_add_request
+    sent: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+
+    class Loop:  # stands in for the asyncio loop: call_soon_threadsafe runs at once
+        @staticmethod
+        def call_soon_threadsafe(fn, *args):
+            fn(*args)
+
+    loop = EngineLoop(engine, "w-test", Loop(), sent.put)
+    loop.start()
+    try:
+        req = SubmitRequest(request_id="bug-1", model_id=model_dir.name, prompt="hi", max_tokens=2, epoch=1)
+        loop.submit(("submit", req, "inbox.bug-1"))
+        reply, payload = sent.get(timeout=WAIT_S)[0]
+        chunk = schemas.decode(TokenChunk, payload)
+        assert reply == "inbox.bug-1" and chunk.is_final and chunk.error_code and chunk.epoch == 1
+        assert "injected bug" in chunk.error
+        assert loop.unfinished() == []
+    finally:
+        loop.stop()

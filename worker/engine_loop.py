@@ -177,8 +177,9 @@ class EngineLoop:
             log.warning("%s failed: %s", kind, exc)
         except Exception as exc:  # a bug here must not kill the loop nor leave a client waiting
             log.exception("%s failed", kind)
-            if kind == "submit":
+            if kind in ("submit", "admit"):  # the engine's add_request runs in "admit"
                 req, reply = command[1], command[2]
+                self._preparing.pop(req.request_id, None)
                 self._inflight.pop(req.request_id, None)
                 self._send([(reply, _error_chunk(req.request_id, self.worker_id, ErrorCode.INTERNAL, str(exc), req.epoch))])
         finally:
