@@ -46,7 +46,6 @@ class GatewayCore:
         self.models: dict[str, schemas.ModelEntry] = {}
         self.streams: dict[str, RequestStream] = {}
         self.model_roots = catalog.parse_roots(config.model_roots)
-        self.io_errors = natsutil.IO_ERRORS
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -75,10 +74,7 @@ class GatewayCore:
 
     async def _beat(self) -> None:
         """c2c:gateway:<id> (TTL): workers abort the requests of a gateway that is gone."""
-        try:
-            await self.redis.set(keys.gateway(self.gateway_id), "1", ex=_BEAT_TTL_S)
-        except natsutil.IO_ERRORS as exc:
-            log.warning("gateway heartbeat failed: %s", exc)
+        await natsutil.beat(self.redis, keys.gateway(self.gateway_id), _BEAT_TTL_S, "gateway")
 
     async def _beat_loop(self) -> None:
         while True:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from services import schemas, subjects
+from services import natsutil, schemas, subjects
 from services.errors import C2CError, ErrorCode, NoCapacity
 from services.logutil import request_log
 from services.schemas import FinishReason, TokenChunk
@@ -226,7 +226,7 @@ class RequestStream:
         abort = schemas.AbortRequest(self.req.request_id, reason, epoch=self.epoch)
         try:
             await self.core.nc.publish(subjects.worker_abort(self.worker_id), schemas.encode(abort))
-        except (OSError, C2CError, *self.core.io_errors) as exc:
+        except natsutil.IO_ERRORS as exc:
             self.rlog.warning("could not send the abort to worker %s: %s", self.worker_id, exc)
 
     async def _abort(self) -> None:

@@ -211,10 +211,7 @@ class Placer:
 
     async def _beat(self) -> None:
         """c2c:placer:<id> (TTL): the launcher waits for a placer before starting workers."""
-        try:
-            await self.redis.set(keys.placer(self.placer_id), "1", ex=max(1, int(self.config.worker_expiry_s)))
-        except natsutil.IO_ERRORS as exc:
-            log.warning("placer heartbeat failed: %s", exc)
+        await natsutil.beat(self.redis, keys.placer(self.placer_id), max(1, int(self.config.worker_expiry_s)), "placer")
 
     async def _expire_silent_workers(self) -> None:
         await self._read_heartbeats()
@@ -231,10 +228,7 @@ class Placer:
         if not worker_ids:
             return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for worker_id in worker_ids:
-                    pipe.exists(keys.worker(worker_id))
-                alive = await pipe.execute()
+            alive = await natsutil.keys_exist(self.redis, [keys.worker(w) for w in worker_ids])
         except natsutil.IO_ERRORS as exc:  # no verdict without Redis: telemetry alone counts
             log.warning("could not read worker heartbeats: %s", exc)
             return

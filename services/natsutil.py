@@ -105,6 +105,22 @@ async def connect_redis(url: str, timeout_s: float = 20.0):
             await asyncio.sleep(0.3)
 
 
+async def keys_exist(redis, names: list[str]) -> list[bool]:
+    """Whether each key exists, in one pipelined round trip (raises IO_ERRORS)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.exists(name)
+        return [bool(found) for found in await pipe.execute()]
+
+
+async def beat(redis, key: str, ttl_s: int, what: str) -> None:
+    """A liveness key (value "1", TTL); a Redis error is logged, never raised."""
+    try:
+        await redis.set(key, "1", ex=ttl_s)
+    except IO_ERRORS as exc:
+        log.warning("%s heartbeat failed: %s", what, exc)
+
+
 def is_no_responders(msg: Msg) -> bool:
     """True for the server's status message sent when a request had no subscriber."""
     return not msg.data and bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS_STATUS

@@ -115,9 +115,6 @@ class EngineLoop:
         since_s = self._busy_since_s
         return 0.0 if since_s is None else time.monotonic() - since_s
 
-    def inflight_replies(self) -> list[tuple[str, str]]:
-        """(request id, reply inbox) of the requests in flight: any thread (a copy)."""
-        return [(request_id, info.reply) for request_id, info in list(self._inflight.items())]
 
     def submit(self, command: tuple) -> None:
         """Thread-safe: ("submit", SubmitRequest, reply) | ("abort", id) | ("control", knobs)

@@ -147,11 +147,15 @@ class WorkerService:
         while not self._out.empty():  # chunks already produced go first, in order
             for subject, payload in self._out.get_nowait():
                 await self.nc.publish(subject, payload)
+        await self._hand_back(unfinished)
+        if unfinished:
+            log.info("handed %d unfinished requests back for re-dispatch", len(unfinished))
+
+    async def _hand_back(self, unfinished: list[tuple[str, str, int]]) -> None:
+        """A redispatch chunk to each request's gateway: it resubmits with a new epoch."""
         for request_id, reply, epoch in unfinished:
             chunk = TokenChunk(request_id, self.worker_id, redispatch=True, epoch=epoch)
             await self.nc.publish(reply, schemas.encode(chunk))
-        if unfinished:
-            log.info("handed %d unfinished requests back for re-dispatch", len(unfinished))
 
     async def _on_reconnected(self) -> None:
         """The bus came back: chunks sent into the dying connection are lost without a word,
@@ -161,9 +165,8 @@ class WorkerService:
             return
         unfinished = self.loop_thread.unfinished()
         log.warning("NATS reconnected: handing %d requests back for re-dispatch", len(unfinished))
-        for request_id, reply, epoch in unfinished:
-            chunk = TokenChunk(request_id, self.worker_id, redispatch=True, epoch=epoch)
-            await self.nc.publish(reply, schemas.encode(chunk))
+        await self._hand_back(unfinished)
+        for request_id, _, epoch in unfinished:
             self.loop_thread.submit(("abort", request_id, epoch))
 
     async def _ensure_model(self, model_id: str) -> bool:
@@ -260,17 +263,14 @@ class WorkerService:
     async def _abort_orphans(self) -> None:
         """Abort the requests of gateways that are gone (key missing twice in a row)."""
         by_gateway: dict[str, list[str]] = {}
-        for request_id, reply in self.loop_thread.inflight_replies():
+        for request_id, reply, _ in self.loop_thread.unfinished():
             by_gateway.setdefault(subjects.gateway_id_of_inbox(reply), []).append(request_id)
         by_gateway.pop("", None)
         if not by_gateway:
             self._missing_gateways.clear()
             return
         gateway_ids = list(by_gateway)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for gateway_id in gateway_ids:
-                pipe.exists(keys.gateway(gateway_id))
-            found = await pipe.execute()
+        found = await natsutil.keys_exist(self.redis, [keys.gateway(g) for g in gateway_ids])
         missing = {g for g, is_alive in zip(gateway_ids, found, strict=True) if not is_alive}
         for gateway_id in missing & self._missing_gateways:
             log.warning("gateway %s is gone: aborting its %d requests", gateway_id, len(by_gateway[gateway_id]))
