@@ -78,6 +78,7 @@ class SubmitRequest(msgspec.Struct, **_HOT):
     num_prompt_chars: int = 0  # for the placer's token estimate (chars / 4)
     resumed_num_chars: int = 0  # re-dispatch: characters of text the client already got
     epoch: int = 0  # the gateway's assignment counter for this request: 1 first, +1 per re-dispatch
+    tenant: str = ""  # the caller's tenant ("" without a tenants file): fair sharing and usage
 
 
 class TokenChunk(msgspec.Struct, **_HOT):
