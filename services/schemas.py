@@ -79,6 +79,27 @@ class SubmitRequest(msgspec.Struct, **_HOT):
     resumed_num_chars: int = 0  # re-dispatch: characters of text the client already got
     epoch: int = 0  # the gateway's assignment counter for this request: 1 first, +1 per re-dispatch
     tenant: str = ""  # the caller's tenant ("" without a tenants file): fair sharing and usage
+    # -- sampling extras, vLLM semantics (gateway.openai_api checks their ranges) --
+    presence_penalty: float = 0.0  # output tokens: logit -= p if the token was generated
+    frequency_penalty: float = 0.0  # output tokens: logit -= p * times generated
+    repetition_penalty: float = 1.0  # prompt + output tokens: logit / p if > 0 else * p
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
+    logprobs: int = -1  # -1: none; k >= 0: the sampled token's logprob and the top k (raw logits)
+    echo: bool = False  # completions: the first chunk carries the prompt's text (prompt_text)
+    json_schema: str = ""  # response_format: a JSON schema (text) the output must follow; "" none
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
+    """One generated token's log-probability and its top alternatives (log-softmax of the
+    model's raw logits, as vLLM's default `raw_logprobs`); tokens as their decoded text."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top_token_ids: list[int] = []
+    top_tokens: list[str] = []
+    top_logprobs: list[float] = []
 
 
 class TokenChunk(msgspec.Struct, **_HOT):
@@ -105,6 +126,8 @@ class TokenChunk(msgspec.Struct, **_HOT):
     seq: int = 0  # this chunk's index within its assignment: a gap means chunks were lost
     error_param: str = ""  # the request parameter an error is about (OpenAI's error.param)
     accepted: bool = False  # a worker took this assignment (no tokens, no seq): it was not lost
+    logprobs: list[TokenLogprob] = []  # one per token of token_ids when the request asked for them
+    prompt_text: str = ""  # first chunk, echo: the prompt's text
 
     @property
     def is_final(self) -> bool:
