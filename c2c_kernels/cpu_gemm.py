@@ -1,16 +1,22 @@
-"""CPU prefill path (large M): the fastest of a weight-stationary Numba kernel and torch.
+"""CPU prefill path (large M): bf16 matmul on AMX where the CPU has it, else exact fp32.
 
-Candidates, all exact fp32 accumulation over the checkpoint's bf16/fp16 weights:
-- "numba_ws": `cpu_gemv.gemm_ws`, weight panels read once and widened in registers;
-- "torch_upcast": widen the whole weight to fp32 then MKL sgemm (`F.linear`).
-Opt-in, not exact: with C2C_PREFILL_BF16_ACTIVATIONS=1 (read at import) a third
-candidate "torch_bf16" rounds x to bf16 and runs oneDNN's bf16 GEMM (fp32 accumulate;
-several times faster where the CPU has AVX512-BF16/AMX, at ~3 significant digits of x).
+Two kinds of maths (`prefill_math()`, knob C2C_PREFILL_MATH=auto|exact|bf16, read per call):
+- "bf16" (the default where /proc/cpuinfo lists `amx_bf16`): x is rounded to bf16 and
+  torch's bf16 GEMM runs (oneDNN, which uses the AMX tile units there), fp32
+  accumulation; the product is rounded to bf16 once more on the way out, then widened.
+  About 3 significant digits of each activation, as transformers and vLLM's CPU
+  backend compute in bf16. fp16 weights stay exact (AMX-FP16 is another CPU feature).
+- "exact": fp32 activations, exact widening of the bf16/fp16 weights, fp32 FMA; the
+  fastest of these candidates, chosen per shape:
+  - "numba_ws": `cpu_gemv.gemm_ws`, weight panels read once and widened in registers;
+  - "torch_upcast": widen the whole weight to fp32 then MKL sgemm (`F.linear`).
+  Without AMX, oneDNN's bf16 GEMM can be several times slower than either (AVX2 Zen 3,
+  2 threads: 10-19 GFLOP/s against 54-108), so "auto" means exact there.
 
-The first call for a shape key (M bucket, N, K, weight dtype) times every candidate
-once and remembers the fastest (`_choice`); later calls go straight to it. Set
-`C2C_PREFILL_KERNEL=numba_ws|torch_upcast` to force one (an unknown name raises
-InvalidRequest at first use).
+The first exact call for a shape key (M bucket, N, K, weight dtype) times every
+candidate once and remembers the fastest (`_choice`); later calls go straight to it. Set
+`C2C_PREFILL_KERNEL=numba_ws|torch_upcast|torch_bf16` to force one (an unknown name
+raises InvalidRequest at first use).
 
 Decisions persist in a JSON file (`C2C_AUTOTUNE_FILE`, default
 ~/.cache/c2cserve/prefill_autotune.json; empty turns it off), keyed by the CPU model
@@ -68,15 +74,54 @@ def _torch_upcast(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Te
 
 
 def _torch_bf16(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:
-    return F.linear(x.to(w.dtype), w).to(torch.float32)  # [M, N]
+    """x rounded to bf16, oneDNN bf16 GEMM (AMX tiles where present), fp32 accumulation."""
+    if w.dtype != torch.bfloat16:
+        return _torch_upcast(x, w, w16)  # fp16 weights: no AMX-BF16 route, stay exact
+    return F.linear(x.to(torch.bfloat16), w).to(torch.float32)  # [M, N]
 
 
+# The exact candidates, timed against each other per shape.
 CANDIDATES: dict[str, Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]] = {
     "numba_ws": _numba_ws,
     "torch_upcast": _torch_upcast,
 }
-if os.environ.get("C2C_PREFILL_BF16_ACTIVATIONS", "") == "1":
-    CANDIDATES["torch_bf16"] = _torch_bf16
+FORCEABLE = {**CANDIDATES, "torch_bf16": _torch_bf16}
+PREFILL_MATHS = ("auto", "exact", "bf16")
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True when /proc/cpuinfo's flags list amx_bf16 (Sapphire Rapids and later Xeons)."""
+    global _has_amx
+    if _has_amx is None:
+        _has_amx = "amx_bf16" in _cpu_flags()
+    return _has_amx
+
+
+_has_amx: bool | None = None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def prefill_math() -> str:
+    """"bf16" or "exact": C2C_PREFILL_MATH, where "auto" (or unset) means bf16 on AMX only.
+
+    Raises InvalidRequest for a value other than auto, exact or bf16.
+    """
+    value = os.environ.get("C2C_PREFILL_MATH", "").strip().lower() or "auto"
+    if value not in PREFILL_MATHS:
+        raise InvalidRequest(f"C2C_PREFILL_MATH={value!r} is not one of {list(PREFILL_MATHS)}",
+                             param="C2C_PREFILL_MATH")
+    if value == "auto":
+        return "bf16" if cpu_has_amx_bf16() else "exact"
+    return value
 
 
 def m_bucket(m: int) -> int:
@@ -86,9 +131,9 @@ def m_bucket(m: int) -> int:
 
 def _forced() -> str | None:
     name = os.environ.get("C2C_PREFILL_KERNEL", "").strip() or None
-    if name is not None and name not in CANDIDATES:
+    if name is not None and name not in FORCEABLE:
         raise InvalidRequest(
-            f"C2C_PREFILL_KERNEL={name!r} is not one of {sorted(CANDIDATES)}",
+            f"C2C_PREFILL_KERNEL={name!r} is not one of {sorted(FORCEABLE)}",
             param="C2C_PREFILL_KERNEL",
         )
     return name
@@ -100,13 +145,15 @@ def prefill_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.T
     `w16` is w's numpy bit view (uint16 for bf16, int16 for fp16). Returns [M, N] f32.
     """
     name = _forced()
+    if name is None and w.dtype == torch.bfloat16 and prefill_math() == "bf16":
+        name = "torch_bf16"
     if name is None:
         _load_choices()
         key = (m_bucket(x.shape[0]), w.shape[0], w.shape[1], str(w.dtype))
         name = _choice.get(key)
         if name is None:
             return _autotune(key, x, w, w16)
-    return CANDIDATES[name](x, w, w16)
+    return FORCEABLE[name](x, w, w16)
 
 
 def _autotune(key, x: torch.Tensor, w: torch.Tensor, w16: np.ndarray) -> torch.Tensor:

@@ -13,6 +13,9 @@ import pytest
 
 # Before torch is imported anywhere (see services/cli.py): passive OpenMP waiting.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Tests compare with float references: exact prefill maths even on an AMX CPU (where the
+# default is bf16 activations); the bf16 path has its own tests that opt in.
+os.environ.setdefault("C2C_PREFILL_MATH", "exact")
 
 from services.embedded import EmbeddedServers
 

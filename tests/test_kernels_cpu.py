@@ -206,3 +206,44 @@ def test_bench_kernels_row_runs_and_renders():
     assert "GB/s" in format_row(row, roofline_gbps=10.0)
     row = bench_shape("tiny", "proj", 12, 20, 40, repeats=1)
     assert row["path"] == "prefill" and "GF/s" in format_row(row, roofline_gbps=10.0)
+
+
+def test_bf16_prefill_math_rounds_activations_and_accumulates_in_fp32(monkeypatch):
+    monkeypatch.setenv("C2C_PREFILL_MATH", "bf16")
+    monkeypatch.delenv("C2C_PREFILL_KERNEL", raising=False)
+    x, w, bias = make(40, 33, 300, torch.bfloat16)
+    y = kernels.linear(x, w, bias)
+    assert y.dtype == torch.float32
+    expected = torch.nn.functional.linear(x.to(torch.bfloat16), w).float() + bias
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    ref = linear_ref(x, w, bias)
+    bound = x.abs().to(torch.float64) @ w.abs().to(torch.float64).T  # [M, N]
+    assert bool(((y.to(torch.float64) - ref).abs() <= 2.0**-7 * bound + 1e-6).all())  # bf16 x and y
+
+
+def test_bf16_prefill_math_keeps_fp16_weights_exact(monkeypatch):
+    monkeypatch.setenv("C2C_PREFILL_MATH", "bf16")
+    monkeypatch.delenv("C2C_PREFILL_KERNEL", raising=False)
+    x, w, bias = make(40, 33, 70, torch.float16)
+    assert_close(kernels.linear(x, w, bias), x, w, bias)
+
+
+def test_exact_prefill_math_on_a_cpu_with_amx(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_has_amx", True)
+    monkeypatch.setenv("C2C_PREFILL_MATH", "auto")
+    assert cpu_gemm.prefill_math() == "bf16"
+    monkeypatch.setenv("C2C_PREFILL_MATH", "exact")
+    assert cpu_gemm.prefill_math() == "exact"
+    x, w, bias = make(40, 33, 70, torch.bfloat16)
+    assert_close(kernels.linear(x, w, bias), x, w, bias)
+    monkeypatch.setattr(cpu_gemm, "_has_amx", False)
+    monkeypatch.setenv("C2C_PREFILL_MATH", "auto")
+    assert cpu_gemm.prefill_math() == "exact"
+
+
+def test_unknown_prefill_math_is_a_named_error(monkeypatch):
+    monkeypatch.setenv("C2C_PREFILL_MATH", "fp8")
+    monkeypatch.delenv("C2C_PREFILL_KERNEL", raising=False)
+    x, w, _ = make(40, 8, 8, torch.bfloat16)
+    with pytest.raises(InvalidRequest, match="C2C_PREFILL_MATH"):
+        kernels.linear(x, w)
