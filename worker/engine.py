@@ -27,7 +27,7 @@ from pathlib import Path
 
 from services.errors import ContextLengthExceeded, ErrorCode, InvalidRequest, ModelNotFound
 from worker.checkpoint import load_config
-from worker.sampling import check_params
+from worker.sampling import SampleContext, check_params
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import Sequence, check_times
 from worker.tokenizer import TextStream, Tokenizer, prompt_ids
@@ -46,6 +46,13 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # vLLM semantics: see worker.sampling
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    logprobs: int | None = None    # None: none; k: the sampled token's logprob and the top k
+    json_schema: str | None = None # the output must follow this JSON schema (worker.constrained)
 
 
 @dataclass
@@ -76,6 +83,7 @@ class RequestOutput:
     error: str | None = None
     error_code: int = 0               # services.errors.ErrorCode
     cold_start: bool = False          # this request triggered a model load/map
+    logprobs: list = field(default_factory=list)  # sampling.TopLogprobs per new token, when asked
 
 
 @dataclass
@@ -207,8 +215,27 @@ class Engine:
         seq.ttft_slo_s = ttft_slo_s or seq.ttft_slo_s
         seq.tpot_slo_s = tpot_slo_s or seq.tpot_slo_s
         text = TextStream(self._tokenizers[model_id], token_ids, params.stop)
+        context = self._sample_context(seq)
         self._requests[request_id] = _Request(seq, text)
+        self.runner.sampler.track(request_id, context)
         self.scheduler.add(seq)
+
+    def _sample_context(self, seq: Sequence) -> SampleContext:
+        """What the sampler's processors read; InvalidRequest for a logit_bias id outside the
+        vocabulary or a schema the grammar library cannot enforce."""
+        params, tokenizer = seq.params, self._tokenizers[seq.model_id]
+        vocab_size = self.runner.slots[seq.model_id].config.vocab_size
+        bad_ids = [t for t in params.logit_bias if t >= vocab_size]
+        if bad_ids:
+            raise InvalidRequest(f"logit_bias: token id {bad_ids[0]} is outside the vocabulary of "
+                                 f"{seq.model_id} (size {vocab_size})", param="logit_bias")
+        stop_ids = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(tokenizer.eos_token_ids))
+        matcher = None
+        if params.json_schema:
+            from worker.constrained import GrammarMatcher
+
+            matcher = GrammarMatcher(tokenizer, params.json_schema)
+        return SampleContext(seq.token_ids, seq.num_prompt_tokens, stop_ids, matcher)
 
     def tokenize_request(self, model_id, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                          messages: list[dict] | None = None) -> list[int]:
@@ -311,6 +338,7 @@ class Engine:
     def _postprocess(self, req: _Request) -> RequestOutput:
         seq, params = req.seq, req.seq.params
         token = seq.token_ids[-1]
+        logprobs = self.runner.sampler.logprobs.pop(seq.request_id, None)
         reason = None
         if token in params.stop_token_ids:
             reason = "stop"
@@ -318,6 +346,8 @@ class Engine:
             reason = "stop"
         else:
             req.text.add(token)
+        if reason is None and self._is_grammar_finished(seq.request_id):
+            reason = "stop"
         if reason is None and (seq.num_generated >= params.max_tokens
                                or seq.num_tokens >= self.context_window(seq.model_id)):
             reason = "length"
@@ -328,7 +358,12 @@ class Engine:
             self.scheduler.finish(seq, reason)
             self._forget(seq.request_id)
         return RequestOutput(seq.request_id, seq.model_id, [token], new_text, reason is not None, reason,
-                             seq.num_prompt_tokens, seq.num_generated, cold_start=self._take_cold(req))
+                             seq.num_prompt_tokens, seq.num_generated, cold_start=self._take_cold(req),
+                             logprobs=[logprobs] if logprobs is not None else [])
+
+    def _is_grammar_finished(self, request_id: str) -> bool:
+        context = self.runner.sampler.context(request_id)
+        return context is not None and context.matcher is not None and context.matcher.is_finished
 
     def _take_cold(self, req: _Request) -> bool:
         cold, req.cold_start = req.cold_start, False
@@ -396,6 +431,7 @@ def _merge(into: RequestOutput, out: RequestOutput) -> None:
     into.new_token_ids += out.new_token_ids
     into.new_text += out.new_text
     into.cold_start |= out.cold_start
+    into.logprobs += out.logprobs
     for name in ("finished", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "error", "error_code"):
         setattr(into, name, getattr(out, name))
 

@@ -31,6 +31,7 @@ from services.schemas import (
     FinishReason,
     SubmitRequest,
     TokenChunk,
+    TokenLogprob,
 )
 from worker.admission import Admission
 
@@ -71,6 +72,8 @@ class _Inflight:
     last_token_s: float = 0.0
     num_resumed: int = 0  # re-dispatched: tokens generated elsewhere, now part of the prompt
     num_skip_chars: int = 0  # re-dispatched: text the client already has, dropped once
+    model_id: str = ""
+    prompt_text: str = ""  # echo: sent on the first chunk
 
 
 class EngineLoop:
@@ -220,6 +223,10 @@ class EngineLoop:
                 max_tokens=max(1, req.max_tokens - prepared.num_resumed), temperature=req.temperature,
                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=list(req.stop),
                 stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, logit_bias=dict(req.logit_bias),
+                min_tokens=max(0, req.min_tokens - prepared.num_resumed),
+                logprobs=req.logprobs if req.logprobs >= 0 else None, json_schema=req.json_schema or None,
             )
             self.engine.add_request(req.request_id, req.model_id, params=params, arrival_s=req.arrival_s or None,
                                     prompt_token_ids=prepared.token_ids)
@@ -230,7 +237,11 @@ class EngineLoop:
             return
         self._inflight[req.request_id] = _Inflight(reply, req.arrival_s, pending[2], epoch=req.epoch,
                                                    num_resumed=prepared.num_resumed,
-                                                   num_skip_chars=prepared.num_skip_chars)
+                                                   num_skip_chars=prepared.num_skip_chars,
+                                                   model_id=req.model_id)
+        if req.echo and not prepared.num_resumed:
+            tokenizer = self.engine.tokenizer(req.model_id)
+            self._inflight[req.request_id].prompt_text = tokenizer.decode(prepared.token_ids, skip_special_tokens=False)
 
     def _replace_older(self, req: SubmitRequest) -> bool:
         """A request here under an older epoch (running or being prepared) gives way to
@@ -294,7 +305,10 @@ class EngineLoop:
         if info.num_skip_chars:  # re-dispatched: the client has this text already
             skipped = min(info.num_skip_chars, len(chunk.text))
             chunk.text, info.num_skip_chars = chunk.text[skipped:], info.num_skip_chars - skipped
+        if getattr(out, "logprobs", None):
+            chunk.logprobs = self._token_logprobs(info.model_id, out.logprobs)
         if info.num_chunks == 0:
+            chunk.prompt_text = info.prompt_text
             chunk.num_resumed_tokens = info.num_resumed
             chunk.cold_start = bool(getattr(out, "cold_start", False))
             chunk.queue_s = max(0.0, step_start_s - info.received_s)
@@ -307,6 +321,16 @@ class EngineLoop:
         if out.finished:
             self._finish(chunk, out, info)
         return info.reply, schemas.encode(chunk)
+
+    def _token_logprobs(self, model_id: str, logprobs: list) -> list[TokenLogprob]:
+        """The engine's logprobs with each token as its text (decoded alone, as vLLM does)."""
+        tokenizer = self.engine.tokenizer(model_id)
+
+        def text(token_id: int) -> str:
+            return tokenizer.decode([token_id], skip_special_tokens=False)
+
+        return [TokenLogprob(lp.token_id, text(lp.token_id), lp.logprob, list(lp.top_token_ids),
+                             [text(t) for t in lp.top_token_ids], list(lp.top_logprobs)) for lp in logprobs]
 
     def _finish(self, chunk: TokenChunk, out, info: _Inflight) -> None:
         self._inflight.pop(out.request_id, None)

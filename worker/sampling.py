@@ -1,7 +1,17 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeded generators.
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeded generators, and
+vLLM's logits processors (min_tokens, logit_bias, the three penalties, a grammar mask)
+and logprobs.
 
 A request with a seed gets its own `torch.Generator`, so its samples depend only on its
-own logits, never on what else shares the batch. Rows with a temperature below
+own logits, never on what else shares the batch. The processors follow vLLM's sampler
+order and semantics: min_tokens (EOS and stop_token_ids at -inf until enough tokens were
+generated) and logit_bias (added), then the penalties (repetition over prompt + output
+tokens: a positive logit divided by it, a negative one multiplied; frequency and
+presence over output tokens: `logit -= frequency * count + presence * (count > 0)`),
+then the grammar's mask (worker.constrained), then temperature / top-k / top-p.
+Logprobs are vLLM's default `raw_logprobs`: log-softmax of the model's logits before any
+processing; they are left in `Sampler.logprobs[request_id]` for the engine to take.
+A request that needs none of this takes the batch's fast greedy path as before. Rows with a temperature below
 `GREEDY_BELOW_TEMPERATURE` are greedy (as in vLLM: logits / 1e-40 overflow to inf and
 softmax turns them into NaN). A row that cannot be sampled (say, logits all NaN) gets its
 exception in place of a token id: that request fails, the batch's others go on.
@@ -11,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
@@ -21,8 +32,36 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 _SEED_RANGE = (-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed accepts
 
 
+MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
+
+
 class SamplingError(ValueError):
     """One request's logits row could not be sampled."""
+
+
+@dataclass
+class SampleContext:
+    """What the processors of one request read beside its params: its tokens (the
+    sequence's own list, prompt then output, growing), the ids that end it, its grammar."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+    stop_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) and stop_token_ids: min_tokens masks them
+    matcher: object | None = None  # worker.constrained.GrammarMatcher
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass
+class TopLogprobs:
+    """The sampled token's raw logprob and the top k (ids and logprobs, best first)."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
 
 
 class Sampler:
@@ -30,12 +69,22 @@ class Sampler:
 
     def __init__(self):
         self._generators: dict[str, torch.Generator] = {}
+        self._contexts: dict[str, SampleContext] = {}
+        self.logprobs: dict[str, TopLogprobs] = {}  # request id -> its last sample's; the engine takes it
+
+    def track(self, request_id: str, context: SampleContext) -> None:
+        """Processors of this request read `context` (its tokens, stop ids, grammar)."""
+        self._contexts[request_id] = context
+
+    def context(self, request_id: str) -> SampleContext | None:
+        return self._contexts.get(request_id)
 
     def sample(self, logits: torch.Tensor, params: Seq, request_ids: Seq[str]) -> list[int | Exception]:
         """logits [S, V] fp32, params[i] has temperature/top_k/top_p/seed -> S token ids,
         or for a row that failed its exception (that request alone fails)."""
         max_logits, greedy_ids = logits.max(dim=-1)  # [S], [S]; NaN or +inf in a row shows in its max
-        is_greedy = [is_greedy_temperature(p.temperature) for p in params]
+        is_greedy = [is_greedy_temperature(p.temperature) and not self._is_processed(p, r)
+                     for p, r in zip(params, request_ids, strict=True)]
         if all(is_greedy) and bool(torch.isfinite(max_logits).all()):
             return greedy_ids.tolist()
         is_row_finite = torch.isfinite(max_logits).tolist()
@@ -48,8 +97,16 @@ class Sampler:
                 out.append(exc)
         return out
 
+    def _is_processed(self, p, request_id: str) -> bool:
+        """A request whose row goes through the processors or wants logprobs."""
+        context = self._contexts.get(request_id)
+        return context is not None and (needs_processing(p, context) or getattr(p, "logprobs", None) is not None)
+
     def _sample_one(self, row: torch.Tensor, p, request_id: str, is_greedy: bool,
                     is_finite: bool, greedy_id: int) -> int:
+        context = self._contexts.get(request_id)
+        if context is not None and (needs_processing(p, context) or getattr(p, "logprobs", None) is not None):
+            return self._sample_processed(row, p, request_id, context)
         if not is_finite:
             row = finite_logits(row)
             greedy_id = int(row.argmax())
@@ -57,8 +114,20 @@ class Sampler:
             return greedy_id
         return sample_row(row, p.temperature, p.top_k, p.top_p, self._generator(request_id, p.seed))
 
+    def _sample_processed(self, row: torch.Tensor, p, request_id: str, context: SampleContext) -> int:
+        raw = row.float()  # [V]
+        processed = finite_logits(apply_processors(raw.clone(), p, context))  # [V]
+        token_id = sample_row(processed, p.temperature, p.top_k, p.top_p, self._generator(request_id, p.seed))
+        if getattr(p, "logprobs", None) is not None:
+            self.logprobs[request_id] = top_logprobs(raw, token_id, p.logprobs)
+        if context.matcher is not None:
+            context.matcher.accept(token_id)
+        return token_id
+
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._contexts.pop(request_id, None)
+        self.logprobs.pop(request_id, None)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -86,6 +155,55 @@ def finite_logits(row: torch.Tensor) -> torch.Tensor:
     if not math.isfinite(float(row.max())):
         raise SamplingError("the model's logits for this request are all NaN or -inf")
     return row
+
+
+def needs_processing(p, context: SampleContext) -> bool:
+    """Some processor changes this request's logits now (min_tokens only while it holds)."""
+    return bool(getattr(p, "presence_penalty", 0.0) or getattr(p, "frequency_penalty", 0.0)
+                or getattr(p, "repetition_penalty", 1.0) != 1.0 or getattr(p, "logit_bias", None)
+                or context.matcher is not None
+                or (context.stop_ids and context.num_generated < getattr(p, "min_tokens", 0)))
+
+
+def apply_processors(logits: torch.Tensor, p, context: SampleContext) -> torch.Tensor:
+    """logits [V] fp32 (changed in place) -> min_tokens, logit_bias, penalties, grammar mask."""
+    vocab_size = logits.shape[0]
+    if context.stop_ids and context.num_generated < getattr(p, "min_tokens", 0):
+        ids = [t for t in context.stop_ids if 0 <= t < vocab_size]
+        logits[ids] = float("-inf")
+    bias = getattr(p, "logit_bias", None)
+    if bias:
+        ids = torch.tensor([int(t) for t in bias], dtype=torch.long)  # [B]
+        logits.index_add_(0, ids, torch.tensor([float(b) for b in bias.values()], dtype=logits.dtype))
+    apply_penalties(logits, context.token_ids, context.num_prompt_tokens, getattr(p, "repetition_penalty", 1.0),
+                    getattr(p, "frequency_penalty", 0.0), getattr(p, "presence_penalty", 0.0))
+    if context.matcher is not None:
+        logits.masked_fill_(~context.matcher.allowed(vocab_size), float("-inf"))
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt_tokens: int,
+                    repetition: float, frequency: float, presence: float) -> torch.Tensor:
+    """vLLM's penalties on logits [V] (in place): repetition over prompt + output tokens,
+    frequency and presence over output tokens."""
+    vocab_size = logits.shape[0]
+    if repetition != 1.0 and token_ids:
+        seen = torch.zeros(vocab_size, dtype=torch.bool)  # [V]
+        seen[torch.tensor(token_ids, dtype=torch.long).clamp_(0, vocab_size - 1)] = True
+        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)  # [V]
+        logits.copy_(torch.where(seen, penalized, logits))
+    output_ids = token_ids[num_prompt_tokens:]
+    if (frequency or presence) and output_ids:
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]  # [V]
+        logits -= frequency * counts.to(logits.dtype) + presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def top_logprobs(raw_logits: torch.Tensor, token_id: int, num_top: int) -> TopLogprobs:
+    """raw_logits [V] -> the token's log-softmax value and the top `num_top` (best first)."""
+    logprobs = torch.log_softmax(raw_logits.float(), dim=-1)  # [V]
+    values, ids = torch.topk(logprobs, min(num_top, logprobs.shape[0])) if num_top > 0 else (logprobs[:0], logprobs[:0])
+    return TopLogprobs(token_id, float(logprobs[token_id]), [int(i) for i in ids.tolist()], values.tolist())
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -133,6 +251,28 @@ def check_params(p) -> None:
         bad("stop", "must be a list of non-empty strings")
     if not isinstance(p.stop_token_ids, list | tuple) or not all(_is_int(t) for t in p.stop_token_ids):
         bad("stop_token_ids", "must be a list of integers")
+    _check_extras(p, bad)
+
+
+def _check_extras(p, bad) -> None:
+    """The processors' parameters (vLLM's ranges)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name, 0.0)
+        if not is_finite_number(value) or not -2.0 <= value <= 2.0:
+            bad(name, f"must be a number in [-2, 2], got {value!r}")
+    repetition = getattr(p, "repetition_penalty", 1.0)
+    if not is_finite_number(repetition) or repetition <= 0:
+        bad("repetition_penalty", f"must be a number > 0, got {repetition!r}")
+    bias = getattr(p, "logit_bias", None) or {}
+    if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 and is_finite_number(b) and -100 <= b <= 100
+                                             for t, b in bias.items()):
+        bad("logit_bias", "must map token ids to numbers in [-100, 100]")
+    min_tokens = getattr(p, "min_tokens", 0)
+    if not _is_int(min_tokens) or not 0 <= min_tokens <= p.max_tokens:
+        bad("min_tokens", f"must be an integer in [0, max_tokens], got {min_tokens!r}")
+    logprobs = getattr(p, "logprobs", None)
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
+        bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
 
 
 def _is_int(x) -> bool:
