@@ -53,6 +53,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--search-max-gpus", type=int, default=0, help="upper end of the search (default 3 x --gpus)")
     parser.add_argument("--no-prewarm", action="store_true")
     parser.add_argument("--no-control", action="store_true")
+    parser.add_argument("--no-plans", action="store_true",
+                        help="c2cserve streams only (no progressive caching, no whole-model slices): the ablation")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--out", default=None, help="folder for summary.json and table.md")
     parser.add_argument("--no-progress", action="store_true")
@@ -68,7 +70,7 @@ def config_from_args(args) -> SimConfig:
     return SimConfig(num_gpus=args.gpus, num_models=args.models, duration_s=args.duration_s,
                      rate_rps=args.rate, seed=args.seed, link_gbps=args.link_gbps,
                      sllm_loader_gbps=args.sllm_loader_gbps, sllm_init_s=args.sllm_init_s,
-                     prewarm=not args.no_prewarm, control=not args.no_control,
+                     prewarm=not args.no_prewarm, control=not args.no_control, plans=not args.no_plans,
                      initial_slices=args.slices_per_gpu,
                      slo=SLOConfig(args.ttft_slo_s, args.tpot_slo_s, args.slo_scale))
 

@@ -297,6 +297,17 @@ class Simulator:
         Among GPUs that can make room, the one with the smallest `gpu_key(gpu)` wins
         (default: free units first, then the oldest victims, i.e. LRU).
         """
+        room = self.pick_room(units, gpu_key)
+        if room is None:
+            return None
+        gpu, victims = room
+        for inst in victims:
+            self.destroy_instance(inst)
+        return gpu
+
+    def pick_room(self, units: int, gpu_key=None) -> tuple[Gpu, list[Instance]] | None:
+        """Where `find_room` would make room, and which idle instances it would evict;
+        changes nothing (the placer predicts a plan on that GPU before choosing it)."""
         best, best_cost, best_victims = None, None, None
         for gpu in self.gpus:
             free, victims = gpu.free_units, []
@@ -316,6 +327,4 @@ class Simulator:
                     break
         if best is None:
             return None
-        for inst in best_victims:
-            self.destroy_instance(inst)
-        return best
+        return best, best_victims

@@ -34,6 +34,7 @@ class SimConfig:
     sllm_init_s: float = SLLM_INIT_S
     prewarm: bool = True
     control: bool = True
+    plans: bool = True  # c2cserve: choose stream / progressive caching / new slice by predicted TTFT
     slo: SLOConfig = field(default_factory=SLOConfig)
     families: list[str] | None = None
     cv: float = 2.0
@@ -48,7 +49,7 @@ def make_inputs(cfg: SimConfig) -> tuple[Catalog, TraceArrays]:
 
 def make_system(name: str, cfg: SimConfig, trace: TraceArrays):
     if name == "c2cserve":
-        return C2CServe(seed=cfg.seed, prewarm=cfg.prewarm, control=cfg.control)
+        return C2CServe(seed=cfg.seed, prewarm=cfg.prewarm, control=cfg.control, plans=cfg.plans)
     if name == "serverlessllm":
         return ServerlessLLM(loader_gbps=cfg.sllm_loader_gbps, init_s=cfg.sllm_init_s)
     if name == "dedicated":

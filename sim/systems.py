@@ -19,6 +19,7 @@ import random
 from dataclasses import replace
 
 from controller.policy import SLO, ControlSample, Knobs, WorkerController
+from placer.plan import choose_plan
 from placer.policy import (
     DemandForecaster,
     PrewarmAction,
@@ -29,16 +30,22 @@ from placer.policy import (
 )
 from sim.cluster import Instance, Request
 from sim.cost_model import (
+    C2C_EFFICIENCY,
+    C2C_GBPS,
     PROFILE_ORDER,
     PROFILES,
     fair_link_gbps,
     max_rho,
     prefill_profile,
+    smallest_fitting_profile,
     step_time,
     streaming_profile,
 )
+from sim.planning import plan_for
 
 QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batches
+NEW_SLICE_MARGIN_S = 0.02  # a new slice must beat the best existing one by this much TTFT
+FILL_PIECES = 4  # progressive caching copies a model's tiles in this many steps (rho rises per piece)
 
 
 class System:
@@ -69,8 +76,11 @@ class C2CServe(System):
     control_period_s = 1.0
 
     def __init__(self, seed: int = 0, prewarm: bool = True, control: bool = True, num_sampled: int = 4,
-                 max_models_per_instance: int = 4, prewarm_period_s: float = 15.0):
+                 max_models_per_instance: int = 4, prewarm_period_s: float = 15.0, plans: bool = True,
+                 fill_gbps: float = C2C_GBPS * C2C_EFFICIENCY):
         self.rng = random.Random(seed)
+        self.plans = plans  # choose among stream / progressive / new slice by predicted TTFT
+        self.fill_gbps = fill_gbps  # the copy engines' rate for progressive caching (memcpy)
         self.prewarm, self.control = prewarm, control
         self.num_sampled, self.max_models = num_sampled, max_models_per_instance
         self.timer_period_s = prewarm_period_s if prewarm else None
@@ -84,6 +94,7 @@ class C2CServe(System):
     def setup(self, sim) -> None:
         self.specs = sim.specs
         self.profile_of = [streaming_profile(s, sim.catalog.tpot_slo_s[i]) for i, s in enumerate(sim.specs)]
+        self._whole_profile = [smallest_fitting_profile(s) for s in sim.specs]
         self.model_bytes = {str(m): int(s.weight_bytes) for m, s in enumerate(sim.specs) if self.profile_of[m] == "1g.12gb"}
         self.slo = SLO(ttft_ms=1000 * sim.catalog.slo.ttft_floor_s, tpot_ms=1000 * sim.catalog.slo.tpot_floor_s)
         for gpu in sim.gpus:
@@ -104,8 +115,11 @@ class C2CServe(System):
 
     # ---- routing
     def route(self, sim, req: Request):
-        """Best slice by the placer's score among those that fit; else a new slice; else
-        the best slice ignoring the TTFT backlog rule; None only when nothing can take it."""
+        """The plan with the best predicted TTFT (`placer.plan.choose_plan`) among: the
+        best existing slice by the placer's score (streaming, and filling its cache in
+        the background), and a new slice of the request's profile or one big enough to
+        hold the whole model (the loading baselines' choice). Without a plan, the best
+        slice ignoring the TTFT backlog rule; None only when nothing can take it."""
         if req.num_tries == 0:
             self.forecaster.observe(str(req.model), sim.now)
         spec = self.specs[req.model]
@@ -119,14 +133,61 @@ class C2CServe(System):
                            tpot_slo_ms=1000 * req.tpot_slo, ttft_slo_ms=1000 * req.ttft_slo)
         worker_id = choose_slice(view, views)
         chosen = candidates[int(worker_id)] if worker_id is not None else None
-        if chosen is None or chosen.num_queued >= chosen.max_seqs:
-            gpu = sim.find_room(prof.units, gpu_key=lambda g: g.streaming_demand_gbps())
-            if gpu is not None:
-                return sim.create_instance(gpu, profile)
+        is_full = chosen is not None and chosen.num_queued >= chosen.max_seqs
+        picked = self._plan(sim, req, None if is_full else chosen, profile, tokens_per_s)
+        if picked is not None:
+            return picked
         if chosen is None:
             worker_id = choose_slice(replace(view, ttft_slo_ms=0.0), views)
             chosen = candidates[int(worker_id)] if worker_id is not None else None
         return chosen
+
+    def _plan(self, sim, req: Request, chosen: Instance | None, profile: str, tokens_per_s: float) -> Instance | None:
+        """The existing slice, or a new one, whichever `choose_plan` predicts faster."""
+        if not self.plans:  # ablation: a new slice of the request's profile only when none fits
+            if chosen is None:
+                gpu = sim.find_room(PROFILES[profile].units, gpu_key=lambda g: g.streaming_demand_gbps())
+                return sim.create_instance(gpu, profile) if gpu is not None else None
+            return chosen
+        spec = self.specs[req.model]
+        plans, rooms = [], {}
+        if chosen is not None:
+            if self._is_warm(chosen, req.model):
+                return chosen  # warm: nothing to gain from a new slice
+            wait_s = chosen.queued_prompt_tokens / max(1e-9, tokens_per_s)
+            plans.append(plan_for(spec, req.prompt, chosen.prof, chosen.gpu, chosen.cached_bytes.get(req.model, 0.0),
+                                  self._cache_room(sim, chosen), wait_s, self.fill_gbps, chosen.chunk, "0",
+                                  chosen.demand_gbps))
+        for name in self._new_profiles(req, profile):
+            room = sim.pick_room(PROFILES[name].units, gpu_key=lambda g: g.streaming_demand_gbps())
+            if room is None:
+                continue
+            new = PROFILES[name]
+            plan = plan_for(spec, req.prompt, new, room[0], 0.0, new.usable_bytes, 0.0, self.fill_gbps, sim.chunk, None)
+            rooms[len(plans)] = name
+            plans.append(plan)
+        best = choose_plan(plans, req.tpot_slo, NEW_SLICE_MARGIN_S)
+        if best is None:
+            return None
+        if not best.is_new_slice:
+            return chosen
+        name = rooms[plans.index(best)]
+        gpu = sim.find_room(PROFILES[name].units, gpu_key=lambda g: g.streaming_demand_gbps())
+        return sim.create_instance(gpu, name) if gpu is not None else chosen
+
+    def _new_profiles(self, req: Request, profile: str) -> list[str]:
+        """The request's own profile and every bigger one up to the smallest that holds
+        the whole model (the loading baselines' choice)."""
+        whole = self._whole_profile[req.model] or PROFILE_ORDER[-1]
+        first, last = PROFILE_ORDER.index(profile), PROFILE_ORDER.index(whole)
+        return PROFILE_ORDER[first:max(first, last) + 1]
+
+    def _is_warm(self, inst: Instance, model: int) -> bool:
+        """The model's tiles are (nearly) all the slice can hold, or being filled."""
+        if model in inst.active_models():
+            return True
+        want = max_rho(self.specs[model], inst.prof) * self.specs[model].weight_bytes
+        return inst.cached_bytes.get(model, 0.0) >= 0.9 * want
 
     def _request_profile(self, req: Request) -> str:
         key = (req.model, req.prompt)
@@ -211,7 +272,24 @@ class C2CServe(System):
         is_cold = req.model not in inst.cached_bytes and req.model not in inst.active_models()
         inst.ready.add(req.model)  # streaming: usable at once, nothing to load
         self.model_instances.setdefault(req.model, set()).add(inst)
+        if self.plans:
+            self._fill(sim, inst, req.model)
         return is_cold
+
+    def _fill(self, sim, inst: Instance, model: int) -> None:
+        """Progressive caching: copy the model's tiles into the slice in the background, a
+        piece at a time (each piece raises rho for the steps that follow), up to what the
+        slice can hold next to its KV."""
+        spec = self.specs[model]
+        want = min(max_rho(spec, inst.prof) * spec.weight_bytes,
+                   inst.cached_bytes.get(model, 0.0) + self._cache_room(sim, inst))
+        missing = want - inst.cached_bytes.get(model, 0.0)
+        if missing <= 0.01 * spec.weight_bytes:
+            return
+        if any(f.model == model for f in inst.gpu.loads if f.instance is inst):
+            return  # a fill or prewarm of it is under way
+        piece = max(missing / FILL_PIECES, spec.weight_bytes / (4 * FILL_PIECES))
+        sim.start_load(inst, model, min(piece, missing), self.fill_gbps, tag="fill")
 
     def rho_of(self, inst: Instance, model: int) -> float:
         cached = inst.cached_bytes.get(model, 0.0)
@@ -235,6 +313,23 @@ class C2CServe(System):
                 self.model_instances.get(model, set()).discard(inst)
         inst.cached_bytes[req.model] = have + min(want - have, self._cache_room(sim, inst))
         self._fit_cache(sim, inst)
+
+    def _fill_landed(self, sim, inst: Instance, model: int, rho_old: float) -> None:
+        """The fill copies the model from its end backwards while the prefill streams it
+        from the start, so the two move disjoint bytes. The fluid model spreads a new rho
+        over the whole pass; this moves the running pass's progress so that the bytes it
+        still streams are the ones neither has moved yet."""
+        head = inst.prefill_head
+        rho_new = self.rho_of(inst, model)
+        if head is None or head.model != model or set(inst.model_decode) - {model} or rho_new >= 1.0:
+            return
+        inst.advance(sim.now)
+        remaining = inst.prefill_target - inst.v
+        whole = math.floor(max(0.0, remaining - 1e-9))
+        pass_left = remaining - whole
+        moved = rho_new - rho_old
+        left = max(0.0, ((1.0 - rho_old) * pass_left - moved) / (1.0 - rho_new))
+        inst.prefill_target = inst.v + whole + min(pass_left, left)
 
     def _cache_room(self, sim, inst: Instance) -> float:
         used = inst.kv_used_bytes(sim.specs) + sum(inst.cached_bytes.values())
@@ -329,6 +424,12 @@ class C2CServe(System):
         inst, model = flow.instance, flow.model
         if not inst.alive:
             return
-        inst.cached_bytes[model] = inst.cached_bytes.get(model, 0.0) + flow.nbytes
+        want = max_rho(self.specs[model], inst.prof) * self.specs[model].weight_bytes
+        rho_old = self.rho_of(inst, model)
+        inst.cached_bytes[model] = min(want, inst.cached_bytes.get(model, 0.0) + flow.nbytes)
+        if flow.tag == "fill":
+            self._fill_landed(sim, inst, model, rho_old)
         self.model_instances.setdefault(model, set()).add(inst)
         self._fit_cache(sim, inst)
+        if flow.tag == "fill" and model in inst.active_models():
+            self._fill(sim, inst, model)
