@@ -194,8 +194,10 @@ class Engine:
                     params: SamplingParams | None = None,
                     messages: list[dict] | None = None,
                     arrival_s: float | None = None,
-                    ttft_slo_s: float | None = None, tpot_slo_s: float | None = None) -> None:
+                    ttft_slo_s: float | None = None, tpot_slo_s: float | None = None,
+                    tenant: str = "") -> None:
         """Queue a request; raises InvalidRequest / ContextLengthExceeded / ModelNotFound at once.
+        `tenant`: whose request it is (the scheduler shares batch slots fairly between tenants).
 
         Cheap with prompt_token_ids (from `tokenize_request`, run in another thread)."""
         params = params or SamplingParams()
@@ -214,6 +216,7 @@ class Engine:
                        time.time() if arrival_s is None else arrival_s)
         seq.ttft_slo_s = ttft_slo_s or seq.ttft_slo_s
         seq.tpot_slo_s = tpot_slo_s or seq.tpot_slo_s
+        seq.tenant = tenant if isinstance(tenant, str) else ""
         text = TextStream(self._tokenizers[model_id], token_ids, params.stop)
         context = self._sample_context(seq)
         self._requests[request_id] = _Request(seq, text)

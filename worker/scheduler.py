@@ -1,12 +1,15 @@
 """Continuous batching over several models (pure: no torch).
 
 Each step runs one model's batch (the model is chosen by `step_policy.pick_model`).
-Within it, sequences are taken in deadline order (`step_policy.deadline_s`): running
-ones first (decode tokens and unfinished prefill chunks), then waiting ones, under a
-token budget (`max_num_batched_tokens`), a sequence cap (`max_num_seqs`) and a prefill
-chunk (`chunk_size`). Prefill chunks and decode tokens share one batch. When a model's
-KV cache runs out, the running sequence with the latest deadline is preempted: its
-blocks are freed and it is recomputed later (prompt + generated tokens).
+Within it, running sequences are taken in deadline order (`step_policy.deadline_s`:
+decode tokens and unfinished prefill chunks), then waiting ones in weighted fair order
+by tenant (`step_policy.fair_order`: deadline order within a tenant, and among tenants the
+one with the fewest running sequences first), under a token budget
+(`max_num_batched_tokens`), a sequence cap (`max_num_seqs`) and a prefill chunk
+(`chunk_size`). Prefill chunks and decode tokens share one batch. When a model's KV cache
+runs out, a running sequence is preempted (`step_policy.pick_victim`: the latest deadline of
+the tenant holding the most): its blocks are freed and it is recomputed later (prompt +
+generated tokens).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.current_model: str | None = None
         self.num_preemptions = 0
+        self.tenant_to_weight: dict[str, float] = {}  # fair-share weights (absent: 1)
 
     # -- models and requests ------------------------------------------------------------
     def add_model(self, model_id: str, num_blocks: int, block_size: int) -> None:
@@ -147,7 +151,7 @@ class Scheduler:
             num_new = min(seq.num_uncomputed_tokens, cfg.chunk_size, budget)
             if self._make_room(seq, num_new, candidates, batch, block_manager):
                 budget -= self._take(batch, seq, num_new, block_manager)
-        for seq in sorted((s for s in self.waiting if s.model_id == model_id), key=self._deadline):
+        for seq in self._fair_order([s for s in self.waiting if s.model_id == model_id]):
             if len(batch.seqs) >= cfg.max_num_seqs or budget <= 0:
                 break
             num_new = min(seq.num_uncomputed_tokens, cfg.chunk_size, budget)
@@ -170,7 +174,7 @@ class Scheduler:
         """Preempt the latest-deadline unscheduled sequences until `seq` fits; False if it was one."""
         while not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
             victims = [s for s in candidates if s.status == SequenceStatus.RUNNING and s not in batch.seqs]
-            victim = victims[-1]  # seq itself is always among them
+            victim = self._pick_victim(victims)  # seq itself is always among them
             self._preempt(victim, bm)
             if victim is seq:
                 return False
@@ -195,10 +199,26 @@ class Scheduler:
             last_token_s=seq.last_token_s,
             ttft_slo_s=seq.ttft_slo_s,
             tpot_slo_s=seq.tpot_slo_s,
+            tenant=seq.tenant,
         )
 
     def _deadline(self, seq: Sequence) -> float:
         return step_policy.deadline_s(self._view(seq))
+
+    def _num_running_by_tenant(self) -> dict[str, int]:
+        return step_policy.num_running_by_tenant([self._view(s) for s in self.running])
+
+    def _fair_order(self, waiting: list[Sequence]) -> list[Sequence]:
+        by_id = {s.request_id: s for s in waiting}
+        views = step_policy.fair_order([self._view(s) for s in waiting], self._num_running_by_tenant(),
+                                       self.tenant_to_weight)
+        return [by_id[v.request_id] for v in views]
+
+    def _pick_victim(self, victims: list[Sequence]) -> Sequence:
+        by_id = {s.request_id: s for s in victims}
+        view = step_policy.pick_victim([self._view(s) for s in victims], self._num_running_by_tenant(),
+                                       self.tenant_to_weight)
+        return by_id[view.request_id]
 
     def _pick_model(self, now_s: float) -> str | None:
         views = [self._view(s) for s in self.running + self.waiting]

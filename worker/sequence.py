@@ -40,6 +40,7 @@ class Sequence:
     last_token_s: float | None = None
     num_preemptions: int = 0
     finish_reason: str | None = None
+    tenant: str = ""  # the caller's tenant: the scheduler shares batch slots fairly between tenants
 
     @property
     def num_tokens(self) -> int:
