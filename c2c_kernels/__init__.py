@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import numba
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from c2c_kernels import cpu_attention, cpu_pointwise
+from c2c_kernels import cpu_attention, cpu_pointwise, serial_or_threaded
 from c2c_kernels.cpu_gemm import _numba_ws, prefill_linear
 from c2c_kernels.cpu_gemv import (
     PARALLEL_LOCK,
@@ -33,12 +34,11 @@ from c2c_kernels.cpu_gemv import (
 )
 
 _decode_threshold = 16
-# Below this many weight bytes x M a decode call runs on the calling thread: waking the
-# thread pool costs more than the read (and far more on an oversubscribed machine).
-# Measured on the 2-core VM (0.5B decode step, per call): a 2 MB q|k|v GEMV 177 us
-# threaded vs 141 us serial, 1.6 MB o_proj 142 vs 98 us; an 8.7 MB down_proj is
-# faster threaded (424 vs ~500 us). A wake-up costs ~50 us there.
-SERIAL_MAX_BYTES = 4 * 1024 * 1024
+# Below this many weight bytes x M a decode call always runs on the calling thread:
+# waking the thread pool (~50 us on the 2-core VM) costs more than the read. Above it,
+# `serial_or_threaded` picks the way by measured speed (a busy machine favours serial).
+SERIAL_MAX_BYTES = 512 * 1024
+_WAYS = serial_or_threaded.SerialOrThreaded()
 _thread_state = threading.local()  # numba's thread count is a per-thread setting
 
 _WIDENED = (torch.bfloat16, torch.float16)
@@ -73,23 +73,29 @@ def _numpy16(w: torch.Tensor) -> np.ndarray:
 def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray, num_threads: int):
     """Output-stationary path; x [M, K] f32 contiguous, M >= 1 -> y [M, N] f32."""
     m = x.shape[0]
-    # the arithmetic grows with M, so a threaded call pays off sooner for a batch
-    is_serial = w16.nbytes * m < SERIAL_MAX_BYTES or num_threads == 1
-    if m == 1:
-        y = torch.empty(1, w.shape[0], dtype=torch.float32)  # [1, N]
-        if is_serial:
-            gemv_m1_serial(x.numpy(), w16, y.numpy())
-        else:
-            with PARALLEL_LOCK:
-                gemv_m1(x.numpy(), w16, y.numpy(), num_threads)
-        return y
+    work = w16.nbytes * m  # the arithmetic grows with M, so threads pay off sooner for a batch
     y = torch.empty(m, w.shape[0], dtype=torch.float32)  # [M, N]; 1-3 tail rows: no padding
-    if is_serial:
-        gemm_skinny_serial(x.numpy(), w16, y.numpy())
-    else:
-        with PARALLEL_LOCK:
-            gemm_skinny(x.numpy(), w16, y.numpy(), num_threads)
+    if work < SERIAL_MAX_BYTES or num_threads == 1:
+        _run_decode(x.numpy(), w16, y.numpy(), m, True, num_threads)
+        return y
+    key, is_serial = _WAYS.choose(work)
+    start_s = time.perf_counter()
+    _run_decode(x.numpy(), w16, y.numpy(), m, is_serial, num_threads)
+    _WAYS.record(key, is_serial, time.perf_counter() - start_s, work)
     return y
+
+
+def _run_decode(x: np.ndarray, w16: np.ndarray, y: np.ndarray, m: int, is_serial: bool, num_threads: int):
+    if is_serial:
+        (gemv_m1_serial if m == 1 else gemm_skinny_serial)(x, w16, y)
+        return
+    with PARALLEL_LOCK:
+        (gemv_m1 if m == 1 else gemm_skinny)(x, w16, y, num_threads)
+
+
+def decode_ways() -> dict[int, str]:
+    """The serial/threaded decisions so far, per size class (for benchmarks and logs)."""
+    return _WAYS.summary()
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,7 +208,9 @@ def warmup() -> None:
         for n in (8, 2 * SERIAL_MAX_BYTES // 256 + 8):  # below / above the serial cut-off
             w = torch.randn(n, 128).to(dtype)  # [N, K]
             for m in (1, 4):
-                linear(torch.randn(m, 128), w)
+                for is_serial in (True, False):
+                    _run_decode(torch.randn(m, 128).numpy(), _numpy16(w), torch.empty(m, n).numpy(), m,
+                                is_serial, 2)
         _numba_ws(torch.randn(32, 128), w, _numpy16(w))
     x, w, cos = torch.randn(2, 8), torch.ones(8), torch.randn(2, 1, 8)
     add_rms_norm(x, None, w, 1e-6)
@@ -219,6 +227,7 @@ def warmup() -> None:
         fn(q.numpy(), kv.numpy(), kv.numpy(), cache.numpy(), cache.clone().numpy(),
            torch.tensor([4]).numpy(), tables.numpy(), lows.numpy(), lens.numpy(),
            np.float32(0.35), torch.empty_like(q).numpy())
+    _WAYS.stats.clear()  # the timings above include loading the code: not the machine's speed
 
 
 def can_group_m1(ws: Sequence) -> bool:

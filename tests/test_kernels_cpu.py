@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import c2c_kernels as kernels
-from c2c_kernels import cpu_gemm
+from c2c_kernels import cpu_gemm, serial_or_threaded
 from c2c_kernels.membw import measure_read_gbps
 from c2c_kernels.reference import linear_ref, moe_ref
 from services.errors import InvalidRequest
@@ -60,6 +60,7 @@ def test_skinny_batches_of_every_tail_size(m, n, monkeypatch):
     x, w, bias = make(m, n, 37, torch.bfloat16, seed=m * n)
     assert_close(kernels.linear(x, w, bias), x, w, bias)           # serial (small)
     monkeypatch.setattr(kernels, "SERIAL_MAX_BYTES", 0)
+    monkeypatch.setattr(serial_or_threaded, "FORCED", "threaded")
     assert_close(kernels.linear(x, w, bias), x, w, bias)           # threaded
 
 
@@ -70,7 +71,23 @@ def test_parallel_decode_path_on_a_large_matrix(m, monkeypatch):
     monkeypatch.setattr(kernels, "SERIAL_MAX_BYTES", 512 * 1024)
     x, w, bias = make(m, 601, 520, torch.bfloat16, seed=m)
     assert w.numel() * 2 > kernels.SERIAL_MAX_BYTES
-    assert_close(kernels.linear(x, w, bias), x, w, bias)
+    for way in ("threaded", "serial", None):  # None: the measured choice
+        monkeypatch.setattr(serial_or_threaded, "FORCED", way)
+        assert_close(kernels.linear(x, w, bias), x, w, bias)
+
+
+def test_serial_or_threaded_runs_the_faster_way_and_retries_the_other(monkeypatch):
+    ways = serial_or_threaded.SerialOrThreaded()
+    monkeypatch.setattr(serial_or_threaded, "FORCED", None)
+    seen = []
+    for _ in range(4):  # two samples of each way first, threaded first
+        key, is_serial = ways.choose(1 << 20)
+        seen.append(is_serial)
+        ways.record(key, is_serial, 1e-3 if is_serial else 3e-3, 1 << 20)  # serial 3x faster
+    assert seen == [False, True, False, True]
+    assert [ways.choose(1 << 20)[1] for _ in range(5)] == [True] * 5
+    monkeypatch.setattr(serial_or_threaded, "EXPLORE_EVERY_S", 0.0)
+    assert ways.choose(1 << 20)[1] is False  # the slower way, retried once in a while
 
 
 @pytest.mark.parametrize("candidate", sorted(cpu_gemm.CANDIDATES))
