@@ -110,15 +110,18 @@ class CausalLM:
 
     def _attention(self, x, w: AttentionWeights, cos, sin, kv: KVCache, layer: int,
                    meta: AttentionMetadata) -> torch.Tensor:
-        cfg, n = self.config, x.shape[0]
-        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        if len(w.qkv) == 1:
-            q, k, v = self.linear(x, w.qkv[0], w.qkv_bias[0]).split([q_dim, kv_dim, kv_dim], dim=-1)
+        cfg, n, dim = self.config, x.shape[0], self.config.head_dim
+        num_qk_heads = cfg.num_heads + cfg.num_kv_heads
+        if len(w.qkv) == 1:  # q|k are adjacent in the fused output: one RoPE call for both
+            qkv = self.linear(x, w.qkv[0], w.qkv_bias[0])                      # [T, (nH + 2 nKV) D]
+            qk = kernels.rope_(qkv[:, :num_qk_heads * dim].view(n, num_qk_heads, dim), cos, sin)
+            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)         # [T, nH, D], [T, nKV, D]
+            v = qkv[:, num_qk_heads * dim:].view(n, cfg.num_kv_heads, dim)
         else:
             q, k, v = (self.linear(x, m, b) for m, b in zip(w.qkv, w.qkv_bias, strict=True))
-        q = kernels.rope_(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)     # [T, nH, D]
-        k = kernels.rope_(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, nKV, D]
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+            q = kernels.rope_(q.view(n, cfg.num_heads, dim), cos, sin)        # [T, nH, D]
+            k = kernels.rope_(k.view(n, cfg.num_kv_heads, dim), cos, sin)     # [T, nKV, D]
+            v = v.view(n, cfg.num_kv_heads, dim)
         out = paged_attention(q, k, v, kv.k[layer], kv.v[layer], meta)            # [T, nH*D]
         return self.linear(out.contiguous(), w.o, w.o_bias)
 
