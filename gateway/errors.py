@@ -16,7 +16,7 @@ import re
 from aiohttp import web
 
 from gateway.openai_api import error_body
-from services.errors import OPENAI_TYPE, C2CError, ErrorCode
+from services.errors import OPENAI_TYPE, C2CError, ErrorCode, RateLimited
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = web.AppKey("retry_after_s", int)
@@ -31,16 +31,20 @@ CODE_TEXT = {
     ErrorCode.ABORTED: "aborted",
     ErrorCode.UNAUTHORIZED: "invalid_api_key",
     ErrorCode.REQUEST_TOO_LARGE: "request_too_large",
+    ErrorCode.RATE_LIMITED: "rate_limit_exceeded",
 }
 
 
 def error_payload(exc: C2CError) -> dict:
     code = ErrorCode(exc.code)
-    return error_body(str(exc), OPENAI_TYPE.get(code, "server_error"), exc.param, CODE_TEXT.get(code))
+    type_ = exc.type_ if isinstance(exc, RateLimited) else OPENAI_TYPE.get(code, "server_error")
+    return error_body(str(exc), type_, exc.param, CODE_TEXT.get(code))
 
 
 def error_response(exc: C2CError, retry_after_s: int = 1) -> web.Response:
-    headers = {"Retry-After": str(retry_after_s)} if exc.http_status == 503 else None
+    if isinstance(exc, RateLimited):
+        retry_after_s = exc.retry_after_s
+    headers = {"Retry-After": str(retry_after_s)} if exc.http_status in (429, 503) else None
     return web.json_response(error_payload(exc), status=exc.http_status, headers=headers)
 
 

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, GatewayConfig)
+    parser.add_argument("--tenants", dest="tenants_file", default=None, metavar="FILE",
+                        help="same as --tenants-file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("worker",): ("worker.service", "run workers, one per GPU or CPU slice"),
     ("models", "synth"): ("worker.synth", "write a random-initialized HF checkpoint"),
     ("generate",): ("worker.generate", "run one request through the engine"),
+    ("tenants", "check"): ("services.tenants", "validate a tenants file (keys, private models, limits)"),
     ("bench", "engine"): ("bench.engine", "engine prefill/decode tokens/s vs transformers"),
     ("bench", "kernels"): ("bench.kernels", "HybridGEMM bandwidth vs torch, roofline"),
     ("bench", "overhead"): ("bench.overhead", "control-plane latency added by the services"),

@@ -56,10 +56,15 @@ class GatewayConfig(CommonConfig):
     catalog_refresh_s: float = field(default=2.0, metadata=_help("reload the model catalog this often"))
     models_dir: str = field(default="", metadata=_help("register every checkpoint folder under this at start"))
     request_timeout_s: float = field(default=600.0, metadata=_help("overall deadline of one request (504 after it)"))
+    tenants_file: str = field(default="", metadata=_help(
+        "tenants (keys, private models, limits), JSON or YAML; re-read when it changes and on SIGHUP "
+        "(empty: one optional api_key serves all; docs/tenants.md)"))
+    tenants_refresh_s: float = field(default=1.0, metadata=_help("re-read the tenants file and records this often"))
 
     def validate(self) -> None:
         super().validate()
         _check(0 <= self.port < 65536, "port", "must be 0..65535")
+        _check(self.tenants_refresh_s > 0, "tenants_refresh_s", "must be > 0")
         _check(self.first_chunk_timeout_s > 0 and self.chunk_timeout_s > 0, "chunk_timeout_s", "must be > 0")
         _check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
 

@@ -23,6 +23,7 @@ class ErrorCode(IntEnum):
     ABORTED = 7  # the client went away / request cancelled
     UNAUTHORIZED = 8  # 401
     REQUEST_TOO_LARGE = 9  # 413: more than one message on the bus can carry
+    RATE_LIMITED = 10  # 429 + Retry-After: over a tenant's limit
 
 
 HTTP_STATUS = {
@@ -35,6 +36,7 @@ HTTP_STATUS = {
     ErrorCode.ABORTED: 499,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.REQUEST_TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
 }
 
 OPENAI_TYPE = {
@@ -47,6 +49,7 @@ OPENAI_TYPE = {
     ErrorCode.ABORTED: "server_error",
     ErrorCode.UNAUTHORIZED: "authentication_error",
     ErrorCode.REQUEST_TOO_LARGE: "invalid_request_error",
+    ErrorCode.RATE_LIMITED: "requests",  # OpenAI's 429: "requests" or "tokens" (RateLimited.type_)
 }
 
 
@@ -84,6 +87,17 @@ class NoCapacity(C2CError):
 
 class RequestTooLarge(C2CError):
     code = ErrorCode.REQUEST_TOO_LARGE
+
+
+class RateLimited(C2CError):
+    """Over a tenant's limit: 429 with Retry-After; OpenAI's `type` names the limit's kind."""
+
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, retry_after_s: int, type_: str = "requests"):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.type_ = type_
 
 
 class CheckpointError(C2CError):

@@ -64,3 +64,28 @@ def gateway(gateway_id: str) -> str:
     """String: a live gateway's heartbeat (TTL). A worker aborts the requests of a gateway
     whose key is gone: their client connections died with that gateway."""
     return f"{PREFIX}:gateway:{gateway_id}"
+
+
+# -- tenants (services/tenants.py, gateway/ratelimit.py) ------------------------------------
+# A tenant's keys share a hash tag ({name}), so one Lua script may touch them all on a cluster.
+def tenants() -> str:
+    """String: the current tenant records as JSON (API keys as sha256 hashes only), written
+    by a gateway that loaded its tenants file; every gateway enforces what it holds."""
+    return f"{PREFIX}:tenants"
+
+
+def tenant_bucket(tenant: str, limit: str) -> str:
+    """Hash (level, ts): a tenant's token bucket for one limit ("rpm" or "tpm"); has a TTL."""
+    return f"{PREFIX}:tenant:{{{tenant}}}:{limit}"
+
+
+def tenant_inflight(tenant: str) -> str:
+    """Sorted set: a tenant's requests in flight (member: request id, score: lease expiry
+    in Redis time); gateways renew their leases, a crashed gateway's leases expire."""
+    return f"{PREFIX}:tenant:{{{tenant}}}:inflight"
+
+
+def tenant_usage(tenant: str) -> str:
+    """Hash: a tenant's usage, fields `<model>|requests`, `<model>|prompt_tokens`,
+    `<model>|completion_tokens` (counters, no TTL)."""
+    return f"{PREFIX}:tenant:{{{tenant}}}:usage"

@@ -75,7 +75,8 @@ class LocalCluster:
                  residency: str = "host", pinned: dict[int, list[str]] | None = None,
                  nats_url: str | None = None, redis_url: str | None = None,
                  extra_env: dict[str, str] | None = None, supervise: bool = False,
-                 precompile: bool = False, progress: Callable[[str], None] | None = None):
+                 precompile: bool = False, progress: Callable[[str], None] | None = None,
+                 tenants_file: str | Path | None = None):
         if residency not in ("host", "load", "dedicated"):
             raise C2CError(f"--residency {residency!r}: choose host, load or dedicated")
         if num_workers < 1:
@@ -90,6 +91,7 @@ class LocalCluster:
         self.extra_env = extra_env or {}
         self.supervise, self.precompile = supervise, precompile
         self.progress = progress or log.info
+        self.tenants_file = str(Path(tenants_file).expanduser().resolve()) if tenants_file else ""
         self.cluster_id = uuid.uuid4().hex[:6]
         self.worker_ids = [f"local{self.cluster_id}-w{i}" for i in range(num_workers)]
         self.url = ""
@@ -147,7 +149,8 @@ class LocalCluster:
     def _start_services(self) -> None:
         self.port = self.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._spawn("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(self.port)])
+        tenants = ["--tenants", self.tenants_file] if self.tenants_file else []
+        self._spawn("gateway", ["gateway", "--host", "127.0.0.1", "--port", str(self.port), *tenants])
         # forecast-driven prewarming is c2cserve's (host mode); the baselines do without it
         self._spawn("placer", ["placer"] + ([] if self.residency == "host" else ["--prewarm-interval-s", "0"]))
         self._spawn("controller", ["controller"])
@@ -377,18 +380,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     parser.add_argument("--residency", default="host", choices=("host", "load", "dedicated"),
                         help="weights from the host store (host), copied on cold start (load), or pinned (dedicated)")
+    parser.add_argument("--tenants", default=None, metavar="FILE",
+                        help="tenants file (API keys, private models, limits; JSON or YAML): docs/tenants.md")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds to wait for startup, first-run kernel compile included (default 300)")
 
 
-def banner(url: str, model_ids: list[str], num_workers: int, residency: str, has_api_key: bool) -> list[str]:
+def banner(url: str, model_ids: list[str], num_workers: int, residency: str, has_api_key: bool,
+           tenants_file: str = "") -> list[str]:
     """What `up` prints once the cluster serves; the key itself is never printed."""
     auth = ' -H "Authorization: Bearer $C2C_API_KEY"' if has_api_key else ""
+    if tenants_file:
+        auth = ' -H "Authorization: Bearer $TENANT_KEY"'
+        tenants_line = [f"tenants from {tenants_file} (edit it to reload; docs/tenants.md)"]
+    else:
+        tenants_line = []
     return [f"c2cserve is up at {url}  (models: {', '.join(model_ids)}; {num_workers} worker(s), "
             f"residency={residency}; crashed services are restarted)",
             f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             f"-d '{{\"model\": \"{model_ids[0]}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
-            "Ctrl-C stops everything."]
+            *tenants_line, "Ctrl-C stops everything."]
 
 
 def _say(line: str) -> None:
@@ -400,13 +411,17 @@ def run(args: argparse.Namespace) -> int:
     for model_dir in model_dirs or []:
         if not (model_dir / "config.json").is_file():
             raise C2CError(f"--models {model_dir}: not a checkpoint folder (no config.json)")
+    if args.tenants:
+        from services.tenants import load_file
+
+        load_file(args.tenants)  # a bad file is refused before anything starts
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     cluster = LocalCluster(model_dirs, args.workers, args.port, args.residency, supervise=True,
-                           precompile=True, progress=_say)
+                           precompile=True, progress=_say, tenants_file=args.tenants)
     try:
         cluster.start(timeout_s=args.timeout)
         for line in banner(cluster.url, cluster.model_ids, args.workers, args.residency,
-                           bool(os.environ.get("C2C_API_KEY"))):
+                           bool(os.environ.get("C2C_API_KEY")), cluster.tenants_file):
             _say(line)
         threading.Event().wait()  # the supervisor thread works; Ctrl-C or SIGTERM ends this
     except KeyboardInterrupt:
