@@ -11,6 +11,7 @@ request that fails before producing a token still gets its proper HTTP status an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -140,71 +141,183 @@ async def _generate(request: web.Request, kind: RequestKind) -> web.StreamRespon
     core = request.app[CORE]
     entry = await core.check_model(req.model)
     openai_api.check_context(req, entry.context_window)
-    openai_api.check_bus_size(req.submit, core.nc.max_payload)  # nothing published can fail to encode
-    async with core.open(req) as stream:
-        first = await stream.next_chunk()
+    choices = req.choices()  # n x prompts requests of their own (gateway.openai_extras)
+    for choice in choices:
+        openai_api.check_context(choice, entry.context_window)
+        openai_api.check_bus_size(choice.submit, core.nc.max_payload)  # nothing published can fail to encode
+    async with contextlib.AsyncExitStack() as opened:
+        streams = [await opened.enter_async_context(core.open(choice)) for choice in choices]
+        firsts = await _first_chunks(streams)
+        if req.stream:
+            return await _stream_response(request, req, streams, firsts)
+        return await _full_response(req, streams, firsts)
+
+
+async def _first_chunks(streams: list[RequestStream]) -> list:
+    """Each choice's first chunk (all of them before any header is sent); the first error
+    of any choice is the response's."""
+    if len(streams) == 1:
+        firsts = [await streams[0].next_chunk()]
+    else:
+        firsts = await asyncio.gather(*(s.next_chunk() for s in streams), return_exceptions=True)
+    for first in firsts:
+        if isinstance(first, BaseException):
+            raise first
         if first.error_code:
             raise error_of(first)
-        if req.stream:
-            return await _stream_response(request, req, stream, first)
-        return await _full_response(req, stream, first)
+    return firsts
 
 
-async def _full_response(req, stream: RequestStream, chunk) -> web.Response:
-    parts = [chunk.text]
+async def _chunks(streams: list[RequestStream], firsts: list):
+    """(choice index, chunk or the C2CError that ended its stream), in arrival order, until
+    every choice has its final chunk; one stream is read directly, several through a queue."""
+    if len(streams) == 1:
+        stream, chunk = streams[0], firsts[0]
+        yield 0, chunk
+        while not chunk.is_final:
+            try:
+                chunk = await stream.next_chunk()
+            except C2CError as exc:
+                yield 0, exc
+                return
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    for index, first in enumerate(firsts):
+        queue.put_nowait((index, first))
+    tasks = [asyncio.create_task(_pump(i, s, c, queue)) for i, (s, c) in enumerate(zip(streams, firsts, strict=True))]
+    try:
+        num_open = len(streams)
+        while num_open:
+            index, item = await queue.get()
+            num_open -= isinstance(item, C2CError) or item.is_final
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _pump(index: int, stream: RequestStream, chunk, queue: asyncio.Queue) -> None:
+    """One choice's chunks after its first, onto the merged queue."""
     while not chunk.is_final:
-        chunk = await stream.next_chunk()
-        parts.append(chunk.text)
-    if chunk.error_code:
-        raise error_of(chunk)
-    usage = openai_api.usage(stream.num_prompt_tokens, stream.num_generated_tokens)
-    body = openai_api.full_response(req, "".join(parts), FINISH_REASON_TEXT[chunk.finish_reason], usage)
-    return web.json_response(body, headers=_c2c_headers(req, stream))
+        try:
+            chunk = await stream.next_chunk()
+        except C2CError as exc:
+            queue.put_nowait((index, exc))
+            return
+        queue.put_nowait((index, chunk))
 
 
-def _c2c_headers(req, stream: RequestStream) -> dict[str, str]:
-    """Which request, which worker served it, and whether it paid a cold start."""
-    return {"X-Request-Id": req.request_id, "X-Worker-Id": stream.worker_id,
-            "X-Cold-Start": "true" if stream.cold_start else "false"}
+class _Choice:
+    """One choice's output as it arrives: text (after an echoed prompt), logprobs, finish."""
+
+    def __init__(self, req, index: int, first_chunk) -> None:
+        prompt = (req.choice_submits[index] if req.choice_submits else req.submit).prompt
+        is_echo = req.kind == RequestKind.COMPLETION and req.submit.echo
+        self.echo = (prompt if prompt is not None else first_chunk.prompt_text) if is_echo else ""
+        self.parts: list[str] = [self.echo]
+        self.num_chars = len(self.echo)  # text offset of the next chunk's first token
+        self.logprobs: list = []
+        self.finish_reason: str | None = None
+        self.is_first = True  # no delta sent yet (the echo goes with the first)
+
+    def add(self, chunk) -> openai_api.ChoiceOutput:
+        """This chunk's delta: its text (after the echo, on the first delta) and logprobs."""
+        text = (self.echo if self.is_first else "") + chunk.text
+        out = openai_api.ChoiceOutput(text, FINISH_REASON_TEXT[chunk.finish_reason], list(chunk.logprobs),
+                                      offset=self.num_chars)
+        self.parts.append(chunk.text)
+        self.num_chars += len(chunk.text)
+        self.logprobs += chunk.logprobs
+        if chunk.is_final:
+            self.finish_reason = out.finish_reason
+        return out
+
+    def output(self) -> openai_api.ChoiceOutput:
+        return openai_api.ChoiceOutput("".join(self.parts), self.finish_reason, self.logprobs, offset=len(self.echo))
+
+
+async def _full_response(req, streams: list[RequestStream], firsts: list) -> web.Response:
+    choices = [_Choice(req, i, first) for i, first in enumerate(firsts)]
+    async with contextlib.aclosing(_chunks(streams, firsts)) as chunks:
+        async for index, chunk in chunks:
+            if isinstance(chunk, C2CError):
+                raise chunk
+            if chunk.error_code:
+                raise error_of(chunk)
+            choices[index].add(chunk)
+    _record_tokens(req, streams)
+    body = openai_api.full_response(req, [c.output() for c in choices], _usage(req, streams))
+    return web.json_response(body, headers=_c2c_headers(req, streams))
+
+
+def _record_tokens(req, streams: list[RequestStream]) -> None:
+    """Token metrics of a request that finished well: each prompt once, every choice's output."""
+    for i, stream in enumerate(streams):
+        num_prompt = stream.num_prompt_tokens if i % req.n == 0 else 0
+        stream.m.observe_finished(req.model, stream.worker_id, num_prompt, stream.num_generated_tokens)
+
+
+def _usage(req, streams: list[RequestStream]) -> dict:
+    """Each prompt's tokens once (not once per sample, as vLLM counts), every choice's output."""
+    num_prompt = sum(s.num_prompt_tokens for i, s in enumerate(streams) if i % req.n == 0)
+    return openai_api.usage(num_prompt, sum(s.num_generated_tokens for s in streams))
+
+
+def _c2c_headers(req, streams: list[RequestStream]) -> dict[str, str]:
+    """Which request, which workers served it, whether it paid a cold start, and the
+    request fields that were ignored (unknown to this API)."""
+    headers = {"X-Request-Id": req.id, "X-Worker-Id": ",".join(dict.fromkeys(s.worker_id for s in streams)),
+               "X-Cold-Start": "true" if any(s.cold_start for s in streams) else "false"}
+    if req.ignored_fields:
+        headers["X-Ignored-Fields"] = openai_api.ignored_fields_header(req.ignored_fields)
+    return headers
+
+
+async def _write_delta(response: web.StreamResponse, req, choice: _Choice, index: int, chunk) -> None:
+    """A choice's text delta (with its logprobs; the role on its first), its finish chunk."""
+    out = choice.add(chunk)
+    if out.text or choice.is_first or out.logprobs:
+        await response.write(_sse(openai_api.stream_chunk(req, out.text, None, first=choice.is_first,
+                                                          index=index, out=out)))
+        choice.is_first = False
+    if chunk.is_final:
+        empty = None if req.kind == RequestKind.CHAT else ""
+        await response.write(_sse(openai_api.stream_chunk(req, empty, out.finish_reason, index=index)))
 
 
 def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _stream_response(request: web.Request, req, stream: RequestStream, chunk) -> web.StreamResponse:
+async def _stream_response(request: web.Request, req, streams: list[RequestStream], firsts: list) -> web.StreamResponse:
     response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_c2c_headers(req, stream),
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_c2c_headers(req, streams),
     })
     await response.prepare(request)
     try:
-        await _write_stream(response, req, stream, chunk)
+        await _write_stream(response, req, streams, firsts)
     except ConnectionResetError:
-        stream.rlog.info("client disconnected mid-stream")
+        streams[0].rlog.info("client disconnected mid-stream")
     return response
 
 
-async def _write_stream(response: web.StreamResponse, req, stream: RequestStream, chunk) -> None:
-    first = True
-    while True:
-        if chunk.error_code:
-            await response.write(_sse(error_payload(error_of(chunk))))
-            break
-        if chunk.text or first:
-            await response.write(_sse(openai_api.stream_chunk(req, chunk.text, None, first=first)))
-            first = False
-        if chunk.is_final:
-            reason = FINISH_REASON_TEXT[chunk.finish_reason]
-            await response.write(_sse(openai_api.stream_chunk(req, None if req.kind == RequestKind.CHAT else "", reason)))
-            if req.include_usage:
-                usage = openai_api.usage(stream.num_prompt_tokens, stream.num_generated_tokens)
-                await response.write(_sse(openai_api.usage_chunk(req, usage)))
-            break
-        try:
-            chunk = await stream.next_chunk()
-        except C2CError as exc:
-            await response.write(_sse(error_payload(exc)))
-            break
+async def _write_stream(response: web.StreamResponse, req, streams: list[RequestStream], firsts: list) -> None:
+    """Each choice's deltas as they come (a chunk names its choice's index), then each
+    choice's finish chunk; the usage chunk after all of them; an error ends the stream."""
+    choices = [_Choice(req, i, first) for i, first in enumerate(firsts)]
+    is_failed = False
+    async with contextlib.aclosing(_chunks(streams, firsts)) as chunks:
+        async for index, chunk in chunks:
+            if isinstance(chunk, C2CError) or chunk.error_code:
+                await response.write(_sse(error_payload(chunk if isinstance(chunk, C2CError) else error_of(chunk))))
+                is_failed = True
+                break
+            await _write_delta(response, req, choices[index], index, chunk)
+    if not is_failed:
+        _record_tokens(req, streams)
+    if req.include_usage and not is_failed:
+        await response.write(_sse(openai_api.usage_chunk(req, _usage(req, streams))))
     await response.write(_DONE)
     await response.write_eof()
 

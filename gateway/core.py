@@ -31,6 +31,7 @@ from services.schemas import TokenChunk
 __all__ = ["GatewayCore", "RequestStream", "error_of"]
 log = logging.getLogger(__name__)
 _chunk_decoder = schemas.decoder(TokenChunk)
+_telemetry_decoder = schemas.decoder(schemas.WorkerTelemetry)
 _BEAT_EVERY_S = 1.0
 _BEAT_TTL_S = 5  # a worker aborts this gateway's requests this long after it died
 BUS_GRACE_S = 5.0  # open streams wait this long for the bus to come back, then fail with 503
@@ -55,6 +56,7 @@ class GatewayCore:
         self.redis = await natsutil.connect_redis(self.config.redis_url, self.config.connect_timeout_s)
         await self._beat()
         await self.nc.subscribe(subjects.gateway_inbox_all(self.gateway_id), cb=self._on_reply)
+        await self.nc.subscribe(subjects.TELEMETRY_ALL, cb=self._on_telemetry)  # the KV usage gauge
         await self.nc.flush()
         if self.config.models_dir:
             await catalog.register(self.redis, catalog.checkpoint_dirs(self.config.models_dir), self.model_roots)
@@ -140,6 +142,14 @@ class GatewayCore:
             stream.deliver(_chunk_decoder.decode(msg.data))
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             log.warning("[req=%s] dropped a malformed chunk: %s", request_id, exc)
+
+    async def _on_telemetry(self, msg: Msg) -> None:
+        """c2c.telemetry.* (WorkerTelemetry): each worker's KV cache usage, for /metrics."""
+        try:
+            telemetry = _telemetry_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        self.metrics.kv_usage.observe(telemetry.worker_id, telemetry.kv_free_frac)
 
     def open(self, req: ParsedRequest) -> RequestStream:
         return RequestStream(self, req)

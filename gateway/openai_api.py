@@ -2,8 +2,11 @@
 
 `decode_body(raw)` parses a body as strict JSON (finite numbers, bounded depth, text that
 UTF-8 can carry); `parse_request(kind, body)` turns it into a `ParsedRequest` or raises
-`InvalidRequest` naming the parameter (unknown parameter, wrong type, value out of its
-range, which the message states). `check_context` bounds a request by the model's context
+`InvalidRequest` naming the parameter (wrong type, value out of its range, which the
+message states). Unknown parameters are ignored, as vLLM does, and named in the response's
+`X-Ignored-Fields` header (the other endpoint's prompt field is still a 400: the request
+would run without its prompt). The parameters past plain sampling (n, prompt arrays,
+penalties, logit_bias, logprobs, echo, response_format) are in gateway.openai_extras. `check_context` bounds a request by the model's context
 window and `check_bus_size` by what one NATS message carries, so nothing that reaches the
 bus can fail to encode. The `*_response` / `*_chunk` functions build OpenAI's wire objects.
 """
@@ -17,14 +20,15 @@ import re
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
 
-from services import schemas
+from gateway import openai_extras
+from services import schemas, slo
 from services.errors import ContextLengthExceeded, InvalidRequest, RequestTooLarge
-from services.schemas import RequestKind, SubmitRequest
+from services.schemas import RequestKind, SubmitRequest, TokenLogprob
 
 DEFAULT_MAX_TOKENS = {RequestKind.COMPLETION: 16, RequestKind.CHAT: 256}
 MAX_STOP_SEQUENCES = 4
@@ -45,22 +49,25 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
     "seed", "user", "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "ignore_eos",
+    "repetition_penalty", "min_tokens", "stop_token_ids", "response_format", "logprobs",
+    "slo_class",  # c2cserve: interactive | standard | batch (services/slo.py)
 }
 # accepted only at their neutral value: parameter -> allowed values
 _NEUTRAL = {
-    "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
-    "logit_bias": (None, {}), "logprobs": (None, False, 0), "echo": (False, None),
-    "best_of": (1, None), "suffix": (None, ""), "top_logprobs": (None, 0),
+    "best_of": (1, None), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}), "store": (None, False), "metadata": (None, {}),
+    "store": (None, False), "metadata": (None, {}),
 }
 ALLOWED = {
-    RequestKind.COMPLETION: _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"},
+    RequestKind.COMPLETION: _COMMON | {"prompt", "echo", "best_of", "suffix"},
     RequestKind.CHAT: _COMMON | {
-        "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
-        "parallel_tool_calls", "response_format", "store", "metadata",
+        "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+        "parallel_tool_calls", "store", "metadata",
     },
 }
+# the other endpoint's prompt: ignoring it would run the request without its prompt
+_WRONG_ENDPOINT = {RequestKind.COMPLETION: {"messages"}, RequestKind.CHAT: {"prompt"}}
+MAX_IGNORED_SHOWN = 16
 
 
 @dataclass
@@ -72,10 +79,33 @@ class ParsedRequest:
     submit: SubmitRequest
     max_tokens_param: str | None = None  # the parameter that set max_tokens; None: the default
     created: int = field(default_factory=lambda: int(time.time()))
+    n: int = 1
+    choice_submits: list[SubmitRequest] = field(default_factory=list)  # one per choice, by index
+    ignored_fields: list[str] = field(default_factory=list)  # unknown parameters, ignored
+    response_id: str = ""  # the id the client sees (the choices' requests have their own)
 
     @property
     def request_id(self) -> str:
         return self.submit.request_id
+
+    @property
+    def id(self) -> str:
+        return self.response_id or self.submit.request_id
+
+    @property
+    def num_logprobs(self) -> int:
+        """-1: no logprobs; k: with the top k."""
+        return self.submit.logprobs
+
+    def choices(self) -> list[ParsedRequest]:
+        """One request per choice (the request itself when it has one choice): `submit` as it
+        is now (tenant, SLO set since parsing) with the choice's id, seed and prompt."""
+        if len(self.choice_submits) <= 1:
+            return [self]
+        return [replace(self, submit=msgspec.structs.replace(
+                    self.submit, request_id=s.request_id, seed=s.seed, prompt=s.prompt,
+                    prompt_token_ids=s.prompt_token_ids, num_prompt_chars=s.num_prompt_chars),
+                    choice_submits=[], response_id=self.id) for s in self.choice_submits]
 
 
 _ID_PREFIX = uuid.uuid4().hex[:16]  # unique per gateway process; a counter makes each id unique
@@ -181,13 +211,23 @@ def _get_float(body: dict, name: str, low: float, high: float, default: float, l
     return value
 
 
-def _check_parameters(kind: RequestKind, body: dict) -> None:
-    for name in body:
-        if name not in ALLOWED[kind]:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name[:100]}", param=name[:100])
+def _check_parameters(kind: RequestKind, body: dict) -> list[str]:
+    """The unknown parameters (ignored, as vLLM does); InvalidRequest for the other
+    endpoint's prompt and for a supported-at-default-only parameter set otherwise."""
+    for name in _WRONG_ENDPOINT[kind] & body.keys():
+        other = "/v1/completions" if kind == RequestKind.CHAT else "/v1/chat/completions"
+        raise InvalidRequest(f"'{name}' belongs to {other}", param=name)
     for name, neutral in _NEUTRAL.items():
         if name in body and body[name] not in neutral:
             raise InvalidRequest(f"'{name}' is not supported (only its default value)", param=name)
+    return [name for name in body if name not in ALLOWED[kind]]
+
+
+def ignored_fields_header(names: list[str]) -> str:
+    """The X-Ignored-Fields value: the names as printable ASCII (escaped), bounded."""
+    shown = [ascii(name)[1:-1].replace(",", "\\x2c")[:100] for name in names[:MAX_IGNORED_SHOWN]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
 
 
 def check_model_id(model: str | None) -> str:
@@ -217,20 +257,6 @@ def _parse_stop(body: dict) -> list[str]:
 
 def _is_token_id(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX
-
-
-def _parse_prompt(body: dict) -> tuple[str | None, list[int] | None]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        return prompt, None
-    if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
-        return None, prompt
-    if prompt is None:
-        raise InvalidRequest("'prompt' is required", param="prompt")
-    raise InvalidRequest(f"'prompt' must be a string or a non-empty array of token ids (integers in [0, {INT32_MAX}]), "
-                         "one prompt", param="prompt")
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -298,25 +324,31 @@ def parse_request(kind: RequestKind, body: Any) -> ParsedRequest:
     """Validate an OpenAI request body; raises InvalidRequest naming the bad parameter."""
     if not isinstance(body, dict):
         raise InvalidRequest(f"the request body must be a JSON object, got {'null' if body is None else _type_name(type(body))}")
-    _check_parameters(kind, body)
+    ignored = _check_parameters(kind, body)
     model = check_model_id(_get(body, "model", str))
-    if _get(body, "n", int, 1) != 1:
-        raise InvalidRequest("only 'n' = 1 is supported", param="n")
+    n = _get_int(body, "n", 1, openai_extras.MAX_N, 1)
     stream, include_usage = _parse_stream(body)
     max_tokens, max_tokens_param = _parse_max_tokens(kind, body)
+    extras = openai_extras.parse_extras(kind, body, _get_int, _get_float, _get)
+    if extras["min_tokens"] > max_tokens:
+        raise InvalidRequest(f"'min_tokens' ({extras['min_tokens']}) must not exceed {max_tokens_param or 'max_tokens'} "
+                             f"({max_tokens})", param="min_tokens")
     submit = SubmitRequest(
         request_id=new_request_id(kind), model_id=model, kind=kind, max_tokens=max_tokens,
-        stop=_parse_stop(body), arrival_s=time.time(), **_parse_sampling(body),
+        stop=_parse_stop(body), arrival_s=time.time(), **_parse_sampling(body), **extras,
     )
     if kind == RequestKind.CHAT:
         submit.messages = _parse_messages(body)
         submit.num_prompt_chars = sum(len(m["content"]) for m in submit.messages)
+        prompts = [(None, None)]
     else:
-        submit.prompt, submit.prompt_token_ids = _parse_prompt(body)
-        submit.num_prompt_chars = len(submit.prompt) if submit.prompt is not None else 4 * len(submit.prompt_token_ids)
+        prompts = openai_extras.parse_prompts(body, _is_token_id)
+    choice_submits = openai_extras.choice_submits(submit, prompts, n)
     _get(body, "user", str)
-    return ParsedRequest(kind=kind, model=model, stream=stream, include_usage=include_usage, submit=submit,
-                         max_tokens_param=max_tokens_param)
+    submit.slo_class = slo.parse_slo_class(body.get("slo_class")) or ""  # resolved against the catalog later
+    return ParsedRequest(kind=kind, model=model, stream=stream, include_usage=include_usage, submit=choice_submits[0],
+                         max_tokens_param=max_tokens_param, n=n, choice_submits=choice_submits, ignored_fields=ignored,
+                         response_id=submit.request_id)
 
 
 # -- bounds of the model and of the bus ------------------------------------------------------
@@ -369,34 +401,56 @@ def usage(num_prompt_tokens: int, num_generated_tokens: int) -> dict[str, int]:
     }
 
 
-def full_response(req: ParsedRequest, text: str, finish_reason: str | None, usage_: dict) -> dict:
-    """The non-streaming response object."""
+@dataclass
+class ChoiceOutput:
+    """What one choice produced: its text, finish reason and tokens' logprobs."""
+
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    offset: int = 0  # completions: characters before this text (the echoed prompt, earlier chunks)
+
+
+def logprobs_object(req: ParsedRequest, out: ChoiceOutput) -> dict | None:
+    if req.num_logprobs < 0:
+        return None
     if req.kind == RequestKind.CHAT:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
-    return {"id": req.request_id, "object": obj, "created": req.created, "model": req.model,
-            "choices": [choice], "usage": usage_}
+        return openai_extras.chat_logprobs(out.logprobs)
+    return openai_extras.completion_logprobs(out.logprobs, out.offset)
+
+
+def full_response(req: ParsedRequest, outputs: list[ChoiceOutput], usage_: dict) -> dict:
+    """The non-streaming response object, one choice per output (in index order)."""
+    choices = []
+    for index, out in enumerate(outputs):
+        if req.kind == RequestKind.CHAT:
+            choices.append({"index": index, "message": {"role": "assistant", "content": out.text},
+                            "logprobs": logprobs_object(req, out), "finish_reason": out.finish_reason})
+        else:
+            choices.append({"index": index, "text": out.text, "logprobs": logprobs_object(req, out),
+                            "finish_reason": out.finish_reason})
+    obj = "chat.completion" if req.kind == RequestKind.CHAT else "text_completion"
+    return {"id": req.id, "object": obj, "created": req.created, "model": req.model,
+            "choices": choices, "usage": usage_}
 
 
 def stream_chunk(req: ParsedRequest, text: str | None, finish_reason: str | None,
-                 first: bool = False) -> dict:
-    """One SSE chunk with one choice: a text delta and/or the finish reason."""
+                 first: bool = False, index: int = 0, out: ChoiceOutput | None = None) -> dict:
+    """One SSE chunk with one choice: a text delta (with its tokens' logprobs) and/or the
+    finish reason."""
+    logprobs = logprobs_object(req, out) if out is not None and out.logprobs else None
     if req.kind == RequestKind.CHAT:
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
-    chunk = {"id": req.request_id, "object": obj, "created": req.created, "model": req.model,
+    chunk = {"id": req.id, "object": obj, "created": req.created, "model": req.model,
              "choices": [choice]}
     if req.include_usage:
         chunk["usage"] = None
@@ -406,7 +460,7 @@ def stream_chunk(req: ParsedRequest, text: str | None, finish_reason: str | None
 def usage_chunk(req: ParsedRequest, usage_: dict) -> dict:
     """The extra last chunk of stream_options.include_usage: no choices, the usage."""
     obj = "chat.completion.chunk" if req.kind == RequestKind.CHAT else "text_completion"
-    return {"id": req.request_id, "object": obj, "created": req.created, "model": req.model,
+    return {"id": req.id, "object": obj, "created": req.created, "model": req.model,
             "choices": [], "usage": usage_}
 
 

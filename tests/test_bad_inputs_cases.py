@@ -73,7 +73,7 @@ NOT_FLOATS = {"nan": Raw("NaN"), "infinity": Raw("Infinity"), "neginfinity": Raw
               "1e400": Raw("1e400"), "neg1e400": Raw("-1e400"), "string": "0.5", "bool": True,
               "array": [0.5], "500digits": Raw("9" * 500)}
 OUT_OF_RANGE = {"max_tokens": [0, -1, 2**31, CONTEXT_WINDOW + 1], "top_k": [-2, 2**31], "seed": [2**63, -(2**63) - 1],
-                "n": [0, 2], "temperature": [-0.1, 2.0001], "top_p": [0, -1, 1.5]}
+                "n": [0, 129], "temperature": [-0.1, 2.0001], "top_p": [0, -1, 1.5]}
 
 
 def _param_cases() -> list[Case]:
@@ -110,7 +110,7 @@ def _string_cases() -> list[Case]:
         Case("prompt-number", body=body(prompt=5), param="prompt"),
         Case("prompt-object", body=body(prompt={"text": "hi"}), param="prompt"),
         Case("prompt-empty-array", body=body(prompt=[]), param="prompt"),
-        Case("prompt-batch-of-two", body=body(prompt=["a", "b"]), param="prompt"),
+        Case("prompt-batch-mixed", body=body(prompt=["a", [1]]), param="prompt"),
         Case("prompt-negative-token", body=body(prompt=[1, -1]), param="prompt"),
         Case("prompt-token-2e31", body=body(prompt=[2**31]), param="prompt"),
         Case("prompt-token-2e64", body=body(prompt=[2**64]), param="prompt"),
@@ -152,7 +152,6 @@ def _string_cases() -> list[Case]:
         Case("user-number", body=body(user=5), param="user"),
         Case("user-surrogate", CHAT, body(CHAT, user=surrogate), param="user"),
         Case("key-surrogate", body=body(**{"\ud800": 1})),  # json.dumps writes the key as "\ud800"
-        Case("unknown-param", body=body(bogus=1), param="bogus"),
         Case("stream-string", body=body(stream="yes"), param="stream"),
         Case("stream-number", CHAT, body(CHAT, stream=1), param="stream"),
         Case("stream-options-without-stream", body=body(stream_options={"include_usage": True}), param="stream_options"),
@@ -160,12 +159,18 @@ def _string_cases() -> list[Case]:
         Case("stream-options-usage-string", body=body(stream=True, stream_options={"include_usage": "y"}),
              param="include_usage"),
         Case("ignore-eos-string", body=body(ignore_eos="yes"), param="ignore_eos"),
-        Case("logit-bias", body=body(logit_bias={"1": 5}), param="logit_bias"),
-        Case("logprobs", body=body(logprobs=5), param="logprobs"),
-        Case("echo", body=body(echo=True), param="echo"),
+        Case("logit-bias-key", body=body(logit_bias={"x": 5}), param="logit_bias"),
+        Case("logit-bias-range", CHAT, body(CHAT, logit_bias={"1": 101}), param="logit_bias"),
+        Case("logit-bias-past-vocab", body=body(logit_bias={"100000": 5}), param="logit_bias"),  # the worker knows it
+        Case("logprobs-range", body=body(logprobs=21), param="logprobs"),
+        Case("chat-top-logprobs-without-logprobs", CHAT, body(CHAT, top_logprobs=2), param="top_logprobs"),
+        Case("echo-string", body=body(echo="yes"), param="echo"),
         Case("best-of", body=body(best_of=2), param="best_of"),
         Case("chat-tools", CHAT, body(CHAT, tools=[{"type": "function"}]), param="tools"),
-        Case("chat-response-format", CHAT, body(CHAT, response_format={"type": "json_object"}), param="response_format"),
+        Case("chat-response-format-xml", CHAT, body(CHAT, response_format={"type": "xml"}), param="response_format"),
+        Case("response-format-bad-schema", body=body(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "no-such-type"}}}), param="response_format"),
+        Case("min-tokens-past-max-tokens", body=body(min_tokens=5), param="min_tokens"),
     ]
 
 
@@ -269,6 +274,12 @@ def _valid_cases() -> list[Case]:
              is_greedy=True, **ok),
         Case("valid-text-plain", body=body(), headers={"Content-Type": "text/plain"}, is_greedy=True, **ok),
         Case("valid-slow-client", CHAT, body(CHAT), send="slow", is_greedy=True, **ok),
+        Case("valid-unknown-param-ignored", body=body(bogus=1), is_greedy=True, **ok),
+        Case("valid-n-2", body=body(n=2), **ok),
+        Case("valid-prompt-batch-of-two", body=body(prompt=["a", "b"]), **ok),
+        Case("valid-logprobs-penalties", body=body(logprobs=5, presence_penalty=1, repetition_penalty=1.2), **ok),
+        Case("valid-echo", body=body(echo=True, logit_bias={"1": -100}), **ok),
+        Case("valid-chat-json-object", CHAT, body(CHAT, response_format={"type": "json_object"}), **ok),
     ]
 
 

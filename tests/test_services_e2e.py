@@ -312,7 +312,7 @@ async def test_bad_inputs_get_errors_and_service_continues(cluster, models):
         cases = [
             ({"data": b"{oops", "headers": {"Content-Type": "application/json"}}, 400, None),
             ({"json": {"model": model_id, "prompt": "x", "temperature": "warm"}}, 400, None),
-            ({"json": {"model": model_id, "prompt": "x", "frobnicate": True}}, 400, None),
+            ({"json": {"model": model_id, "prompt": "x", "logit_bias": {"frobnicate": 1}}}, 400, None),
             ({"json": {"model": "nope", "prompt": "x"}}, 404, "model_not_found"),
             ({"json": {"model": model_id, "prompt": "word " * 2500}}, 400, "context_length_exceeded"),
             ({"json": {"model": model_id, "prompt": "word " * 2500, "stream": True}}, 400, "context_length_exceeded"),
