@@ -7,15 +7,17 @@
   (`cpu_gemv`), weights read once, widened in registers, fp32 accumulation;
 - bf16/fp16 weights, larger M: the prefill path (`cpu_gemm`), the fastest of a
   weight-stationary Numba kernel and torch, chosen per shape;
-- a weight object with a `hybrid_linear(x, bias)` method (the CUDA `HybridWeight`):
-  delegated to it.
+- a weight object with a `hybrid_linear(x, bias)` method (the CUDA `HybridWeight`, or
+  `Int8Weight`, int8 per-channel quantized weights): delegated to it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -117,6 +119,87 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     if bias is not None:
         y += bias  # bf16 bias promoted to fp32 in place
     return y if len(lead) == 1 else y.reshape(*lead, w.shape[0])
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A weight quantized per output channel (`cpu_int8`): w[n] ~ q[n] * scale[n].
+
+    q [N, K] int8 and scale [N] fp32, e.g. read-only views of the host store. `linear`
+    delegates to `hybrid_linear`: decode reads the int8 bytes (serial or threaded as for
+    bf16), prefill multiplies by the dequantized fp32 matrix.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q, self.scale
+
+    def hybrid_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        from c2c_kernels.cpu_int8 import dequantize_int8
+
+        lead, k = x.shape[:-1], x.shape[-1]
+        if k != self.q.shape[1]:
+            raise ValueError(f"linear: x has K={k} but w has shape {tuple(self.q.shape)}")
+        x2 = x.detach().reshape(-1, k).to(torch.float32).contiguous()  # [M, K]
+        if x2.shape[0] == 0 or x2.shape[0] > _decode_threshold:
+            y = F.linear(x2, dequantize_int8(self.q, self.scale))  # [M, N]; prefill
+        else:
+            y = self._decode(x2)
+        if bias is not None:
+            y += bias
+        return y if len(lead) == 1 else y.reshape(*lead, self.q.shape[0])
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        from c2c_kernels.cpu_int8 import gemv_int8, gemv_int8_serial
+
+        num_threads = _sync_threads()
+        y = torch.empty(x.shape[0], self.q.shape[0], dtype=torch.float32)  # [M, N]
+        args = (x.numpy(), self.q.numpy(), self.scale.numpy(), y.numpy())
+        work = self.q.numel() * x.shape[0]
+        if work < SERIAL_MAX_BYTES or num_threads == 1:
+            gemv_int8_serial(*args)
+            return y
+        key, is_serial = _WAYS.choose(2 * work)  # 2x: the size class of the bf16 read it replaces
+        start_s = time.perf_counter()
+        if is_serial:
+            gemv_int8_serial(*args)
+        else:
+            with PARALLEL_LOCK:
+                gemv_int8(*args, num_threads)
+        _WAYS.record(key, is_serial, time.perf_counter() - start_s, 2 * work)
+        return y
+
+
+def warmup_int8() -> None:
+    """Load (or compile, the first time on a machine) the int8 kernels; they stay out of
+    `warmup` so models without quantized weights pay no compile time for them."""
+    from c2c_kernels.cpu_int8 import quantize_int8
+
+    q, scale = quantize_int8(torch.randn(2 * SERIAL_MAX_BYTES // 64 + 8, 64))
+    for is_read_only in (False, True):  # host-store views are read-only: another Numba type
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-writable" tensors: on purpose
+            weight = Int8Weight(torch.from_numpy(_read_only(q.numpy(), is_read_only)),
+                                torch.from_numpy(_read_only(scale.numpy(), is_read_only)))
+        for m in (1, 3):
+            for way in ("serial", "threaded"):
+                previous, serial_or_threaded.FORCED = serial_or_threaded.FORCED, way
+                try:
+                    weight.hybrid_linear(torch.randn(m, 64))
+                finally:
+                    serial_or_threaded.FORCED = previous
+
+
+def _read_only(a: np.ndarray, is_read_only: bool) -> np.ndarray:
+    a = a.copy()
+    a.setflags(write=not is_read_only)
+    return a
 
 
 def _is_plain_2d(x: torch.Tensor) -> bool:

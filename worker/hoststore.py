@@ -4,8 +4,14 @@ Layout under the root (default `/dev/shm/c2cserve`, env `C2C_HOST_STORE`):
 
     store.lock                  exclusive flock while copying in or evicting
     models/<key>/weights.bin    raw tensor bytes, each tensor 64-byte aligned
-    models/<key>/manifest.json  key, source folder, nbytes, [name, dtype, shape, offset, nbytes]
+    models/<key>/manifest.json  key, source folder, nbytes, quantize, [name, dtype, shape, offset, nbytes]
                                 (HF names, plus fused q|k|v and gate|up views over them)
+
+Quantized copies (`make_resident(dir, quantize="int8")`, key suffix `-int8`): every
+projection matrix (`*_proj.weight`, Mixtral's `w1|w2|w3`, the LM head) is stored as int8
+[N, K] under its own name plus `<name>_scale` fp32 [N] (`c2c_kernels.cpu_int8`), so the
+mapped and streamed bytes halve; a tied LM head gets an int8 copy of the embedding as
+`lm_head.weight` (the embedding itself stays in the checkpoint dtype for lookups).
     models/<key>/config.json    (+ generation_config.json) copied from the checkpoint
     models/<key>/lock           a shared flock per process that has the model open
     models/<key>/last_used      its mtime orders the LRU
@@ -32,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.errors import C2CError, ModelNotFound, NoCapacity
+from services.errors import C2CError, InvalidRequest, ModelNotFound, NoCapacity
 from worker.checkpoint import ModelConfig, TensorEntry, index_checkpoint, load_config
 from worker.layers import fusion_groups
 
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "/dev/shm/c2cserve"
 ALIGN_BYTES = 64
 _COPY_CHUNK_BYTES = 64 * 1024 * 1024
+QUANTIZE_MODES = ("int8",)
+_QUANTIZED_SUFFIXES = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight")
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                  "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
                  "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
@@ -73,25 +81,33 @@ class HostStore:
 
     # ---- residency ----------------------------------------------------------------
 
-    def make_resident(self, model_dir) -> str:
+    def make_resident(self, model_dir, quantize: str | None = None) -> str:
         """Copy a checkpoint's tensors into the store once; return its model key.
 
+        quantize="int8" stores the projection matrices as int8 per-channel (a separate key).
         Idempotent and safe when processes race (one copies, the others wait and reuse).
-        Raises CheckpointError for a bad checkpoint, NoCapacity when evicting every
-        unused model still leaves too little room.
+        Raises CheckpointError for a bad checkpoint, InvalidRequest for an unknown
+        quantize mode, NoCapacity when evicting every unused model still leaves too
+        little room.
         """
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise InvalidRequest(f"quantize={quantize!r} is not one of {list(QUANTIZE_MODES)}", param="quantize")
         model_dir = Path(model_dir)
-        key = model_key(model_dir)
+        key = model_key(model_dir) + (f"-{quantize}" if quantize else "")
         self.last_copied = False
         if self._is_resident(key):
             self._touch(key)
             return key
         config, entries = index_checkpoint(model_dir)
+        if quantize and config.tie_word_embeddings and "lm_head.weight" not in entries:
+            embed = entries["model.embed_tokens.weight"]
+            entries["lm_head.weight"] = TensorEntry("lm_head.weight", embed.dtype, embed.shape, embed.path,
+                                                    embed.start, embed.nbytes)
         with self._store_lock():
             if not self._is_resident(key):      # another process may have finished meanwhile
-                nbytes = _layout(entries)[2]
+                nbytes = _layout(entries, quantize)[2]
                 self._make_room(nbytes, key)
-                self._copy_in(key, model_dir, entries)
+                self._copy_in(key, model_dir, entries, quantize)
                 self.last_copied = True
         self._touch(key)
         return key
@@ -192,16 +208,17 @@ class HostStore:
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
-    def _copy_in(self, key: str, model_dir: Path, entries: dict[str, TensorEntry]) -> None:
+    def _copy_in(self, key: str, model_dir: Path, entries: dict[str, TensorEntry],
+                 quantize: str | None = None) -> None:
         tmp = self.models_dir / f".tmp-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            manifest = _write_weights(tmp / "weights.bin", entries)
+            manifest = _write_weights(tmp / "weights.bin", entries, quantize)
             for name in ("config.json", "generation_config.json"):
                 if (model_dir / name).is_file():
                     shutil.copyfile(model_dir / name, tmp / name)
-            manifest.update(key=key, model_dir=str(model_dir.resolve()))
+            manifest.update(key=key, model_dir=str(model_dir.resolve()), quantize=quantize)
             (tmp / "manifest.json").write_text(json.dumps(manifest))
             (tmp / "lock").touch()
             tmp.rename(self.models_dir / key)
@@ -211,29 +228,49 @@ class HostStore:
         log.info("host store: copied %s in (%.1f MB)", key, manifest["nbytes"] / 1e6)
 
 
-def _layout(entries: dict[str, TensorEntry]) -> tuple[list[tuple[TensorEntry, int]], list[dict], int]:
-    """Each tensor's offset in weights.bin, the fused tensors, and the file's total size.
+def _is_quantized(entry: TensorEntry, quantize: str | None) -> bool:
+    return quantize is not None and len(entry.shape) == 2 and entry.name.endswith(_QUANTIZED_SUFFIXES)
+
+
+def _stored_bytes(entry: TensorEntry, quantize: str | None) -> int:
+    return entry.shape[0] * entry.shape[1] if _is_quantized(entry, quantize) else entry.nbytes
+
+
+def _layout(entries: dict[str, TensorEntry], quantize: str | None = None
+            ) -> tuple[list[tuple[TensorEntry, int, int | None]], list[dict], int]:
+    """Each tensor's offset in weights.bin (and its int8 scales' offset, or None), the
+    fused tensors, and the file's total size.
 
     The parts of a fusion group (q|k|v, gate|up) are placed back to back, so the fused
-    matrix is one contiguous view; every other tensor starts 64-byte aligned.
+    matrix is one contiguous view (and so are the parts' scales); every other tensor
+    starts 64-byte aligned.
     """
     groups = fusion_groups({n: (e.shape, e.dtype) for n, e in entries.items()})
     placed, fused, offset = [], [], 0
     for fused_name, parts in groups:
         offset = _align(offset)
         first = entries[parts[0]]
+        is_q = _is_quantized(first, quantize)
         rows = sum(entries[p].shape[0] for p in parts)
-        fused.append({"name": fused_name, "dtype": first.dtype, "shape": [rows, *first.shape[1:]],
-                      "offset": offset, "nbytes": sum(entries[p].nbytes for p in parts)})
+        nbytes = sum(_stored_bytes(entries[p], quantize) for p in parts)
+        fused.append({"name": fused_name, "dtype": "int8" if is_q else first.dtype,
+                      "shape": [rows, *first.shape[1:]], "offset": offset, "nbytes": nbytes})
+        scale_offset = _align(offset + nbytes) if is_q else None
+        if is_q:
+            fused.append({"name": fused_name + "_scale", "dtype": "float32", "shape": [rows],
+                          "offset": scale_offset, "nbytes": 4 * rows})
         for part in parts:
-            placed.append((entries[part], offset))
-            offset += entries[part].nbytes
+            placed.append((entries[part], offset, scale_offset))
+            offset += _stored_bytes(entries[part], quantize)
+            scale_offset = scale_offset + 4 * entries[part].shape[0] if is_q else None
+        offset = offset if scale_offset is None else scale_offset
     grouped = {p for _, parts in groups for p in parts}
-    for entry in sorted(entries.values(), key=lambda e: (str(e.path), e.start)):
+    for entry in sorted(entries.values(), key=lambda e: (str(e.path), e.start, e.name)):
         if entry.name not in grouped:
             offset = _align(offset)
-            placed.append((entry, offset))
-            offset += entry.nbytes
+            scale_offset = _align(offset + _stored_bytes(entry, quantize)) if _is_quantized(entry, quantize) else None
+            placed.append((entry, offset, scale_offset))
+            offset = offset + entry.nbytes if scale_offset is None else scale_offset + 4 * entry.shape[0]
     return placed, fused, _align(offset)
 
 
@@ -241,22 +278,45 @@ def _align(offset: int) -> int:
     return -(-offset // ALIGN_BYTES) * ALIGN_BYTES
 
 
-def _write_weights(dest: Path, entries: dict[str, TensorEntry]) -> dict:
-    placed, fused, total = _layout(entries)
+def _write_weights(dest: Path, entries: dict[str, TensorEntry], quantize: str | None = None) -> dict:
+    placed, fused, total = _layout(entries, quantize)
     tensors = []
     with open(dest, "wb") as out:
         out.truncate(total)
         sources: dict[Path, object] = {}
         try:
-            for entry, offset in sorted(placed, key=lambda pair: (str(pair[0].path), pair[0].start)):
+            for entry, offset, scale_offset in sorted(placed, key=lambda p: (str(p[0].path), p[0].start)):
                 src = sources.get(entry.path) or sources.setdefault(entry.path, open(entry.path, "rb"))
-                _copy_range(src, entry.start, out, offset, entry.nbytes)
-                tensors.append({"name": entry.name, "dtype": entry.dtype, "shape": list(entry.shape),
-                                "offset": offset, "nbytes": entry.nbytes})
+                if scale_offset is None:
+                    _copy_range(src, entry.start, out, offset, entry.nbytes)
+                    tensors.append({"name": entry.name, "dtype": entry.dtype, "shape": list(entry.shape),
+                                    "offset": offset, "nbytes": entry.nbytes})
+                else:
+                    tensors += _write_quantized(src, entry, out, offset, scale_offset)
         finally:
             for f in sources.values():
                 f.close()
     return {"nbytes": total, "tensors": tensors + fused}
+
+
+def _write_quantized(src, entry: TensorEntry, out, offset: int, scale_offset: int) -> list[dict]:
+    """Read one matrix, quantize it to int8 per row, write q at offset and scales at scale_offset."""
+    from c2c_kernels.cpu_int8 import quantize_int8
+
+    src.seek(entry.start)
+    raw = bytearray(src.read(entry.nbytes))
+    if len(raw) != entry.nbytes:
+        raise C2CError(f"{src.name}: file ended while copying into the host store")
+    w = torch.frombuffer(raw, dtype=_TORCH_DTYPES[entry.dtype]).view(entry.shape)  # [N, K]
+    q, scale = quantize_int8(w)
+    for data, at in ((q, offset), (scale, scale_offset)):
+        out.seek(at)
+        out.write(data.numpy().tobytes())
+    rows = entry.shape[0]
+    return [{"name": entry.name, "dtype": "int8", "shape": list(entry.shape), "offset": offset,
+             "nbytes": q.numel()},
+            {"name": entry.name + "_scale", "dtype": "float32", "shape": [rows], "offset": scale_offset,
+             "nbytes": 4 * rows}]
 
 
 def _copy_range(src, src_offset: int, out, dst_offset: int, nbytes: int) -> None:

@@ -146,6 +146,34 @@ def without_fused_parts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {n: t for n, t in weights.items() if n not in parts}
 
 
+def with_int8_weights(weights: dict) -> dict:
+    """Each int8 matrix with its `<name>_scale` vector (host store, quantize="int8") as one
+    `kernels.Int8Weight` under the matrix's name; other tensors as they are."""
+    out = {}
+    for name, t in weights.items():
+        scale = weights.get(name + "_scale")
+        if name.endswith("_scale") and name[: -len("_scale")] in weights:
+            continue
+        out[name] = kernels.Int8Weight(t, scale) if scale is not None and t.dtype == torch.int8 else t
+    return out
+
+
+def quantize_weights(weights: dict) -> dict:
+    """Quantize in memory what the host store would (the "load" residency's counterpart)."""
+    from c2c_kernels.cpu_int8 import quantize_int8
+
+    out = dict(weights)
+    if EMBED in weights and LM_HEAD not in weights:
+        out[LM_HEAD] = weights[EMBED]  # tied: the head gets an int8 copy, lookups keep the embedding
+    for name, t in list(out.items()):
+        if t.dim() == 2 and name.endswith(QUANTIZED_SUFFIXES):
+            out[name] = kernels.Int8Weight(*quantize_int8(t))
+    return out
+
+
+QUANTIZED_SUFFIXES = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", LM_HEAD)
+
+
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] fp32, computed the way transformers does."""
     dim = config.head_dim

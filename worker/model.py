@@ -87,7 +87,8 @@ class CausalLM:
         self.compute_dtype = compute_dtype
         self.embed = weights[EMBED]
         self.final_norm = weights[FINAL_NORM].float()  # norm vectors widened once (tiny)
-        self.lm_head = self.embed if config.tie_word_embeddings else weights[LM_HEAD]
+        # tied: the embedding, unless the store added a quantized copy of it as the head
+        self.lm_head = weights.get(LM_HEAD, self.embed) if config.tie_word_embeddings else weights[LM_HEAD]
         self.layers = [_decoder_layer(config, i, weights) for i in range(config.num_layers)]
         self.inv_freq = rope_inv_freq(config)
 
@@ -136,11 +137,18 @@ class CausalLM:
     def weight_bytes(self) -> int:
         """Bytes of distinct weight tensors this model reads (tied head counted once)."""
         seen, total = set(), 0
-        for t in self._all_weights():
-            if t is not None and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+        for w in self._all_weights():
+            for t in (w.tensors() if isinstance(w, kernels.Int8Weight) else (w,)):
+                if t is not None and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
         return total
+
+    def read_bytes_per_step(self) -> int:
+        """Weight bytes one decode step streams: weight_bytes less an embedding that is only
+        looked up (a tied head with a quantized copy of its own, or an untied head)."""
+        embed_bytes = self.embed.numel() * self.embed.element_size()
+        return self.weight_bytes() - (0 if self.lm_head is self.embed else embed_bytes)
 
     def _all_weights(self):
         yield from (self.embed, self.final_norm, self.lm_head)

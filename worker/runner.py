@@ -10,6 +10,10 @@ Residency modes:
 - "load" (ServerlessLLM-style baseline): on a cold start the weights are copied from the
   checkpoint files into this process's memory; models no running request uses are
   evicted least-recently-used to stay under `load_budget_bytes`.
+
+Quantized weights: `quantize="int8"` (default from `C2C_QUANTIZE`, empty = none) keeps
+the projection matrices as int8 per-channel (`c2c_kernels.cpu_int8`): stored so in the
+host store (a copy of its own), or quantized after loading in "load" mode. CPU only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +31,7 @@ import torch
 import c2c_kernels as kernels
 from worker.checkpoint import ModelConfig, checkpoint_tensor_files
 from worker.forward_batch import ForwardBatch
-from worker.layers import without_fused_parts
+from worker.layers import quantize_weights, with_int8_weights, without_fused_parts
 from worker.model import CausalLM, KVCache, kv_bytes_per_token
 from worker.sampling import Sampler
 from worker.scheduler import ScheduledBatch
@@ -57,7 +62,7 @@ class ModelRunner:
     def __init__(self, block_size: int, kv_cache_bytes: int, residency: str = "host",
                  load_budget_bytes: int | None = None, host_store_root: str | None = None,
                  kv_dtype: torch.dtype = torch.float32, max_num_seqs: int = 16,
-                 device: str = "cpu", device_cache_bytes: int = 0):
+                 device: str = "cpu", device_cache_bytes: int = 0, quantize: str | None = None):
         if residency not in ("host", "load"):
             raise ValueError(f"residency must be 'host' or 'load', got {residency!r}")
         if device not in ("cpu", "cuda"):
@@ -69,6 +74,9 @@ class ModelRunner:
             from c2c_kernels.cuda_backend import CudaWeightBackend
 
             self.weight_backend = CudaWeightBackend(device_cache_bytes)
+        self.quantize = quantize if quantize is not None else (os.environ.get("C2C_QUANTIZE", "").strip() or None)
+        if self.quantize not in (None, "int8") or (self.quantize and device != "cpu"):
+            raise ValueError(f"quantize must be 'int8' (CPU slices) or empty, got {self.quantize!r} on {device}")
         self.block_size = block_size
         self.kv_cache_bytes = kv_cache_bytes
         self.residency = residency
@@ -91,7 +99,7 @@ class ModelRunner:
         num_blocks = max(1, min(self.kv_cache_bytes // bytes_per_block, useful_blocks))
         slot = ModelSlot(model_id, Path(model_dir), config, num_blocks)
         if self.residency == "host":
-            slot.host_key = self.host_store.make_resident(model_dir)
+            slot.host_key = self.host_store.make_resident(model_dir, quantize=self.quantize)
         self.slots[model_id] = slot
         return num_blocks
 
@@ -123,11 +131,16 @@ class ModelRunner:
     def _load(self, slot: ModelSlot, is_busy) -> None:
         if self.residency == "host":
             slot.resident = self.host_store.open(slot.host_key)
-            weights = slot.resident.tensors()
+            weights = with_int8_weights(slot.resident.tensors())
         else:
             self._evict_for(slot.model_id, _files_bytes(slot.model_dir), is_busy)
             weights = _load_private(slot.model_dir)
-            slot.private_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+            if self.quantize:
+                weights = quantize_weights(weights)
+            slot.private_bytes = sum(t.numel() * t.element_size() for w in weights.values()
+                                     for t in (w.tensors() if isinstance(w, kernels.Int8Weight) else (w,)))
+        if self.quantize:
+            kernels.warmup_int8()
         if self.weight_backend is not None:  # register each byte once: fused views only
             weights = self.weight_backend.wrap_weights(slot.model_id, without_fused_parts(weights))
         need = slot.num_blocks * self.block_size * kv_bytes_per_token(slot.config, self.kv_dtype)
