@@ -10,8 +10,10 @@ its parameter.
 n > 1 runs as n requests of their own (each `SubmitRequest` gets the id `<id>-<index>`
 and, with a seed, the seed `seed + index`), as vLLM's ParentRequest splits a request into
 child requests: each one is placed, fenced and re-dispatched on its own, and the gateway
-merges their chunks into one response. The prompt's KV is not shared between them (the
-engine has no prefix cache): each child prefills its prompt.
+merges their chunks into one response. Children on one worker share their prompt's KV: the
+worker's scheduler hands a waiting sequence the computed full KV blocks of a running one
+with the same prefix (worker/scheduler.py `_share_prefix`), so the prompt is prefilled once
+and each sample computes only the last partial block.
 
 Formatting: the logprobs objects of chat (`{"content": [{token, logprob, bytes,
 top_logprobs}]}`) and of legacy completions (`tokens`, `token_logprobs`, `top_logprobs`,

@@ -1,5 +1,7 @@
 """Continuous batching scheduler (pure): budgets, chunking, preemption, several models."""
 
+import itertools
+
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import Sequence, SequenceStatus
 
@@ -21,7 +23,12 @@ def _make(config=None, models=(("m", 64, 4),)):
 
 
 def _seq(request_id, prompt_len, model_id="m", arrival_s=100.0):
-    return Sequence(request_id, model_id, list(range(1, prompt_len + 1)), prompt_len, None, arrival_s)
+    # a prompt of its own: sequences with a common prefix share its KV blocks (test_prefix_sharing.py)
+    start = 1 + 10_000 * next(_prompt_counter)
+    return Sequence(request_id, model_id, list(range(start, start + prompt_len)), prompt_len, None, arrival_s)
+
+
+_prompt_counter = itertools.count()
 
 
 def _run_step(sched, next_token=7):

@@ -2,7 +2,11 @@
 
 The cache holds `num_blocks` blocks of `block_size` token slots. A sequence owns the
 blocks listed in its `block_table`, in order; token position p lives in block
-`block_table[p // block_size]` at offset `p % block_size`. No prefix sharing.
+`block_table[p // block_size]` at offset `p % block_size`. Full blocks of a common prefix
+may be shared between live sequences (`share`: the scheduler hands a sequence the blocks of
+a sibling with the same prompt, e.g. the n samples of one request); a block counts its
+holders and goes back to the free stack when the last one frees it. A shared block is
+never written again: every holder writes only past the shared prefix.
 
 Free blocks are a stack (last in, first out): the block freed last is reused first, and
 blocks never used go out in ascending order. The cache's memory is fresh anonymous pages
@@ -31,6 +35,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() -> 0, 1, ...
+        self.num_holders: list[int] = [0] * num_blocks  # sequences whose table lists the block
 
     @property
     def num_free_blocks(self) -> int:
@@ -53,7 +58,18 @@ class BlockManager:
         if missing > len(self.free_block_ids):
             raise MemoryError(f"need {missing} KV blocks, {len(self.free_block_ids)} free")
         for _ in range(missing):
-            seq.block_table.append(self.free_block_ids.pop())
+            block_id = self.free_block_ids.pop()
+            self.num_holders[block_id] = 1
+            seq.block_table.append(block_id)
+
+    def share(self, seq: HasBlockTable, block_ids: list[int]) -> None:
+        """Give `seq` (holding no blocks) these blocks of another sequence: its first
+        len(block_ids) blocks, already computed."""
+        if seq.block_table:
+            raise ValueError("share() needs a sequence that holds no blocks")
+        for block_id in block_ids:
+            self.num_holders[block_id] += 1
+        seq.block_table.extend(block_ids)
 
     def can_append(self, seq: HasBlockTable, num_tokens: int) -> bool:
         """Can one more token (the `num_tokens`-th slot) be stored? Decode's check."""
@@ -63,7 +79,10 @@ class BlockManager:
         self.allocate(seq, num_tokens)
 
     def free(self, seq: HasBlockTable) -> None:
-        """Give back all of `seq`'s blocks (finish or preemption); they are the next reused,
-        in the table's order."""
-        self.free_block_ids.extend(reversed(seq.block_table))
+        """Give back all of `seq`'s blocks (finish or preemption); those nobody else holds
+        are the next reused, in the table's order."""
+        for block_id in reversed(seq.block_table):
+            self.num_holders[block_id] -= 1
+            if self.num_holders[block_id] == 0:
+                self.free_block_ids.append(block_id)
         seq.block_table.clear()

@@ -57,6 +57,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.current_model: str | None = None
         self.num_preemptions = 0
+        self.num_shared_prefix_tokens = 0  # prompt tokens whose KV a sequence took from another
         self.tenant_to_weight: dict[str, float] = {}  # fair-share weights (absent: 1)
 
     # -- models and requests ------------------------------------------------------------
@@ -154,6 +155,8 @@ class Scheduler:
         for seq in self._fair_order([s for s in self.waiting if s.model_id == model_id]):
             if len(batch.seqs) >= cfg.max_num_seqs or budget <= 0:
                 break
+            if not self._share_prefix(seq, block_manager):
+                continue  # a sibling is computing the prefix this one would share: wait for it
             num_new = min(seq.num_uncomputed_tokens, cfg.chunk_size, budget)
             if not block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
                 break
@@ -162,6 +165,36 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             budget -= self._take(batch, seq, num_new, block_manager)
         return batch
+
+    def _share_prefix(self, seq: Sequence, bm: BlockManager) -> bool:
+        """Before a waiting sequence with no KV starts, take the full blocks of the longest
+        prefix it has in common with a running sequence of its model (the n samples of a
+        request, a shared system prompt) instead of computing them again. False: a running
+        sibling is still computing that prefix, so this one waits a step rather than
+        computing it twice."""
+        if seq.num_computed_tokens or seq.block_table:
+            return True
+        block_size = bm.block_size
+        max_blocks = (seq.num_tokens - 1) // block_size  # the last token is always computed: it gets the logits
+        if max_blocks == 0:
+            return True
+        best, best_blocks, is_pending = None, 0, False
+        for donor in self.running:
+            if donor.model_id != seq.model_id or donor.status != SequenceStatus.RUNNING:
+                continue
+            num_blocks = _common_blocks(seq.token_ids, donor.token_ids, block_size, max_blocks)
+            if num_blocks <= best_blocks:
+                continue
+            if donor.num_computed_tokens >= num_blocks * block_size and len(donor.block_table) >= num_blocks:
+                best, best_blocks = donor, num_blocks
+            else:
+                is_pending = True
+        if best is not None:
+            bm.share(seq, best.block_table[:best_blocks])
+            seq.num_computed_tokens = best_blocks * block_size
+            self.num_shared_prefix_tokens += seq.num_computed_tokens
+            return True
+        return not is_pending
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, num_new: int, bm: BlockManager) -> int:
         bm.allocate(seq, seq.num_computed_tokens + num_new)
@@ -242,3 +275,14 @@ class Scheduler:
         num_running = sum(1 for s in self.running if s.model_id == model_id)
         num_waiting = sum(1 for s in self.waiting if s.model_id == model_id)
         return num_running, num_waiting, self.block_managers[model_id].used_frac
+
+
+def _common_blocks(a: list[int], b: list[int], block_size: int, max_blocks: int) -> int:
+    """How many leading full blocks of tokens `a` and `b` have in common (at most max_blocks)."""
+    num_blocks = 0
+    while num_blocks < max_blocks:
+        start = num_blocks * block_size
+        if a[start : start + block_size] != b[start : start + block_size]:
+            break
+        num_blocks += 1
+    return num_blocks
