@@ -161,3 +161,18 @@ def test_json_schema_output_parses_and_follows_the_schema(engine):
         value = json.loads(out.new_text)
         assert out.finish_reason == "stop" and set(value) == {"ok", "tag", "name"}
         assert isinstance(value["ok"], bool) and value["tag"] in ("a", "b") and len(value["name"]) <= 6
+
+
+def test_a_resumed_request_continues_as_if_never_interrupted(engine):
+    """Re-dispatch: the tokens generated before count as output for penalties and min_tokens."""
+    from worker.engine import SamplingParams
+
+    # the bias makes token 100 first; once generated, the penalties (4 in all) take its lead away
+    extras = dict(temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0, logit_bias={100: 5.0})
+    whole = engine.generate("m", "Hello there", SamplingParams(max_tokens=8, **extras)).new_token_ids
+    assert whole[0] == 100 and 100 not in whole[1:]
+    prompt = engine.tokenize_request("m", prompt="Hello there")
+    resumed = SamplingParams(max_tokens=5, num_resumed_tokens=3, min_tokens=8, **extras)
+    assert engine.generate("m", prompt + whole[:3], resumed).new_token_ids == whole[3:]
+    as_prompt = SamplingParams(max_tokens=5, **extras)  # the same tokens as a plain prompt: 100 again
+    assert engine.generate("m", prompt + whole[:3], as_prompt).new_token_ids[0] == 100

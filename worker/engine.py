@@ -53,6 +53,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None    # None: none; k: the sampled token's logprob and the top k
     json_schema: str | None = None # the output must follow this JSON schema (worker.constrained)
+    num_resumed_tokens: int = 0    # the prompt ends with this many tokens an earlier assignment
+                                   # generated (re-dispatch): penalties and min_tokens count them as output
 
 
 @dataclass
@@ -238,7 +240,8 @@ class Engine:
             from worker.constrained import GrammarMatcher
 
             matcher = GrammarMatcher(tokenizer, params.json_schema)
-        return SampleContext(seq.token_ids, seq.num_prompt_tokens, stop_ids, matcher)
+        num_prompt = max(0, seq.num_prompt_tokens - params.num_resumed_tokens)
+        return SampleContext(seq.token_ids, num_prompt, stop_ids, matcher)
 
     def tokenize_request(self, model_id, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                          messages: list[dict] | None = None) -> list[int]:

@@ -225,7 +225,7 @@ class EngineLoop:
                 stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty, logit_bias=dict(req.logit_bias),
-                min_tokens=max(0, req.min_tokens - prepared.num_resumed),
+                min_tokens=req.min_tokens, num_resumed_tokens=prepared.num_resumed,
                 logprobs=req.logprobs if req.logprobs >= 0 else None, json_schema=req.json_schema or None,
             )
             self.engine.add_request(req.request_id, req.model_id, params=params, arrival_s=req.arrival_s or None,

@@ -267,8 +267,11 @@ def _check_extras(p, bad) -> None:
     if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 and is_finite_number(b) and -100 <= b <= 100
                                              for t, b in bias.items()):
         bad("logit_bias", "must map token ids to numbers in [-100, 100]")
-    min_tokens = getattr(p, "min_tokens", 0)
-    if not _is_int(min_tokens) or not 0 <= min_tokens <= p.max_tokens:
+    num_resumed = getattr(p, "num_resumed_tokens", 0)
+    if not _is_int(num_resumed) or num_resumed < 0:
+        bad("num_resumed_tokens", f"must be an integer >= 0, got {num_resumed!r}")
+    min_tokens = getattr(p, "min_tokens", 0)  # resumed tokens were generated: they count toward both
+    if not _is_int(min_tokens) or not 0 <= min_tokens <= p.max_tokens + num_resumed:
         bad("min_tokens", f"must be an integer in [0, max_tokens], got {min_tokens!r}")
     logprobs = getattr(p, "logprobs", None)
     if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
