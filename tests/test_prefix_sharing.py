@@ -54,6 +54,23 @@ def test_siblings_wait_for_the_first_prefill_then_share_its_full_blocks():
     assert scheduler.block_managers["m"].used_frac == 0.0
 
 
+def test_a_sibling_that_cannot_start_holds_no_blocks():
+    """Out of KV: the waiting sibling gives the shared blocks back (a waiting sequence holds
+    no KV: its model may be unloaded meanwhile)."""
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, chunk_size=64))
+    scheduler.add_model("m", num_blocks=3, block_size=BLOCK_SIZE)
+    prompt = list(range(1, 11))
+    a, b = _seq("a", prompt), _seq("b", prompt)
+    scheduler.add(a)
+    scheduler.add(b)
+    _step(scheduler)  # a prefills (3 blocks: the whole cache)
+    batch = _step(scheduler)
+    assert batch.seqs == [a] and b in scheduler.waiting
+    assert b.block_table == [] and b.num_computed_tokens == 0 and scheduler.num_shared_prefix_tokens == 0
+    scheduler.finish(a, "stop")
+    assert scheduler.block_managers["m"].used_frac == 0.0
+
+
 def test_a_different_prompt_shares_nothing_and_does_not_wait():
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, chunk_size=64))
     scheduler.add_model("m", num_blocks=32, block_size=BLOCK_SIZE)

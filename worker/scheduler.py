@@ -159,6 +159,7 @@ class Scheduler:
                 continue  # a sibling is computing the prefix this one would share: wait for it
             num_new = min(seq.num_uncomputed_tokens, cfg.chunk_size, budget)
             if not block_manager.can_allocate(seq, seq.num_computed_tokens + num_new):
+                self._unshare(seq, block_manager)  # a waiting sequence holds no KV
                 break
             self.waiting.remove(seq)
             self.running.append(seq)
@@ -195,6 +196,12 @@ class Scheduler:
             self.num_shared_prefix_tokens += seq.num_computed_tokens
             return True
         return not is_pending
+
+    def _unshare(self, seq: Sequence, bm: BlockManager) -> None:
+        if seq.block_table:
+            self.num_shared_prefix_tokens -= seq.num_computed_tokens
+            bm.free(seq)
+            seq.num_computed_tokens = 0
 
     def _take(self, batch: ScheduledBatch, seq: Sequence, num_new: int, bm: BlockManager) -> int:
         bm.allocate(seq, seq.num_computed_tokens + num_new)
