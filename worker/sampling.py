@@ -173,12 +173,13 @@ def apply_processors(logits: torch.Tensor, p, context: SampleContext) -> torch.T
         logits[ids] = float("-inf")
     bias = getattr(p, "logit_bias", None)
     if bias:
-        ids = torch.tensor([int(t) for t in bias], dtype=torch.long)  # [B]
-        logits.index_add_(0, ids, torch.tensor([float(b) for b in bias.values()], dtype=logits.dtype))
+        ids = torch.tensor([int(t) for t in bias], dtype=torch.long, device=logits.device)  # [B]
+        values = torch.tensor([float(b) for b in bias.values()], dtype=logits.dtype, device=logits.device)  # [B]
+        logits.index_add_(0, ids, values)
     apply_penalties(logits, context.token_ids, context.num_prompt_tokens, getattr(p, "repetition_penalty", 1.0),
                     getattr(p, "frequency_penalty", 0.0), getattr(p, "presence_penalty", 0.0))
     if context.matcher is not None:
-        logits.masked_fill_(~context.matcher.allowed(vocab_size), float("-inf"))
+        logits.masked_fill_(~context.matcher.allowed(vocab_size).to(logits.device), float("-inf"))
     return logits
 
 
@@ -188,13 +189,14 @@ def apply_penalties(logits: torch.Tensor, token_ids: list[int], num_prompt_token
     frequency and presence over output tokens."""
     vocab_size = logits.shape[0]
     if repetition != 1.0 and token_ids:
-        seen = torch.zeros(vocab_size, dtype=torch.bool)  # [V]
-        seen[torch.tensor(token_ids, dtype=torch.long).clamp_(0, vocab_size - 1)] = True
+        seen = torch.zeros(vocab_size, dtype=torch.bool, device=logits.device)  # [V]
+        seen[torch.tensor(token_ids, dtype=torch.long, device=logits.device).clamp_(0, vocab_size - 1)] = True
         penalized = torch.where(logits > 0, logits / repetition, logits * repetition)  # [V]
         logits.copy_(torch.where(seen, penalized, logits))
     output_ids = token_ids[num_prompt_tokens:]
     if (frequency or presence) and output_ids:
-        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]  # [V]
+        output = torch.tensor(output_ids, dtype=torch.long, device=logits.device).clamp_(0, vocab_size - 1)
+        counts = torch.bincount(output, minlength=vocab_size)  # [V]
         logits -= frequency * counts.to(logits.dtype) + presence * (counts > 0).to(logits.dtype)
     return logits
 
