@@ -19,6 +19,7 @@ back. `Tenants.find` compares a presented key's hash against every stored hash w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -59,7 +60,7 @@ class Tenant:
 class Tenants:
     tenants: tuple[Tenant, ...]
 
-    @property
+    @functools.cached_property
     def model_to_owner(self) -> dict[str, str]:
         return {model_id: t.name for t in self.tenants for model_id in t.models}
 
