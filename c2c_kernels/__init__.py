@@ -141,14 +141,14 @@ class Int8Weight:
         return self.q, self.scale
 
     def hybrid_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        from c2c_kernels.cpu_int8 import dequantize_int8
+        from c2c_kernels.cpu_int8 import prefill_int8
 
         lead, k = x.shape[:-1], x.shape[-1]
         if k != self.q.shape[1]:
             raise ValueError(f"linear: x has K={k} but w has shape {tuple(self.q.shape)}")
         x2 = x.detach().reshape(-1, k).to(torch.float32).contiguous()  # [M, K]
         if x2.shape[0] == 0 or x2.shape[0] > _decode_threshold:
-            y = F.linear(x2, dequantize_int8(self.q, self.scale))  # [M, N]; prefill
+            y = prefill_int8(x2, self.q, self.scale)  # [M, N]
         else:
             y = self._decode(x2)
         if bias is not None:

@@ -7,7 +7,8 @@ dequantized weights: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k].
 
 Decode (M <= the decode threshold) reads the int8 bytes once (half of bf16's), widening
 them in registers (`_dot_i8`: LLVM vectorizes the int8 -> fp32 conversion and the FMA);
-prefill dequantizes the matrix to fp32 once per call and runs MKL's sgemm.
+prefill dequantizes the matrix to fp32 a block of rows at a time (~1 MiB, so the block
+is still in cache when MKL's sgemm reads it) and multiplies each block.
 """
 
 from __future__ import annotations
@@ -42,12 +43,33 @@ def _dot_i8(wr, x):
 
 
 @nb.njit(fastmath=True, inline="always")
+def _dot_f32(a, b):
+    acc = np.float32(0.0)
+    for k in range(a.shape[0]):
+        acc += a[k] * b[k]
+    return acc
+
+
+@nb.njit(fastmath=True, inline="always")
 def _rows(x, q, scale, y, n0, n1):
-    """y[:, n0:n1] = x @ (q[n0:n1] * scale).T; a weight row is read once for all M rows of x."""
+    """y[:, n0:n1] = x @ (q[n0:n1] * scale).T; a weight row is read once for all M rows of x.
+
+    M == 1 widens inside the dot; M > 1 widens a row once into an L1-resident fp32 buffer
+    and runs M plain dots over it (else the widening would repeat M times).
+    """
+    if x.shape[0] == 1:
+        xr = x[0]
+        for n in range(n0, n1):
+            y[0, n] = _dot_i8(q[n], xr) * scale[n]
+        return
+    row = np.empty(q.shape[1], dtype=np.float32)
     for n in range(n0, n1):
-        wr, s = q[n], scale[n]
+        wr = q[n]
+        for k in range(row.shape[0]):
+            row[k] = np.float32(wr[k])
+        s = scale[n]
         for m in range(x.shape[0]):
-            y[m, n] = _dot_i8(wr, x[m]) * s
+            y[m, n] = _dot_f32(row, x[m]) * s
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -63,3 +85,14 @@ def gemv_int8(x, q, scale, y, num_tasks):
 def gemv_int8_serial(x, q, scale, y):
     """gemv_int8 on the calling thread."""
     _rows(x, q, scale, y, 0, q.shape[0])
+
+
+def prefill_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y [M, N] fp32 = x [M, K] fp32 @ dequant(q, scale).T, dequantizing ~1 MiB of rows at a time."""
+    n, k = q.shape
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)  # [M, N]
+    rows = max(16, (1 << 18) // max(1, k))
+    for n0 in range(0, n, rows):
+        block = dequantize_int8(q[n0:n0 + rows], scale[n0:n0 + rows])  # [rows, K] fp32
+        torch.mm(x, block.T, out=y[:, n0:n0 + rows])
+    return y

@@ -40,6 +40,16 @@ def test_int8_linear_matches_float64_on_the_dequantized_weights(m, way, monkeypa
     assert bool(((y - ref).abs() <= 4 * 301**0.5 * 2.0**-23 * bound + 1e-6).all())
 
 
+def test_int8_prefill_dequantizes_block_by_block():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(40, 3000, generator=g), torch.randn(700, 3000, generator=g)  # blocks of 87 rows
+    weight = kernels.Int8Weight(*quantize_int8(w))
+    deq = dequantize_int8(weight.q, weight.scale).to(torch.float64)
+    ref = x.to(torch.float64) @ deq.T
+    bound = x.abs().to(torch.float64) @ deq.abs().T
+    assert bool(((kernels.linear(x, weight) - ref).abs() <= 4 * 3000**0.5 * 2.0**-23 * bound + 1e-6).all())
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return HostStore(tmp_path_factory.mktemp("int8store"))
