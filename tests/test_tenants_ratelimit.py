@@ -99,3 +99,20 @@ async def test_usage_is_summed_per_model(limiter):
         "m2": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
     assert await limiter.in_flight(t.name) == 0
+
+
+async def test_gateways_share_one_limit_atomically(servers):
+    """Two gateways (two clients) racing 40 admissions against 10 requests per minute."""
+    clients = [aioredis.from_url(servers.redis_url, decode_responses=True) for _ in range(2)]
+    try:
+        limiters = [Limiter(c) for c in clients]
+        t = tenant(requests_per_minute=10, max_concurrent=100)
+        started_s = time.monotonic()
+        refusals = await asyncio.gather(*(limiters[i % 2].admit(t, f"r{i}", 1) for i in range(40)))
+        refill = (time.monotonic() - started_s) * 10 / 60  # what the bucket regained meanwhile
+        num_admitted = sum(r is None for r in refusals)
+        assert 10 <= num_admitted <= 10 + int(refill) + 1
+        assert await limiters[0].in_flight(t.name) == num_admitted
+    finally:
+        for client in clients:
+            await client.aclose()
