@@ -27,7 +27,7 @@ from pathlib import Path
 
 from services.errors import ContextLengthExceeded, ErrorCode, InvalidRequest, ModelNotFound
 from worker.checkpoint import load_config
-from worker.sampling import SampleContext, check_params
+from worker.sampling import SampleContext, check_params, is_plain
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import Sequence, check_times
 from worker.tokenizer import TextStream, Tokenizer, prompt_ids
@@ -241,7 +241,7 @@ class Engine:
 
             matcher = GrammarMatcher(tokenizer, params.json_schema)
         num_prompt = max(0, seq.num_prompt_tokens - params.num_resumed_tokens)
-        return SampleContext(seq.token_ids, num_prompt, stop_ids, matcher)
+        return SampleContext(seq.token_ids, num_prompt, stop_ids, matcher, is_plain(params))
 
     def tokenize_request(self, model_id, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                          messages: list[dict] | None = None) -> list[int]:

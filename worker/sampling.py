@@ -48,6 +48,7 @@ class SampleContext:
     num_prompt_tokens: int
     stop_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) and stop_token_ids: min_tokens masks them
     matcher: object | None = None  # worker.constrained.GrammarMatcher
+    is_plain: bool = False  # no processor and no logprobs, ever: the batch's fast path (set by the engine)
 
     @property
     def num_generated(self) -> int:
@@ -100,13 +101,14 @@ class Sampler:
     def _is_processed(self, p, request_id: str) -> bool:
         """A request whose row goes through the processors or wants logprobs."""
         context = self._contexts.get(request_id)
-        return context is not None and (needs_processing(p, context) or getattr(p, "logprobs", None) is not None)
+        if context is None or context.is_plain:
+            return False
+        return needs_processing(p, context) or getattr(p, "logprobs", None) is not None
 
     def _sample_one(self, row: torch.Tensor, p, request_id: str, is_greedy: bool,
                     is_finite: bool, greedy_id: int) -> int:
-        context = self._contexts.get(request_id)
-        if context is not None and (needs_processing(p, context) or getattr(p, "logprobs", None) is not None):
-            return self._sample_processed(row, p, request_id, context)
+        if self._is_processed(p, request_id):
+            return self._sample_processed(row, p, request_id, self._contexts[request_id])
         if not is_finite:
             row = finite_logits(row)
             greedy_id = int(row.argmax())
@@ -155,6 +157,14 @@ def finite_logits(row: torch.Tensor) -> torch.Tensor:
     if not math.isfinite(float(row.max())):
         raise SamplingError("the model's logits for this request are all NaN or -inf")
     return row
+
+
+def is_plain(p) -> bool:
+    """Params no processor acts on and that want no logprobs (min_tokens counts: it acts early)."""
+    return not (getattr(p, "presence_penalty", 0.0) or getattr(p, "frequency_penalty", 0.0)
+                or getattr(p, "repetition_penalty", 1.0) != 1.0 or getattr(p, "logit_bias", None)
+                or getattr(p, "min_tokens", 0) or getattr(p, "logprobs", None) is not None
+                or getattr(p, "json_schema", None))
 
 
 def needs_processing(p, context: SampleContext) -> bool:
