@@ -176,3 +176,16 @@ def test_a_resumed_request_continues_as_if_never_interrupted(engine):
     assert engine.generate("m", prompt + whole[:3], resumed).new_token_ids == whole[3:]
     as_prompt = SamplingParams(max_tokens=5, **extras)  # the same tokens as a plain prompt: 100 again
     assert engine.generate("m", prompt + whole[:3], as_prompt).new_token_ids[0] == 100
+
+
+def test_stop_strings_apply_only_after_min_tokens(engine):
+    from worker.engine import SamplingParams
+
+    plain = engine.generate("m", "Hello", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    stop = plain.new_text[:1]
+    assert stop
+    stopped = engine.generate("m", "Hello", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop=[stop]))
+    assert stopped.finish_reason == "stop" and stopped.new_text == "" and stopped.num_generated_tokens == 1
+    held = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop=[stop], min_tokens=4)
+    out = engine.generate("m", "Hello", held)
+    assert out.num_generated_tokens >= 4 and out.new_text.startswith(stop)

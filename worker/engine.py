@@ -219,7 +219,8 @@ class Engine:
         seq.ttft_slo_s = ttft_slo_s or seq.ttft_slo_s
         seq.tpot_slo_s = tpot_slo_s or seq.tpot_slo_s
         seq.tenant = tenant if isinstance(tenant, str) else ""
-        text = TextStream(self._tokenizers[model_id], token_ids, params.stop)
+        # vLLM checks stop strings only once min_tokens were generated (_postprocess adds them)
+        text = TextStream(self._tokenizers[model_id], token_ids, [] if params.min_tokens else params.stop)
         context = self._sample_context(seq)
         self._requests[request_id] = _Request(seq, text)
         self.runner.sampler.track(request_id, context)
@@ -357,6 +358,8 @@ class Engine:
         if reason is None and (seq.num_generated >= params.max_tokens
                                or seq.num_tokens >= self.context_window(seq.model_id)):
             reason = "length"
+        if params.stop and not req.text.stops and seq.num_generated + params.num_resumed_tokens >= params.min_tokens:
+            req.text.stops = params.stop
         new_text, hit_stop = req.text.release(final=reason is not None)
         if hit_stop:
             reason = "stop"
