@@ -17,7 +17,10 @@ import numba as nb
 import numpy as np
 import torch
 
+from c2c_kernels.cpu_gemv import _panel
+
 QMAX = 127
+ROW_BLOCK = 64  # rows converted to bf16 at a time for a batch (64 x K x 2 bytes: in L1/L2)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,33 +46,35 @@ def _dot_i8(wr, x):
 
 
 @nb.njit(fastmath=True, inline="always")
-def _dot_f32(a, b):
-    acc = np.float32(0.0)
-    for k in range(a.shape[0]):
-        acc += a[k] * b[k]
-    return acc
-
-
-@nb.njit(fastmath=True, inline="always")
 def _rows(x, q, scale, y, n0, n1):
     """y[:, n0:n1] = x @ (q[n0:n1] * scale).T; a weight row is read once for all M rows of x.
 
-    M == 1 widens inside the dot; M > 1 widens a row once into an L1-resident fp32 buffer
-    and runs M plain dots over it (else the widening would repeat M times).
+    M == 1 widens inside the dot. M > 1 converts ROW_BLOCK rows at a time into bf16 bits
+    (exact: |q| <= 127 fits bf16's 8-bit significand) and runs the bf16 skinny kernel's
+    4x4 register blocks (`cpu_gemv._panel`) over them, then scales the outputs.
     """
     if x.shape[0] == 1:
         xr = x[0]
         for n in range(n0, n1):
             y[0, n] = _dot_i8(q[n], xr) * scale[n]
         return
-    row = np.empty(q.shape[1], dtype=np.float32)
-    for n in range(n0, n1):
-        wr = q[n]
-        for k in range(row.shape[0]):
-            row[k] = np.float32(wr[k])
-        s = scale[n]
-        for m in range(x.shape[0]):
-            y[m, n] = _dot_f32(row, x[m]) * s
+    k_dim, m_rows = q.shape[1], x.shape[0]
+    wide = np.empty(k_dim, dtype=np.float32)
+    bits = wide.view(np.uint32)
+    w16 = np.empty((ROW_BLOCK, k_dim), dtype=np.uint16)
+    y_block = np.empty((m_rows, ROW_BLOCK), dtype=np.float32)
+    for b0 in range(n0, n1, ROW_BLOCK):
+        num = min(n1, b0 + ROW_BLOCK) - b0
+        for r in range(num):
+            src, dst = q[b0 + r], w16[r]
+            for k in range(k_dim):
+                wide[k] = np.float32(src[k])
+            for k in range(k_dim):
+                dst[k] = np.uint16(bits[k] >> 16)
+        _panel(x, w16, y_block, 0, m_rows, 0, num, 0, k_dim, False)
+        for m in range(m_rows):
+            for r in range(num):
+                y[m, b0 + r] = y_block[m, r] * scale[b0 + r]
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
