@@ -281,3 +281,39 @@ async def test_metrics_have_vllm_names(client, cluster, model_dir):
     assert re.search(rf'c2c_generation_tokens_total\{{model="{model}",worker="[^"]+"\}} [1-9]', text)
     usage = [float(v) for v in re.findall(r'c2c_kv_cache_usage_perc\{worker="[^"]+"\} ([0-9.e+-]+)', text)]
     assert len(usage) == 1 and 0.0 <= usage[0] <= 1.0 and not math.isnan(usage[0])
+
+
+async def test_raw_sse_of_several_choices(cluster, engine, model_dir):
+    """Completions stream, 2 prompts x n=2 with logprobs: every event names one choice, each
+    choice's text and finish come in order, the usage event is last; text_offset counts from
+    the text already streamed."""
+    model_id = model_dir.name
+    body = {"model": model_id, "prompt": PROMPTS, "n": 2, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 1,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{cluster.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200 and resp.headers["X-Request-Id"].startswith("cmpl-")
+            raw = (await resp.read()).decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    objs = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert len({o["id"] for o in objs}) == 1 and objs[-1]["choices"] == []
+    assert objs[-1]["usage"]["completion_tokens"] == 4 * MAX_TOKENS
+    texts, tokens, finishes = {}, {}, {}
+    for obj in objs[:-1]:
+        (choice,) = obj["choices"]
+        i = choice["index"]
+        assert i not in finishes, "a chunk after the choice's finish"
+        if choice["logprobs"]:  # as vLLM streams: offsets from the text sent so far, token by token
+            chunk_tokens = choice["logprobs"]["tokens"]
+            base = len(texts.get(i, ""))
+            assert choice["logprobs"]["text_offset"] == [base + sum(len(t) for t in chunk_tokens[:k])
+                                                         for k in range(len(chunk_tokens))]
+            tokens.setdefault(i, []).extend(chunk_tokens)
+        texts[i] = texts.get(i, "") + choice["text"]
+        if choice["finish_reason"]:
+            finishes[i] = choice["finish_reason"]
+    want = [_greedy(engine, model_id, p).new_text for p in PROMPTS]
+    assert texts == {0: want[0], 1: want[0], 2: want[1], 3: want[1]}
+    assert finishes == dict.fromkeys(range(4), "length")
+    assert all(len(tokens[i]) == MAX_TOKENS for i in range(4))
