@@ -39,6 +39,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--residency", choices=("host", "load"), default="host")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="our weights int8 per-channel (C2C_QUANTIZE); transformers keeps the checkpoint's")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=None, help="also write the report to this file")
 
@@ -74,9 +76,10 @@ def run(args) -> int:
         if peer is not None:
             peer.close()
     read_gbps = measure_read_gbps()
-    weight_bytes = engine.runner.slots[model_id].model.weight_bytes()
+    weight_bytes = engine.runner.slots[model_id].model.read_bytes_per_step()
     config = engine.runner.slots[model_id].config
     report = {"model": str(args.model), "arch": config.arch, "dtype": config.dtype, "threads": threads,
+              "quantize": args.quantize,
               "cpu_count": os.cpu_count(), "load_avg_1m_start": load_start,
               "load_avg_1m": round(os.getloadavg()[0], 2), "rounds": args.rounds,
               "read_probe_gbps": round(read_gbps, 1), "weight_bytes": weight_bytes,
@@ -141,6 +144,8 @@ class HfPeer:
 def _make_engine(args, max_batch: int):
     from worker.engine import Engine, EngineConfig
 
+    if args.quantize:
+        os.environ["C2C_QUANTIZE"] = args.quantize  # the runner reads it
     config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max_batch * args.prompt_len,
                           chunk_size=args.prompt_len, residency=args.residency, num_threads=args.threads)
     engine = Engine(config)
@@ -177,8 +182,8 @@ def _ours(engine, model_id: str, prompts, prompt_len: int, decode_tokens: int) -
 
 def _table(report: dict) -> str:
     nan = float("nan")
-    lines = [f"model {report['model']} ({report['arch']}, {report['dtype']}, {report['weight_bytes'] / 1e6:.0f} MB "
-             f"of weights), threads {report['threads']}, prompt {report['prompt_len']}, decode "
+    lines = [f"model {report['model']} ({report['arch']}, {report['dtype']}, ours {report['quantize'] or 'not'} "
+             f"quantized: {report['weight_bytes'] / 1e6:.0f} MB read per decode step), threads {report['threads']}, prompt {report['prompt_len']}, decode "
              f"{report['decode_tokens']}, transformers dtype {report['hf_dtype']} (own process, own defaults)",
              f"machine: {report['cpu_count']} cores, 1-minute load average {report['load_avg_1m_start']} at the "
              f"start, {report['load_avg_1m']} at the end; read probe {report['read_probe_gbps']} GB/s; "
