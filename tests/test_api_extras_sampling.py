@@ -189,3 +189,19 @@ def test_stop_strings_apply_only_after_min_tokens(engine):
     held = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop=[stop], min_tokens=4)
     out = engine.generate("m", "Hello", held)
     assert out.num_generated_tokens >= 4 and out.new_text.startswith(stop)
+
+
+def test_grammar_matchers_of_one_schema_are_compiled_once_and_independent(engine):
+    from worker import constrained
+
+    schema = json.dumps({"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]})
+    tokenizer = engine.tokenizer("m")
+    first, second = constrained.GrammarMatcher(tokenizer, schema), constrained.GrammarMatcher(tokenizer, schema)
+    start = first.allowed(512)
+    brace = int(start.nonzero()[0])  # a token the grammar allows first
+    assert first.accept(brace)
+    assert not bool((first.allowed(512) == start).all())
+    assert bool((second.allowed(512) == start).all())  # untouched by the first one's token
+    assert sum(key[1] == schema for key in constrained._matchers) == 1
+    with pytest.raises(InvalidRequest):
+        constrained.GrammarMatcher(tokenizer, json.dumps({"type": "no-such-type"}))

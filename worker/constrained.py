@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from services.errors import InvalidRequest
@@ -30,6 +31,10 @@ JSON_OBJECT_SCHEMA = {"type": "object"}  # response_format json_object: any JSON
 _COMPACT = {"whitespace_flexible": False}
 _tokenizers: dict[int, Any] = {}  # id(worker Tokenizer) -> llguidance.LLTokenizer
 _lock = threading.Lock()
+MAX_CACHED_MATCHERS = 64
+# (id(tokenizer), schema) -> (tokenizer, a fresh matcher): each request takes a deep copy, so a
+# schema is compiled once per worker (the n samples of a request, a client's repeated schema)
+_matchers: OrderedDict[tuple[int, str], tuple[Any, Any]] = OrderedDict()
 
 
 def compile_json_schema(schema: dict | str) -> str:
@@ -66,16 +71,32 @@ def _ll_tokenizer(tokenizer) -> Any:
         return found[1]
 
 
+def _fresh_matcher(tokenizer, schema: str):
+    """A matcher of `schema` in its start state, compiled once per (tokenizer, schema)."""
+    import llguidance
+
+    key = (id(tokenizer), schema)
+    with _lock:
+        found = _matchers.get(key)
+        if found is not None and found[0] is tokenizer:
+            _matchers.move_to_end(key)
+            return found[1]
+    matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer), compile_json_schema(schema), log_level=0)
+    if matcher.is_error():
+        raise InvalidRequest(f"response_format: {matcher.get_error()}", param="response_format")
+    with _lock:
+        _matchers[key] = (tokenizer, matcher)
+        while len(_matchers) > MAX_CACHED_MATCHERS:
+            _matchers.popitem(last=False)
+    return matcher
+
+
 class GrammarMatcher:
     """One request's grammar state (engine thread only)."""
 
     def __init__(self, tokenizer, schema: str):
-        import llguidance
-
         self._end_ids = list(tokenizer.eos_token_ids)
-        self._matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer), compile_json_schema(schema), log_level=0)
-        if self._matcher.is_error():
-            raise InvalidRequest(f"response_format: {self._matcher.get_error()}", param="response_format")
+        self._matcher = _fresh_matcher(tokenizer, schema).deep_copy()
 
     def allowed(self, vocab_size: int):
         """A bool tensor [vocab_size]: the tokens the grammar accepts next (ids past the
