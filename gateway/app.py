@@ -256,6 +256,8 @@ def _record_tokens(req, streams: list[RequestStream]) -> None:
     for i, stream in enumerate(streams):
         num_prompt = stream.num_prompt_tokens if i % req.n == 0 else 0
         stream.m.observe_finished(req.model, stream.worker_id, num_prompt, stream.num_generated_tokens)
+        if i % req.n == 0:
+            stream.m.child(stream.m.request_params_n, req.model).observe(req.n)
 
 
 def _usage(req, streams: list[RequestStream]) -> dict:

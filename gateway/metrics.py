@@ -3,7 +3,7 @@
 Names map one to one onto vLLM's (`vllm:` becomes `c2c_`): time_to_first_token_seconds,
 inter_token_latency_seconds, e2e_request_latency_seconds, prompt_tokens_total,
 generation_tokens_total, request_prompt_tokens, request_generation_tokens (histograms per
-finished request) and kv_cache_usage_perc (a fraction in [0, 1], as vLLM's despite the
+finished request), request_params_n and kv_cache_usage_perc (a fraction in [0, 1], as vLLM's despite the
 name: per worker, the fullest model's KV cache, from the workers' telemetry).
 """
 
@@ -72,6 +72,8 @@ class GatewayMetrics:
         self.request_generation_tokens = Histogram("c2c_request_generation_tokens",
                                                    "generated tokens per finished request", ("model",),
                                                    buckets=_TOKEN_BUCKETS, registry=self.registry)
+        self.request_params_n = Histogram("c2c_request_params_n", "the n parameter of finished requests",
+                                          ("model",), buckets=(1, 2, 5, 10, 20, 50, 128), registry=self.registry)
         self.kv_usage = KvUsage()
         self.registry.register(self.kv_usage)
 

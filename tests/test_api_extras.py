@@ -279,6 +279,10 @@ async def test_metrics_have_vllm_names(client, cluster, model_dir):
     assert re.search(rf'c2c_request_prompt_tokens_count\{{model="{model}"\}} [1-9]', text)
     assert re.search(rf'c2c_request_generation_tokens_bucket\{{le="5.0",model="{model}"\}} [1-9]', text)
     assert re.search(rf'c2c_generation_tokens_total\{{model="{model}",worker="[^"]+"\}} [1-9]', text)
+    def n_bucket(le: str) -> float:
+        return float(re.search(rf'c2c_request_params_n_bucket\{{le="{le}",model="{model}"\}} ([0-9.e+]+)', text)[1])
+
+    assert 0 < n_bucket("1.0") < n_bucket("5.0")  # requests with n = 1 and n = 2, 3 above
     usage = [float(v) for v in re.findall(r'c2c_kv_cache_usage_perc\{worker="[^"]+"\} ([0-9.e+-]+)', text)]
     assert len(usage) == 1 and 0.0 <= usage[0] <= 1.0 and not math.isnan(usage[0])
 
