@@ -198,12 +198,17 @@ async def _chunks(streams: list[RequestStream], firsts: list):
 
 
 async def _pump(index: int, stream: RequestStream, chunk, queue: asyncio.Queue) -> None:
-    """One choice's chunks after its first, onto the merged queue."""
+    """One choice's chunks after its first, onto the merged queue; whatever ends it early
+    goes there too as a C2CError (the reader must never wait for a pump that died)."""
     while not chunk.is_final:
         try:
             chunk = await stream.next_chunk()
         except C2CError as exc:
             queue.put_nowait((index, exc))
+            return
+        except Exception as exc:  # a bug: this request fails, the gateway goes on
+            stream.rlog.exception("reading choice %d failed", index)
+            queue.put_nowait((index, C2CError(f"reading the response failed: {exc}", code=ErrorCode.INTERNAL)))
             return
         queue.put_nowait((index, chunk))
 
