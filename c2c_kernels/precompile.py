@@ -32,6 +32,7 @@ def kernel_dispatchers() -> list:
     from numba.core.dispatcher import Dispatcher
 
     import c2c_kernels  # noqa: F401  (imports the CPU kernel modules)
+    import c2c_kernels.membw  # noqa: F401  (workers measure their read bandwidth with it)
 
     found = {}
     for name, module in list(sys.modules.items()):
@@ -83,12 +84,14 @@ def _tick(dispatchers: list, estimate: float, started_s: float, done: threading.
 def precompile() -> float:
     """Compile (or load) every kernel a worker warms up; returns the seconds it took."""
     import c2c_kernels as kernels
+    from c2c_kernels import membw
 
     dispatchers = kernel_dispatchers()
     num_cold = sum(not is_cached(d) for d in dispatchers)
     started_s = time.monotonic()
     if num_cold == 0:
         kernels.warmup()
+        membw.compile_probe()
         took_s = time.monotonic() - started_s
         print(f"CPU kernels loaded from the cache in {took_s:.1f} s", flush=True)
         return took_s
@@ -99,6 +102,7 @@ def precompile() -> float:
     ticker.start()
     try:
         kernels.warmup()
+        membw.compile_probe()
     finally:
         done.set()
     took_s = time.monotonic() - started_s

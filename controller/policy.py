@@ -31,25 +31,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from services.schemas import WorkerState
+from services.slo import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS
+
 
 @dataclass
 class SLO:
-    ttft_ms: float = 1000.0
-    tpot_ms: float = 200.0
-
-
-@dataclass
-class ControlSample:  # one telemetry sample of one worker
-    t_s: float
-    ttft_p50_ms: float | None
-    tpot_p50_ms: float | None
-    num_waiting: int
-    num_running: int
-    link_gbps: float = 0.0
-    kv_free_frac: float = 1.0  # optional: free fraction of the KV cache
-    link_capacity_gbps: float = 0.0  # optional: link rate available to this worker now (0 = unknown)
-    step_ms: float | None = None  # optional: mean engine step time
-    oldest_wait_ms: float | None = None  # optional: age of the oldest request without a first token
+    ttft_ms: float = DEFAULT_TTFT_SLO_MS
+    tpot_ms: float = DEFAULT_TPOT_SLO_MS
 
 
 @dataclass
@@ -82,16 +71,19 @@ class Limits:
 
 class WorkerController:  # per worker state of the feedback law
     def __init__(self, slo: SLO, knobs: Knobs = Knobs(), limits: Limits = Limits()):
-        self.slo = slo
+        self.slo = self.default_slo = slo
         self.knobs = replace(knobs)
         self.limits = limits
         self._tpot_ms: float | None = None
         self._ttft_ms: float | None = None
         self._last_change_s = -math.inf
 
-    def update(self, sample: ControlSample) -> Knobs | None:  # new knobs, or None if unchanged
-        """Fold one sample in; returns the new knobs when any knob changed."""
+    def update(self, sample: WorkerState) -> Knobs | None:  # new knobs, or None if unchanged
+        """Fold one sample of the worker's state in; returns the new knobs when any knob
+        changed. The targets are the tightest SLOs among the worker's requests when it
+        reports them (`services/slo.py`), else the controller's defaults."""
         self._observe(sample)
+        self.slo = SLO(sample.ttft_slo_ms or self.default_slo.ttft_ms, sample.tpot_slo_ms or self.default_slo.tpot_ms)
         if sample.t_s - self._last_change_s < self.limits.min_interval_s:
             return None
         new = self._decide(sample)
@@ -101,11 +93,11 @@ class WorkerController:  # per worker state of the feedback law
         self._last_change_s = sample.t_s
         return replace(new)
 
-    def _observe(self, sample: ControlSample) -> None:
+    def _observe(self, sample: WorkerState) -> None:
         self._tpot_ms = _ewma(self._tpot_ms, sample.tpot_p50_ms, self.limits.alpha)
         self._ttft_ms = _ewma(self._ttft_ms, sample.ttft_p50_ms, self.limits.alpha)
 
-    def _decide(self, sample: ControlSample) -> Knobs:
+    def _decide(self, sample: WorkerState) -> Knobs:
         factor = self._chunk_factor(sample)
         chunk = _clamp_int(self.knobs.chunk_size * factor, self.limits.min_chunk, self.limits.max_chunk)
         seqs = self._batch_cap(sample, chunk, factor)
@@ -119,7 +111,7 @@ class WorkerController:  # per worker state of the feedback law
             rho_cap=self._rho_cap(sample),
         )
 
-    def _chunk_factor(self, sample: ControlSample) -> float:
+    def _chunk_factor(self, sample: WorkerState) -> float:
         """Multiplicative change of the chunk size (1.0 inside the dead band)."""
         lim, tpot, ttft = self.limits, self._tpot_ms, self._ttft_ms
         if sample.oldest_wait_ms is not None:  # a long prefill in flight is late before it ends
@@ -146,12 +138,12 @@ class WorkerController:  # per worker state of the feedback law
         factor = ratio**lim.gain
         return min(lim.max_step, max(1.0 / lim.max_step, factor))
 
-    def is_link_bound(self, sample: ControlSample) -> bool:
+    def is_link_bound(self, sample: WorkerState) -> bool:
         """Achieved link rate near what the link domain gives this worker."""
         cap = sample.link_capacity_gbps
         return cap > 0 and sample.link_gbps >= self.limits.link_bound_frac * cap
 
-    def _batch_cap(self, sample: ControlSample, chunk: int, factor: float) -> int:
+    def _batch_cap(self, sample: WorkerState, chunk: int, factor: float) -> int:
         """Shrink the batch cap when the minimum chunk still misses TPOT; regrow with a queue."""
         lim, seqs = self.limits, self.knobs.max_num_seqs
         if self.is_link_bound(sample):
@@ -162,7 +154,7 @@ class WorkerController:  # per worker state of the feedback law
             return _clamp_int(seqs + max(1, seqs // 8), lim.min_seqs, lim.max_seqs)  # additive
         return seqs
 
-    def _rho_cap(self, sample: ControlSample) -> float:
+    def _rho_cap(self, sample: WorkerState) -> float:
         """Cached tiles yield HBM to the KV cache when it runs short (hysteresis band)."""
         lim, rho = self.limits, self.knobs.rho_cap
         if sample.kv_free_frac < lim.kv_low:
@@ -182,4 +174,4 @@ def _clamp_int(value: float, low: int, high: int) -> int:
     return int(min(high, max(low, round(value))))
 
 
-__all__ = ["ControlSample", "Knobs", "Limits", "SLO", "WorkerController"]
+__all__ = ["WorkerState", "Knobs", "Limits", "SLO", "WorkerController"]

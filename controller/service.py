@@ -16,20 +16,12 @@ import time
 
 from nats.aio.msg import Msg
 
-from controller.policy import SLO, ControlSample, Knobs, WorkerController
+from controller.policy import SLO, Knobs, WorkerController
 from services import keys, natsutil, schemas, subjects
 from services.config import ControllerConfig, add_config_arguments, load_config
-from services.schemas import ControlUpdate, WorkerTelemetry
+from services.schemas import ControlUpdate, WorkerState
 
 log = logging.getLogger(__name__)
-
-
-def sample_of(t: WorkerTelemetry) -> ControlSample:
-    return ControlSample(
-        t_s=time.monotonic(), ttft_p50_ms=t.ttft_p50_ms, tpot_p50_ms=t.tpot_p50_ms,
-        num_waiting=t.num_waiting, num_running=t.num_running, link_gbps=t.link_gbps,
-        kv_free_frac=t.kv_free_frac,
-    )
 
 
 def update_of(worker_id: str, knobs: Knobs) -> ControlUpdate:
@@ -53,19 +45,19 @@ class Controller:
         c = self.config
         self.nc = await natsutil.connect_nats(c.nats_url, "controller", c.connect_timeout_s)
         self.redis = await natsutil.connect_redis(c.redis_url, c.connect_timeout_s)
-        await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerTelemetry, self.on_telemetry)
+        await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerState, self.on_telemetry)
         await self.nc.flush()
         log.info("controller ready (SLO ttft=%.0f ms tpot=%.0f ms)", self.slo.ttft_ms, self.slo.tpot_ms)
 
     async def stop(self) -> None:
         await natsutil.shutdown(self._tasks, self.nc, self.redis)
 
-    async def on_telemetry(self, t: WorkerTelemetry, msg: Msg) -> None:
-        """c2c.telemetry.<id> (WorkerTelemetry) -> maybe c2c.control.<id> (ControlUpdate)."""
+    async def on_telemetry(self, t: WorkerState, msg: Msg) -> None:
+        """c2c.telemetry.<id> (WorkerState) -> maybe c2c.control.<id> (ControlUpdate)."""
         controller = self.controllers.get(t.worker_id)
         if controller is None:
             controller = self.controllers[t.worker_id] = WorkerController(self.slo, Knobs(max_num_seqs=t.max_num_seqs))
-        knobs = controller.update(sample_of(t))
+        knobs = controller.update(t)  # the worker's own record (its clock paces the law)
         if knobs is None:
             return
         update = update_of(t.worker_id, knobs)

@@ -31,7 +31,7 @@ from services.schemas import TokenChunk
 __all__ = ["GatewayCore", "RequestStream", "error_of"]
 log = logging.getLogger(__name__)
 _chunk_decoder = schemas.decoder(TokenChunk)
-_telemetry_decoder = schemas.decoder(schemas.WorkerTelemetry)
+_telemetry_decoder = schemas.decoder(schemas.WorkerState)
 _BEAT_EVERY_S = 1.0
 _BEAT_TTL_S = 5  # a worker aborts this gateway's requests this long after it died
 BUS_GRACE_S = 5.0  # open streams wait this long for the bus to come back, then fail with 503
@@ -144,7 +144,7 @@ class GatewayCore:
             log.warning("[req=%s] dropped a malformed chunk: %s", request_id, exc)
 
     async def _on_telemetry(self, msg: Msg) -> None:
-        """c2c.telemetry.* (WorkerTelemetry): each worker's KV cache usage, for /metrics."""
+        """c2c.telemetry.* (WorkerState): each worker's KV cache usage, for /metrics."""
         try:
             telemetry = _telemetry_decoder.decode(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError):

@@ -343,9 +343,9 @@ def parse_request(kind: RequestKind, body: Any) -> ParsedRequest:
         prompts = [(None, None)]
     else:
         prompts = openai_extras.parse_prompts(body, _is_token_id)
+    submit.slo_class = slo.parse_slo_class(body.get("slo_class")) or ""  # resolved against the catalog later
     choice_submits = openai_extras.choice_submits(submit, prompts, n)
     _get(body, "user", str)
-    submit.slo_class = slo.parse_slo_class(body.get("slo_class")) or ""  # resolved against the catalog later
     return ParsedRequest(kind=kind, model=model, stream=stream, include_usage=include_usage, submit=choice_submits[0],
                          max_tokens_param=max_tokens_param, n=n, choice_submits=choice_submits, ignored_fields=ignored,
                          response_id=submit.request_id)

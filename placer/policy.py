@@ -11,9 +11,10 @@ every slice that may serve the model and has room; the best score wins:
 
 An interactive request weighs queueing and link contention more (TTFT is what it
 feels); a batch request weighs cache affinity more (throughput is what it feels).
-Optional fields (telemetry the live services may not have yet) add two filters: a slice
-takes a model it does not run only if its step cycle plus the model's step stays within
-the TPOT SLO (`fits_cycle`), and only if its queued prefill work leaves room in the TTFT
+A slice's state is the worker's own record (`services.schemas.WorkerState`), as its
+telemetry carries it live and as the simulator fills it. Two filters: a slice takes a
+model it does not run only if its step cycle plus the model's step stays within the
+TPOT SLO (`fits_cycle`), and only if its queued prefill work leaves room in the TTFT
 SLO (`fits_ttft`).
 
 Prewarm planning (`DemandForecaster`, `plan_prewarm`) is below the routing code.
@@ -26,29 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.schemas import WorkerState
+
 # A slice takes new requests until running + waiting reaches this many batches' worth.
 QUEUE_CAP_FACTOR = 4
-
-
-@dataclass
-class SliceView:
-    worker_id: str
-    node: str
-    gpu: str  # link domain: slices of one GPU (or one CPU node) share a link
-    backend: str  # "cuda" | "cpu"
-    models: frozenset[str]  # models this slice can serve now (mapped / served)
-    cached_fraction: dict[str, float]  # model -> fraction of weights cached on slice (rho)
-    num_running: int
-    num_waiting: int
-    max_num_seqs: int
-    kv_free_frac: float
-    link_util: float  # 0..1 of its link domain's capacity, from telemetry
-    pinned_models: frozenset[str] = frozenset()  # "dedicated" mode: only these
-    link_demand_gbps: float = 0.0  # optional: streaming demand of co-located slices
-    link_capacity_gbps: float = 0.0  # optional: capacity of the link domain (0 = unknown)
-    cycle_ms: float = 0.0  # optional: current step cycle over its models (telemetry)
-    queued_prefill_tokens: int = 0  # optional: prompt tokens admitted or queued, not yet prefilled
-    prefill_tokens_per_s: float = 0.0  # optional: the slice's prefill throughput (0 = unknown)
 
 
 @dataclass
@@ -81,25 +63,25 @@ SLO_CLASS_WEIGHTS: dict[str, RouteWeights] = {
 }
 
 
-def can_serve(slice_view: SliceView, model_id: str) -> bool:
+def can_serve(slice_view: WorkerState, model_id: str) -> bool:
     """A pinned slice serves only its pinned models; any other slice serves any model."""
     return not slice_view.pinned_models or model_id in slice_view.pinned_models
 
 
-def has_capacity(slice_view: SliceView) -> bool:
+def has_capacity(slice_view: WorkerState) -> bool:
     """True while the slice's queue is below QUEUE_CAP_FACTOR batches."""
     num_queued = slice_view.num_running + slice_view.num_waiting
     return num_queued < QUEUE_CAP_FACTOR * max(1, slice_view.max_num_seqs)
 
 
-def link_pressure(slice_view: SliceView) -> float:
+def link_pressure(slice_view: WorkerState) -> float:
     """How oversubscribed the slice's link is, 0 (idle) .. >1 (demand past capacity)."""
     if slice_view.link_capacity_gbps > 0 and slice_view.link_demand_gbps > 0:
         return slice_view.link_demand_gbps / slice_view.link_capacity_gbps
     return max(0.0, slice_view.link_util)
 
 
-def fits_cycle(req: RequestView, slice_view: SliceView) -> bool:
+def fits_cycle(req: RequestView, slice_view: WorkerState) -> bool:
     """A slice steps its models in turn, so a new model adds its step to every token's
     wait: refuse a slice not serving the model when cycle + step would pass the TPOT SLO."""
     if req.tpot_slo_ms <= 0 or req.model_id in slice_view.models or slice_view.cycle_ms <= 0:
@@ -107,21 +89,21 @@ def fits_cycle(req: RequestView, slice_view: SliceView) -> bool:
     return slice_view.cycle_ms + req.est_step_ms <= req.tpot_slo_ms
 
 
-def expected_wait_s(slice_view: SliceView) -> float:
+def expected_wait_s(slice_view: WorkerState) -> float:
     """Seconds of prefill already queued on the slice (0 when its throughput is unknown)."""
     if slice_view.prefill_tokens_per_s <= 0:
         return 0.0
     return slice_view.queued_prefill_tokens / slice_view.prefill_tokens_per_s
 
 
-def fits_ttft(req: RequestView, slice_view: SliceView) -> bool:
+def fits_ttft(req: RequestView, slice_view: WorkerState) -> bool:
     """False when the slice's prefill backlog alone would eat the request's TTFT budget."""
     if req.ttft_slo_ms <= 0:
         return True
     return 1000.0 * expected_wait_s(slice_view) <= req.max_wait_frac * req.ttft_slo_ms
 
 
-def route_score(req: RequestView, slice_view: SliceView) -> float:
+def route_score(req: RequestView, slice_view: WorkerState) -> float:
     """Higher is better. See the module docstring for the terms."""
     weights = SLO_CLASS_WEIGHTS.get(req.slo_class, SLO_CLASS_WEIGHTS["standard"])
     rho = min(1.0, max(0.0, slice_view.cached_fraction.get(req.model_id, 0.0)))
@@ -139,7 +121,7 @@ def route_score(req: RequestView, slice_view: SliceView) -> float:
     )
 
 
-def choose_slice(req: RequestView, slices: list[SliceView]) -> str | None:
+def choose_slice(req: RequestView, slices: list[WorkerState]) -> str | None:
     """The worker_id of the best slice for `req`, or None when none can take it.
 
     None means: no slice may serve the model (all pinned to others), every slice that
@@ -168,7 +150,7 @@ __all__ = [
     "RequestView",
     "RouteWeights",
     "SLO_CLASS_WEIGHTS",
-    "SliceView",
+    "WorkerState",
     "can_serve",
     "choose_slice",
     "expected_wait_s",
@@ -297,7 +279,7 @@ def rho_target(hbm_gbps: float, link_gbps: float) -> float:
 
 def plan_prewarm(
     forecaster: DemandForecaster,
-    slices: list[SliceView],
+    slices: list[WorkerState],
     model_bytes: dict[str, int],
     now_s: float,
     slice_cache_budget_bytes: dict[str, int],
@@ -324,7 +306,7 @@ def plan_prewarm(
     """
     budget = {s.worker_id: max(0, int(slice_cache_budget_bytes.get(s.worker_id, 0))) for s in slices}
     pressure = {s.worker_id: link_pressure(s) for s in slices}
-    holders: dict[str, list[SliceView]] = {}
+    holders: dict[str, list[WorkerState]] = {}
     for s in slices:
         for model_id in set(s.cached_fraction) | set(s.models):
             holders.setdefault(model_id, []).append(s)
@@ -348,10 +330,10 @@ def _ranked_demand(forecaster, model_bytes, now_s, horizon_s, min_rate_rps) -> l
     return sorted([(m, r) for m, r in rates if r >= min_rate_rps], key=lambda mr: (-mr[1], mr[0]))
 
 
-def _pick_slices(model_id, own, general, budget, pressure, num_wanted) -> list[SliceView]:
+def _pick_slices(model_id, own, general, budget, pressure, num_wanted) -> list[WorkerState]:
     """Slices holding the model's tiles / serving it first, then the general order."""
 
-    def own_key(s: SliceView):
+    def own_key(s: WorkerState):
         has_tiles = s.cached_fraction.get(model_id, 0.0) > 0
         return (not has_tiles, model_id not in s.models, pressure[s.worker_id], -budget[s.worker_id], s.worker_id)
 
@@ -365,7 +347,7 @@ def _pick_slices(model_id, own, general, budget, pressure, num_wanted) -> list[S
     return picked
 
 
-def _diff_plan(planned: dict[tuple[str, str], float], slices: list[SliceView], evict_unplanned: bool) -> list[PrewarmAction]:
+def _diff_plan(planned: dict[tuple[str, str], float], slices: list[WorkerState], evict_unplanned: bool) -> list[PrewarmAction]:
     actions = []
     if evict_unplanned:
         for s in slices:

@@ -14,9 +14,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from placer.policy import DemandForecaster, PrewarmAction, SliceView, plan_prewarm
+from placer.policy import DemandForecaster, PrewarmAction, plan_prewarm
 from services import catalog, natsutil, schemas, subjects
-from services.schemas import ResidencyAction, ResidencyCommand
+from services.schemas import ResidencyAction, ResidencyCommand, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Prewarmer:
     def observe(self, model_id: str) -> None:
         self.forecaster.observe(model_id, time.time())
 
-    async def run(self, interval_s: float, slices: Callable[[], list[SliceView]]) -> None:
+    async def run(self, interval_s: float, slices: Callable[[], list[WorkerState]]) -> None:
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -38,7 +38,7 @@ class Prewarmer:
             except natsutil.IO_ERRORS as exc:
                 log.warning("prewarm round skipped: %s", exc)
 
-    async def plan_once(self, slices: list[SliceView]) -> list[PrewarmAction]:
+    async def plan_once(self, slices: list[WorkerState]) -> list[PrewarmAction]:
         """One planning round; returns the actions it published."""
         if not slices:
             return []

@@ -28,12 +28,12 @@ import uuid
 import msgspec
 from nats.aio.msg import Msg
 
-from placer.policy import RequestView, SliceView, choose_slice
+from placer.policy import RequestView, choose_slice
 from placer.prewarm import Prewarmer
 from services import keys, natsutil, schemas, subjects
 from services.config import PlacerConfig, add_config_arguments, load_config
 from services.errors import ErrorCode
-from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerInfo, WorkerTelemetry
+from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerInfo, WorkerState
 
 log = logging.getLogger(__name__)
 _submit_decoder = schemas.decoder(SubmitRequest)
@@ -56,22 +56,10 @@ return #KEYS
 _SETTLE_S = 1.0  # a request shows up in its worker's telemetry within this
 
 
-def slice_view_of(t: WorkerTelemetry) -> SliceView:
-    return SliceView(
-        worker_id=t.worker_id, node=t.node, gpu=t.gpu, backend=t.backend,
-        models=frozenset(t.models), cached_fraction=dict(t.cached_fraction),
-        num_running=t.num_running, num_waiting=t.num_waiting, max_num_seqs=t.max_num_seqs,
-        kv_free_frac=t.kv_free_frac, link_util=t.link_util, pinned_models=frozenset(t.pinned_models),
-        queued_prefill_tokens=t.queued_prefill_tokens, prefill_tokens_per_s=t.prefill_tokens_per_s,
-    )
-
-
-def slice_view_of_info(info: WorkerInfo) -> SliceView:
-    return SliceView(
-        worker_id=info.worker_id, node=info.node, gpu=info.gpu, backend=info.backend,
-        models=frozenset(), cached_fraction={}, num_running=0, num_waiting=0, max_num_seqs=16,
-        kv_free_frac=1.0, link_util=0.0, pinned_models=frozenset(info.pinned_models),
-    )
+def state_of_info(info: WorkerInfo) -> WorkerState:
+    """A worker's state before its first telemetry: what its heartbeat record says."""
+    return WorkerState(worker_id=info.worker_id, node=info.node, gpu=info.gpu, backend=info.backend,
+                       pinned_models=list(info.pinned_models), residency=info.residency)
 
 
 class Placer:
@@ -79,7 +67,7 @@ class Placer:
         self.config = config
         self.nc = None
         self.redis = None
-        self.views: dict[str, SliceView] = {}
+        self.views: dict[str, WorkerState] = {}
         self.last_seen_s: dict[str, float] = {}
         self.num_assigned_since_telemetry: dict[str, int] = {}
         # worker -> request id -> (gateway inbox, monotonic time assigned, epoch): for re-dispatch
@@ -99,7 +87,7 @@ class Placer:
         await self._load_heartbeats()
         await self._load_assignments()
         await self.nc.subscribe(subjects.SUBMIT, queue=subjects.PLACER_QUEUE, cb=self.on_submit)
-        await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerTelemetry, self.on_telemetry)
+        await natsutil.subscribe_typed(self.nc, subjects.TELEMETRY_ALL, WorkerState, self.on_telemetry)
         await self.nc.flush()  # the server has our subscriptions before we say we are ready
         natsutil.spawn(self._expire_loop(), self._tasks, "worker expiry")
         natsutil.spawn(self._record_loop(), self._tasks, "record assignments")
@@ -123,7 +111,7 @@ class Placer:
                 continue
             row["pinned_models"] = [m for m in row.get("pinned_models", "").split(",") if m]
             info = msgspec.convert(row, WorkerInfo, strict=False)
-            self.views[info.worker_id] = slice_view_of_info(info)
+            self.views[info.worker_id] = state_of_info(info)
             self.last_seen_s[info.worker_id] = time.monotonic()
 
     async def _load_assignments(self) -> None:
@@ -141,8 +129,8 @@ class Placer:
         if num_loaded:
             log.info("recovered %d recorded assignments", num_loaded)
 
-    async def on_telemetry(self, t: WorkerTelemetry, msg: Msg) -> None:
-        """c2c.telemetry.<id> (WorkerTelemetry): refresh that worker's view; abort what
+    async def on_telemetry(self, t: WorkerState, msg: Msg) -> None:
+        """c2c.telemetry.<id> (WorkerState): refresh that worker's view; abort what
         it still runs of assignments fenced off when it was declared dead."""
         if t.is_stopping:  # its unfinished requests come back through their gateways
             log.info("worker %s is stopping; no longer routed to", t.worker_id)
@@ -159,7 +147,7 @@ class Placer:
         if t.stalled_s > self.config.stall_timeout_s:
             self.views.pop(t.worker_id, None)  # alive, but its engine makes no progress
         else:
-            self.views[t.worker_id] = slice_view_of(t)
+            self.views[t.worker_id] = t  # the worker's own record: the policy's input as is
         self.num_assigned_since_telemetry[t.worker_id] = 0
         inflight = self.inflight.get(t.worker_id)
         if inflight:  # forget finished requests (ones too new to show up yet are kept)
@@ -167,7 +155,7 @@ class Placer:
             for request_id in [r for r, (_, at_s, _) in inflight.items() if r not in running and now_s - at_s > _SETTLE_S]:
                 del inflight[request_id]
 
-    async def _restarted(self, t: WorkerTelemetry) -> None:
+    async def _restarted(self, t: WorkerState) -> None:
         """The worker restarted under the same id before its heartbeat expired: what the
         old process ran is lost; re-dispatch all but what the new one reports running."""
         log.warning("worker %s restarted (incarnation %s); re-dispatching what the old one ran",
@@ -186,7 +174,7 @@ class Placer:
         for worker_id in list(self.inflight):
             await self._redispatch_assignments(worker_id, self.inflight.pop(worker_id), fence=False)
 
-    async def _abort_fenced(self, t: WorkerTelemetry) -> None:
+    async def _abort_fenced(self, t: WorkerState) -> None:
         fenced = self.fenced[t.worker_id]
         running = dict(zip(t.request_ids, t.request_epochs, strict=False))
         for request_id, epoch in list(fenced.items()):
@@ -256,14 +244,19 @@ class Placer:
             chunk = TokenChunk(request_id, worker_id, redispatch=True, epoch=epoch)
             await self.nc.publish(reply, schemas.encode(chunk))
 
-    def _live_views(self) -> list[SliceView]:
-        """Views with the requests assigned since their last telemetry counted as waiting."""
+    def _live_views(self) -> list[WorkerState]:
+        """The workers' records with the requests assigned since their last telemetry
+        counted as waiting, and each one's link demand summed over its link domain (the
+        slices of one GPU, or of one CPU node, share one link)."""
+        domain_demand: dict[tuple[str, str], float] = {}
+        for view in self.views.values():
+            key = (view.node, view.gpu)
+            domain_demand[key] = domain_demand.get(key, 0.0) + view.link_demand_gbps
         views = []
         for worker_id, view in self.views.items():
             extra = self.num_assigned_since_telemetry.get(worker_id, 0)
-            if extra:
-                view = dataclasses.replace(view, num_waiting=view.num_waiting + extra)
-            views.append(view)
+            views.append(msgspec.structs.replace(view, num_waiting=view.num_waiting + extra,
+                                                 link_demand_gbps=domain_demand[(view.node, view.gpu)]))
         return views
 
     async def on_submit(self, msg: Msg) -> None:
@@ -279,9 +272,15 @@ class Placer:
         if self.prewarmer is not None:
             self.prewarmer.observe(req.model_id)
         # admission: a slice whose queued prefill alone outlasts max_queue_wait_s is not a candidate
+        # the request's TPOT target keeps a slice whose step cycle is already past it from
+        # taking on another model, unless no slice is under it
         view = RequestView(req.request_id, req.model_id, max(1, req.num_prompt_chars // 4), req.slo_class,
-                           ttft_slo_ms=1000.0 * self.config.max_queue_wait_s, max_wait_frac=1.0)
-        worker_id = choose_slice(view, self._live_views())
+                           tpot_slo_ms=req.tpot_slo_ms, ttft_slo_ms=1000.0 * self.config.max_queue_wait_s,
+                           max_wait_frac=1.0)
+        views = self._live_views()
+        worker_id = choose_slice(view, views)
+        if worker_id is None and view.tpot_slo_ms > 0:
+            worker_id = choose_slice(dataclasses.replace(view, tpot_slo_ms=0.0), views)
         if worker_id is None:
             await self._reject(req, msg.reply)
             return

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import msgspec
 
-from services import keys
-from services.errors import CheckpointError
+from services import keys, slo
+from services.errors import CheckpointError, InvalidRequest
 from services.schemas import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,39 @@ def entry_for(model_dir: str | Path, owner: str = "public") -> ModelEntry:
         model_id=model_dir.name, path=str(model_dir), arch=str(config.get("model_type", "")),
         nbytes=nbytes, owner=owner,
         context_window=int(config.get("max_position_embeddings") or 0),
-        created_s=int(model_dir.stat().st_mtime),
+        created_s=int(model_dir.stat().st_mtime), **serving_defaults(model_dir),
     )
+
+
+SERVING_FILE = "c2cserve.json"  # optional, beside config.json: the model's serving defaults
+
+
+def serving_defaults(model_dir: Path) -> dict:
+    """The model's SLO defaults from `<model>/c2cserve.json`, e.g.
+    `{"slo_class": "batch", "ttft_slo_ms": 5000, "tpot_slo_ms": 500}` (every key optional;
+    see services/slo.py); {} without the file. A bad file raises CheckpointError."""
+    path = model_dir / SERVING_FILE
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc})") from exc
+    if not isinstance(raw, dict) or set(raw) - {"slo_class", "ttft_slo_ms", "tpot_slo_ms"}:
+        raise CheckpointError(f"{path}: expected an object with slo_class, ttft_slo_ms, tpot_slo_ms")
+    try:
+        slo_class = slo.parse_slo_class(raw.get("slo_class"), "slo_class") or ""
+    except InvalidRequest as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    out: dict = {"slo_class": slo_class} if slo_class else {}
+    for name in ("ttft_slo_ms", "tpot_slo_ms"):
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+            raise CheckpointError(f"{path}: {name} must be a positive number of milliseconds")
+        out[name] = float(value)
+    return out
 
 
 def to_hash(entry: ModelEntry) -> dict[str, str]:

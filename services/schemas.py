@@ -1,7 +1,7 @@
 """Every message that travels on NATS, as `msgspec.Struct`s encoded with msgpack.
 
 Hot messages (one per request or per token: `SubmitRequest`, `TokenChunk`,
-`AbortRequest`, `WorkerTelemetry`) are `array_like=True, omit_defaults=True, gc=False`:
+`AbortRequest`, `WorkerState`) are `array_like=True, omit_defaults=True, gc=False`:
 fields go on the wire by position, so a schema change only APPENDS fields with
 defaults, never reorders or removes. Enums travel as ints.
 
@@ -88,6 +88,8 @@ class SubmitRequest(msgspec.Struct, **_HOT):
     logprobs: int = -1  # -1: none; k >= 0: the sampled token's logprob and the top k (raw logits)
     echo: bool = False  # completions: the first chunk carries the prompt's text (prompt_text)
     json_schema: str = ""  # response_format: a JSON schema (text) the output must follow; "" none
+    ttft_slo_ms: float = 0.0  # resolved by the gateway (services/slo.py); 0: the worker's default
+    tpot_slo_ms: float = 0.0
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
@@ -142,8 +144,17 @@ class AbortRequest(msgspec.Struct, **_HOT):
     epoch: int = 0  # abort only this assignment and older ones (0: whatever runs)
 
 
-class WorkerTelemetry(msgspec.Struct, **_HOT):
-    """worker -> placer, controller (`c2c.telemetry.<id>`), about every 100 ms."""
+class WorkerState(msgspec.Struct, **_HOT):
+    """The one record of a worker's state: produced by its engine loop with live values,
+    published as telemetry (worker -> placer, controller on `c2c.telemetry.<id>`, about
+    every 100 ms), and the input of the placer's and the controller's policies, live and
+    in the simulator alike (`tests/test_state_contract.py` fails when a field a policy
+    reads is never produced by a live worker).
+
+    On a CPU slice the "link" is the memory bus to the shared host store: `link_gbps` is
+    the weight bytes its steps read per second of step time, `link_capacity_gbps` the
+    read bandwidth measured on the node, `link_util` = achieved / capacity while busy.
+    """
 
     worker_id: str
     node: str = ""
@@ -171,6 +182,14 @@ class WorkerTelemetry(msgspec.Struct, **_HOT):
     queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting, not yet prefilled
     prefill_tokens_per_s: float = 0.0  # measured prefill throughput of this slice (0: not yet)
     incarnation: str = ""  # random per worker process: a new one under the same id means a restart
+    link_demand_gbps: float = 0.0  # bytes its steps read per wall second (the placer sums a link domain's)
+    link_capacity_gbps: float = 0.0  # the read bandwidth available to it (CPU: measured on the node; 0 unknown)
+    cycle_ms: float = 0.0  # one step of every model with work, in turn: a token's wait (0: idle)
+    step_ms: float = 0.0  # mean engine step time over the last window (0: no step)
+    oldest_wait_ms: float | None = None  # age of the oldest request without its first token
+    ttft_slo_ms: float = 0.0  # the tightest TTFT target among its requests (services/slo.py; 0: none)
+    tpot_slo_ms: float = 0.0  # the tightest TPOT target among its requests
+
 
 
 class ControlUpdate(msgspec.Struct, omit_defaults=True):
@@ -227,6 +246,9 @@ class ModelEntry(msgspec.Struct, omit_defaults=True):
     owner: str = "public"
     context_window: int = 0
     created_s: int = 0
+    slo_class: str = ""  # the model's default request class (services/slo.py); "": standard
+    ttft_slo_ms: float = 0.0  # the model's SLO for a standard request; 0: the system default
+    tpot_slo_ms: float = 0.0
 
 
 _encoder = msgspec.msgpack.Encoder()

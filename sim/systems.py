@@ -18,16 +18,16 @@ import math
 import random
 from dataclasses import replace
 
-from controller.policy import SLO, ControlSample, Knobs, WorkerController
+from controller.policy import SLO, Knobs, WorkerController
 from placer.plan import choose_plan
 from placer.policy import (
     DemandForecaster,
     PrewarmAction,
     RequestView,
-    SliceView,
     choose_slice,
     plan_prewarm,
 )
+from services.schemas import WorkerState
 from sim.cluster import Instance, Request
 from sim.cost_model import (
     C2C_EFFICIENCY,
@@ -45,6 +45,7 @@ from sim.planning import plan_for
 
 QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batches
 NEW_SLICE_MARGIN_S = 0.02  # a new slice must beat the best existing one by this much TTFT
+BESIDE_MARGIN = 0.25  # a model joins a busy slice only if the cycle stays within this x its TPOT SLO
 FILL_PIECES = 4  # progressive caching copies a model's tiles in this many steps (rho rises per piece)
 
 
@@ -242,10 +243,10 @@ class C2CServe(System):
         rho = min(self._model_on(req.model, prof.name)[0], max(0.0, prof.usable_bytes - taken) / spec.weight_bytes)
         est_s = step_time(spec, prof, 1, req.prompt, rho, fair_link_gbps(prof))
         cycle_s = inst.cycle_s if inst.cycle_s < math.inf else inst.t0_s
-        return cycle_s + est_s <= req.tpot_slo
+        return cycle_s + est_s <= BESIDE_MARGIN * req.tpot_slo
 
     def _view(self, sim, inst: Instance, worker_id: str, prefill_tokens_per_s: float = 0.0,
-              model: int | None = None) -> SliceView:
+              model: int | None = None) -> WorkerState:
         """The placer's view of a slice; for routing `model`, only that model's entries
         (the only ones the score reads), which keeps a view cheap to build."""
         gpu = inst.gpu
@@ -258,7 +259,7 @@ class C2CServe(System):
             cached_fraction = {str(m): b / sim.specs[m].weight_bytes for m, b in inst.cached_bytes.items()}
         link_util = 0.0 if gpu.link_gbps == math.inf else min(2.0, gpu.streaming_demand_gbps() / gpu.link_gbps)
         kv_used = inst.kv_used_bytes(sim.specs)
-        return SliceView(
+        return WorkerState(
             worker_id=worker_id,
             node=str(gpu.gid), gpu=str(gpu.gid), backend="cuda",
             models=models, cached_fraction=cached_fraction,
@@ -362,8 +363,8 @@ class C2CServe(System):
             return
         inst.ctl_last_s = sim.now
         kv_used = inst.kv_used_bytes(sim.specs)
-        sample = ControlSample(
-            t_s=sim.now, ttft_p50_ms=inst.ttft_ewma_ms,
+        sample = WorkerState(
+            worker_id=str(inst.iid), t_s=sim.now, ttft_p50_ms=inst.ttft_ewma_ms,
             tpot_p50_ms=1000 * inst.cycle_s if inst.decode and inst.cycle_s < math.inf else None,
             num_waiting=inst.num_queued - len(inst.decode), num_running=len(inst.decode),
             link_gbps=inst.host_bytes / 1e9 / inst.cycle_s if inst.cycle_s < math.inf else 0.0,

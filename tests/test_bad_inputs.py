@@ -28,7 +28,7 @@ from yarl import URL
 from services import keys, schemas, subjects
 from services.catalog import entry_for, to_hash
 from services.launcher import LocalCluster
-from services.schemas import WorkerTelemetry
+from services.schemas import WorkerState
 
 CASES = all_cases()
 GROUP_SIZE = 10
@@ -219,10 +219,10 @@ async def test_gauges_back_to_zero_after_battery(cluster, battery):
 async def test_worker_aborted_the_vanished_clients_requests(cluster, battery):
     """The worker ends up running nothing and counted the aborts (not 1500 tokens each)."""
     nc = await nats.connect(cluster.nats_url)
-    latest: dict[str, WorkerTelemetry] = {}
+    latest: dict[str, WorkerState] = {}
 
     async def on_telemetry(msg):
-        latest["t"] = schemas.decode(WorkerTelemetry, msg.data)
+        latest["t"] = schemas.decode(WorkerState, msg.data)
 
     await nc.subscribe(subjects.telemetry(cluster.worker_ids[0]), cb=on_telemetry)
     try:

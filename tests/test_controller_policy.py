@@ -7,7 +7,14 @@ from dataclasses import replace
 
 import pytest
 
-from controller.policy import SLO, ControlSample, Knobs, Limits, WorkerController
+from controller.policy import SLO, Knobs, Limits, WorkerController
+from services.schemas import WorkerState
+
+
+def state(t_s, ttft_p50_ms, tpot_p50_ms, num_waiting, num_running, **kw) -> WorkerState:
+    """One state sample of a worker, as its telemetry carries it."""
+    return WorkerState("w", t_s=t_s, ttft_p50_ms=ttft_p50_ms, tpot_p50_ms=tpot_p50_ms,
+                       num_waiting=num_waiting, num_running=num_running, **kw)
 
 
 class Plant:
@@ -37,7 +44,7 @@ def run_loop(ctl: WorkerController, plant: Plant, num_steps: int, t0_s: float = 
         if spike_at is not None and step == spike_at:
             plant.contention = spike
         knobs = ctl.knobs
-        sample = ControlSample(t_s=t0_s + step * dt_s, ttft_p50_ms=plant.ttft_ms(knobs),
+        sample = state(t_s=t0_s + step * dt_s, ttft_p50_ms=plant.ttft_ms(knobs),
                                tpot_p50_ms=plant.tpot_ms(knobs), num_waiting=waiting, num_running=8)
         ctl.update(sample)
         chunks.append(ctl.knobs.chunk_size)
@@ -81,25 +88,25 @@ def test_spike_release_returns_monotonically():
 def test_rate_limit_and_max_step():
     limits = Limits(max_step=1.5, min_interval_s=1.0)
     ctl = WorkerController(SLO(tpot_ms=100.0), Knobs(chunk_size=1024), limits)
-    first = ctl.update(ControlSample(0.0, None, 1000.0, 2, 8))
+    first = ctl.update(state(0.0, None, 1000.0, 2, 8))
     assert first is not None and first.chunk_size >= int(1024 / 1.5)  # at most /1.5 per update
-    assert ctl.update(ControlSample(0.5, None, 1000.0, 2, 8)) is None  # too soon
-    assert ctl.update(ControlSample(1.0, None, 1000.0, 2, 8)) is not None
+    assert ctl.update(state(0.5, None, 1000.0, 2, 8)) is None  # too soon
+    assert ctl.update(state(1.0, None, 1000.0, 2, 8)) is not None
 
 
 def test_dead_band_leaves_knobs_alone():
     ctl = WorkerController(SLO(ttft_ms=1000.0, tpot_ms=200.0), Knobs(chunk_size=256))
     for step in range(20):
-        assert ctl.update(ControlSample(step * 0.5, 500.0, 170.0, 3, 8)) is None
+        assert ctl.update(state(step * 0.5, 500.0, 170.0, 3, 8)) is None
     assert ctl.knobs == Knobs(chunk_size=256)
 
 
 def test_link_bound_holds_chunk_and_grows_when_ttft_late():
     slo = SLO(ttft_ms=1000.0, tpot_ms=100.0)
     ctl = WorkerController(slo, Knobs(chunk_size=256))
-    hold = ControlSample(0.0, 500.0, 300.0, 0, 8, link_gbps=95.0, link_capacity_gbps=100.0)
+    hold = state(0.0, 500.0, 300.0, 0, 8, link_gbps=95.0, link_capacity_gbps=100.0)
     assert ctl.update(hold) is None  # shrinking the chunk would not shorten a link-bound step
-    late = ControlSample(1.0, 3000.0, 300.0, 5, 8, link_gbps=95.0, link_capacity_gbps=100.0)
+    late = state(1.0, 3000.0, 300.0, 5, 8, link_gbps=95.0, link_capacity_gbps=100.0)
     knobs = ctl.update(late)
     assert knobs is not None and knobs.chunk_size > 256 and knobs.max_num_seqs == 16
 
@@ -107,12 +114,12 @@ def test_link_bound_holds_chunk_and_grows_when_ttft_late():
 def test_batch_cap_shrinks_only_at_min_chunk_and_regrows():
     limits = Limits(min_chunk=32)
     ctl = WorkerController(SLO(tpot_ms=50.0), Knobs(chunk_size=32, max_num_seqs=16), limits)
-    knobs = ctl.update(ControlSample(0.0, None, 200.0, 0, 16))
+    knobs = ctl.update(state(0.0, None, 200.0, 0, 16))
     assert knobs is not None and knobs.chunk_size == 32 and knobs.max_num_seqs < 16
     seqs = knobs.max_num_seqs
     t = 1.0
     for _ in range(10):  # now far below the SLO with a queue and a full batch: regrow
-        ctl.update(ControlSample(t, None, 5.0, 10, ctl.knobs.max_num_seqs))
+        ctl.update(state(t, None, 5.0, 10, ctl.knobs.max_num_seqs))
         t += 1.0
     assert ctl.knobs.max_num_seqs > seqs
     assert ctl.knobs.max_num_batched_tokens >= ctl.knobs.chunk_size + ctl.knobs.max_num_seqs
@@ -121,12 +128,12 @@ def test_batch_cap_shrinks_only_at_min_chunk_and_regrows():
 @pytest.mark.parametrize("kv_free, direction", [(0.05, -1), (0.5, 0)])
 def test_rho_cap_yields_to_kv(kv_free, direction):
     ctl = WorkerController(SLO(), Knobs(rho_cap=1.0))
-    knobs = ctl.update(ControlSample(0.0, 100.0, 100.0, 0, 1, kv_free_frac=kv_free))
+    knobs = ctl.update(state(0.0, 100.0, 100.0, 0, 1, kv_free_frac=kv_free))
     rho = knobs.rho_cap if knobs else ctl.knobs.rho_cap
     assert (rho < 1.0) if direction < 0 else (rho == 1.0)
 
 
 def test_none_samples_change_nothing():
     ctl = WorkerController(SLO(), Knobs())
-    assert ctl.update(ControlSample(0.0, None, None, 0, 0)) is None
+    assert ctl.update(state(0.0, None, None, 0, 0)) is None
     assert replace(ctl.knobs) == Knobs()

@@ -21,7 +21,7 @@ from sse import stream_text
 
 from services import schemas, subjects
 from services.launcher import LocalCluster
-from services.schemas import AbortRequest, SubmitRequest, TokenChunk, WorkerTelemetry
+from services.schemas import AbortRequest, SubmitRequest, TokenChunk, WorkerState
 
 PROMPTS = ["The quick brown fox", "Hello, world", "One two three", "Lorem ipsum"]
 MAX_TOKENS = 600
@@ -97,8 +97,8 @@ class _Telemetry:
     def __init__(self):
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    async def get(self) -> WorkerTelemetry:
-        return schemas.decode(WorkerTelemetry, (await asyncio.wait_for(self.queue.get(), WAIT_S)).data)
+    async def get(self) -> WorkerState:
+        return schemas.decode(WorkerState, (await asyncio.wait_for(self.queue.get(), WAIT_S)).data)
 
 
 class _telemetry_of:

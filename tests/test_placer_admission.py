@@ -14,7 +14,7 @@ from services import schemas, subjects
 from services.config import PlacerConfig
 from services.embedded import EmbeddedServers
 from services.errors import ErrorCode
-from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerTelemetry
+from services.schemas import FinishReason, SubmitRequest, TokenChunk, WorkerState
 
 WAIT_S = 60
 
@@ -32,7 +32,7 @@ async def placer_and_bus():
 
 
 async def _report(placer, nc, queued_tokens: int, tokens_per_s: float) -> None:
-    t = WorkerTelemetry("w-busy", node="n", models=["m"], cached_fraction={"m": 1.0},
+    t = WorkerState("w-busy", node="n", models=["m"], cached_fraction={"m": 1.0},
                         queued_prefill_tokens=queued_tokens, prefill_tokens_per_s=tokens_per_s)
     await nc.publish(subjects.telemetry("w-busy"), schemas.encode(t))
     await nc.flush()

@@ -7,14 +7,13 @@ import asyncio
 import nats
 import redis.asyncio as aioredis
 
-from placer.policy import SliceView
 from placer.prewarm import Prewarmer
 from services import catalog, schemas, subjects
-from services.schemas import ResidencyAction, ResidencyCommand
+from services.schemas import ResidencyAction, ResidencyCommand, WorkerState
 
 
-def _slice(worker_id: str, cached: dict[str, float] | None = None) -> SliceView:
-    return SliceView(worker_id=worker_id, node="n", gpu="g0", backend="cpu", models=frozenset(),
+def _slice(worker_id: str, cached: dict[str, float] | None = None) -> WorkerState:
+    return WorkerState(worker_id=worker_id, node="n", gpu="g0", backend="cpu", models=frozenset(),
                      cached_fraction=cached or {}, num_running=0, num_waiting=0, max_num_seqs=16,
                      kv_free_frac=1.0, link_util=0.0)
 

@@ -20,7 +20,7 @@ from services.schemas import (
     ResidencyCommand,
     SubmitRequest,
     TokenChunk,
-    WorkerTelemetry,
+    WorkerState,
 )
 
 MESSAGES = [
@@ -29,7 +29,7 @@ MESSAGES = [
     TokenChunk("r1", "w0", [5, 6], "ab", FinishReason.LENGTH, 3, 2, cold_start=True),
     TokenChunk("r1", finish_reason=FinishReason.ERROR, error_code=ErrorCode.NO_CAPACITY, error="full"),
     AbortRequest("r1"),
-    WorkerTelemetry("w0", models=["m"], cached_fraction={"m": 0.5}, num_running=2, ttft_p50_ms=12.5),
+    WorkerState("w0", models=["m"], cached_fraction={"m": 0.5}, num_running=2, ttft_p50_ms=12.5),
     ControlUpdate("w0", chunk_size=128, decode_threshold=8),
     ResidencyCommand("w0", ResidencyAction.PREWARM, "m", 0.25),
 ]

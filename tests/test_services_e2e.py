@@ -30,7 +30,7 @@ from services.schemas import (
     ResidencyCommand,
     SubmitRequest,
     TokenChunk,
-    WorkerTelemetry,
+    WorkerState,
 )
 
 openai = pytest.importorskip("openai")
@@ -94,7 +94,7 @@ async def test_prewarm_maps_a_model_before_any_request(cluster, models):
         await nc.publish(subjects.worker_residency(worker_id), schemas.encode(command))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if model_id in (await _telemetry(nc, 0.2)).get(worker_id, WorkerTelemetry(worker_id)).models:
+            if model_id in (await _telemetry(nc, 0.2)).get(worker_id, WorkerState(worker_id)).models:
                 break
         assert model_id in (await _telemetry(nc, 0.3))[worker_id].models
     finally:
@@ -208,11 +208,11 @@ async def test_two_models_alternate_on_one_worker(cluster, models, expected):
         await nc.close()
 
 
-async def _telemetry(nc, duration_s: float) -> dict[str, WorkerTelemetry]:
-    latest: dict[str, WorkerTelemetry] = {}
+async def _telemetry(nc, duration_s: float) -> dict[str, WorkerState]:
+    latest: dict[str, WorkerState] = {}
 
     async def on_msg(msg):
-        t = schemas.decode(WorkerTelemetry, msg.data)
+        t = schemas.decode(WorkerState, msg.data)
         latest[t.worker_id] = t
 
     sub = await nc.subscribe(subjects.TELEMETRY_ALL, cb=on_msg)
@@ -413,7 +413,7 @@ async def test_controller_answers_slow_telemetry_with_control_update():
         redis = aioredis.from_url(servers.redis_url, decode_responses=True)
         try:
             sub = await nc.subscribe(subjects.control("ctl-w0"))
-            slow = WorkerTelemetry("ctl-w0", num_running=8, num_waiting=4, tpot_p50_ms=500.0, ttft_p50_ms=100.0)
+            slow = WorkerState("ctl-w0", num_running=8, num_waiting=4, tpot_p50_ms=500.0, ttft_p50_ms=100.0)
             await nc.publish(subjects.telemetry("ctl-w0"), schemas.encode(slow))
             update = schemas.decode(ControlUpdate, (await sub.next_msg(timeout=5)).data)
             assert update.worker_id == "ctl-w0"

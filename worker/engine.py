@@ -109,6 +109,7 @@ class EngineStats:
     private_weight_bytes: int = 0     # "load": weights copied into this process (host: 0)
     cached_fraction: dict[str, float] = field(default_factory=dict)  # loaded model -> achieved ρ
     num_queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting, not yet prefilled
+    max_num_seqs: int = 0  # the batch cap in force (the controller moves it)
 
 
 @dataclass
@@ -138,6 +139,8 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []   # aborts, reported by the next step
         self._stats = EngineStats(0, 0, 0.0, {})
+        self._weight_bytes: dict[str, int] = {}  # model -> checkpoint bytes (a step reads them once)
+        self.last_step_model: str | None = None  # the model the last step ran (state telemetry)
 
     # -- models -------------------------------------------------------------------------
     def add_model(self, model_id: str, model_dir: str | Path, preload: bool = False) -> None:
@@ -151,6 +154,7 @@ class Engine:
         num_blocks = self.runner.register(model_id, Path(model_dir), config)
         self.scheduler.add_model(model_id, num_blocks, self.config.block_size)
         self._tokenizers[model_id] = tokenizer
+        self._weight_bytes[model_id] = _checkpoint_bytes(Path(model_dir))
         if preload:
             self.prewarm(model_id)
 
@@ -170,6 +174,11 @@ class Engine:
             return False
         self.runner.unload(model_id)
         return True
+
+    def step_read_bytes(self, model_id: str | None) -> int:
+        """Weight bytes one step of the model reads (its checkpoint's; for a mixture of
+        experts an upper bound: a small batch touches only some experts)."""
+        return self._weight_bytes.get(model_id, 0) if model_id is not None else 0
 
     def has_model(self, model_id) -> bool:
         return isinstance(model_id, str) and model_id in self._tokenizers
@@ -336,6 +345,7 @@ class Engine:
 
     def _count(self, batch) -> None:
         self._stats.num_steps += 1
+        self.last_step_model = batch.model_id
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.is_prefill or num_new > 1:
                 self._stats.num_prefill_tokens += num_new
@@ -421,7 +431,8 @@ class Engine:
                            max((m.kv_used_frac for m in per_model.values()), default=0.0),
                            per_model, s.num_steps, s.num_prefill_tokens, s.num_decode_tokens,
                            self.scheduler.num_preemptions, self.runner.loaded_bytes(),
-                           self.runner.cached_fractions(), self.scheduler.num_queued_prefill_tokens())
+                           self.runner.cached_fractions(), self.scheduler.num_queued_prefill_tokens(),
+                           int(self.scheduler.config.max_num_seqs))
 
     def generate(self, model_id, prompt, params: SamplingParams | None = None, **kwargs) -> RequestOutput:
         """Run one request to the end (other requests' outputs in these steps are dropped)."""
@@ -443,6 +454,13 @@ def _merge(into: RequestOutput, out: RequestOutput) -> None:
     into.logprobs += out.logprobs
     for name in ("finished", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "error", "error_code"):
         setattr(into, name, getattr(out, name))
+
+
+def _checkpoint_bytes(model_dir: Path) -> int:
+    """Bytes of a checkpoint's weight files (a folder of safetensors, or one file)."""
+    if model_dir.is_file():
+        return model_dir.stat().st_size
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
 def _knob(name: str, value, kind: type, low: float, high: float):

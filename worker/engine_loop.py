@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from services import schemas
@@ -32,34 +32,15 @@ from services.schemas import (
     SubmitRequest,
     TokenChunk,
     TokenLogprob,
+    WorkerState,
 )
 from worker.admission import Admission
+from worker.state import StateMeter
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05
 _STATS_EVERY_S = 0.05
 ENGINE_KNOBS = ("chunk_size", "max_num_seqs", "max_num_batched_tokens", "decode_threshold", "rho")
-
-
-@dataclass
-class Snapshot:
-    """What telemetry reports; written by the engine thread, read by the asyncio side."""
-
-    t_s: float = 0.0
-    models: list[str] = field(default_factory=list)
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_free_frac: float = 1.0
-    ttft_p50_ms: float | None = None
-    tpot_p50_ms: float | None = None
-    num_finished: int = 0
-    num_aborted: int = 0
-    request_ids: list[str] = field(default_factory=list)
-    request_epochs: list[int] = field(default_factory=list)
-    private_weight_bytes: int = 0
-    cached_fraction: dict[str, float] = field(default_factory=dict)
-    queued_prefill_tokens: int = 0
-    prefill_tokens_per_s: float = 0.0
 
 
 @dataclass
@@ -74,17 +55,21 @@ class _Inflight:
     num_skip_chars: int = 0  # re-dispatched: text the client already has, dropped once
     model_id: str = ""
     prompt_text: str = ""  # echo: sent on the first chunk
+    ttft_slo_ms: float = 0.0  # its targets (services/slo.py), for the worker's tightest
+    tpot_slo_ms: float = 0.0
 
 
 class EngineLoop:
     def __init__(self, engine, worker_id: str, loop: asyncio.AbstractEventLoop,
-                 publish: Callable[[list[tuple[str, bytes]]], None]):
+                 publish: Callable[[list[tuple[str, bytes]]], None], template: WorkerState | None = None):
         self.engine = engine
         self.worker_id = worker_id
         self.loop = loop
         self.publish = publish  # called in the asyncio loop with [(subject, payload)]
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.snapshot = Snapshot()
+        self.meter = StateMeter(template or WorkerState(worker_id))
+        self.state = self.meter.template  # the latest record: written by this thread, read by telemetry
+        self.private_weight_bytes = 0  # "load" mode: weights copied into this process
         self._inflight: dict[str, _Inflight] = {}
         self._ttft_ms: deque[float] = deque(maxlen=64)
         self._tpot_ms: deque[float] = deque(maxlen=256)
@@ -229,7 +214,8 @@ class EngineLoop:
                 logprobs=req.logprobs if req.logprobs >= 0 else None, json_schema=req.json_schema or None,
             )
             self.engine.add_request(req.request_id, req.model_id, params=params, arrival_s=req.arrival_s or None,
-                                    prompt_token_ids=prepared.token_ids)
+                                    prompt_token_ids=prepared.token_ids, tenant=req.tenant,
+                                    ttft_slo_s=req.ttft_slo_ms / 1000.0 or None, tpot_slo_s=req.tpot_slo_ms / 1000.0 or None)
         except C2CError as exc:
             log.info("[req=%s] rejected: %s", req.request_id, exc)
             self._send([(reply, _error_chunk(req.request_id, self.worker_id, exc.code, str(exc), req.epoch,
@@ -238,7 +224,8 @@ class EngineLoop:
         self._inflight[req.request_id] = _Inflight(reply, req.arrival_s, pending[2], epoch=req.epoch,
                                                    num_resumed=prepared.num_resumed,
                                                    num_skip_chars=prepared.num_skip_chars,
-                                                   model_id=req.model_id)
+                                                   model_id=req.model_id, ttft_slo_ms=req.ttft_slo_ms,
+                                                   tpot_slo_ms=req.tpot_slo_ms)
         if req.echo and not prepared.num_resumed:
             tokenizer = self.engine.tokenizer(req.model_id)
             self._inflight[req.request_id].prompt_text = tokenizer.decode(prepared.token_ids, skip_special_tokens=False)
@@ -285,7 +272,10 @@ class EngineLoop:
             return
         finally:
             self._busy_since_s = None
-            self._step_s += time.monotonic() - step_start_s
+            step_s = time.monotonic() - step_start_s
+            self._step_s += step_s
+            model_id, self.engine.last_step_model = self.engine.last_step_model, None
+            self.meter.on_step(model_id, step_s, self.engine.step_read_bytes(model_id))
         batch = [self._chunk_of(out, step_start_s) for out in outputs if self._is_ours(out)]
         if batch:
             self._send(batch)
@@ -359,6 +349,7 @@ class EngineLoop:
         self.loop.call_soon_threadsafe(self.publish, batch)
 
     def _maybe_snapshot(self) -> None:
+        """The worker's state record, from the engine's counters and the requests in flight."""
         now_s = time.monotonic()
         if now_s - self._last_stats_s < _STATS_EVERY_S:
             return
@@ -367,20 +358,30 @@ class EngineLoop:
         self._measure_prefill(int(_stat(stats, "num_prefill_tokens", 0)))
         per_model = _stat(stats, "per_model", {}) or {}
         mapped = [m for m, st in per_model.items() if _stat(st, "is_loaded", True)]
-        self.snapshot = Snapshot(
-            t_s=time.time(), models=mapped,
+        with_work = [m for m, st in per_model.items() if _stat(st, "num_running", 0) + _stat(st, "num_waiting", 0)]
+        self.private_weight_bytes = int(_stat(stats, "private_weight_bytes", 0))
+        cached = dict(_stat(stats, "cached_fraction", {}) or {})
+        self.state = self.meter.build(
+            with_work, t_s=time.time(), models=mapped, cached_fraction={m: cached.get(m, 0.0) for m in mapped},
             num_running=int(_stat(stats, "num_running", 0)), num_waiting=int(_stat(stats, "num_waiting", 0)),
+            max_num_seqs=int(_stat(stats, "max_num_seqs", self.meter.template.max_num_seqs)),
             kv_free_frac=1.0 - float(_stat(stats, "kv_used_frac", 0.0)),
             ttft_p50_ms=statistics.median(self._ttft_ms) if self._ttft_ms else None,
             tpot_p50_ms=statistics.median(self._tpot_ms) if self._tpot_ms else None,
             num_finished=self._num_finished, num_aborted=self._num_aborted,
             request_ids=[*self._preparing, *self._inflight],
             request_epochs=[p[0] for p in self._preparing.values()] + [i.epoch for i in self._inflight.values()],
-            private_weight_bytes=int(_stat(stats, "private_weight_bytes", 0)),
-            cached_fraction=dict(_stat(stats, "cached_fraction", {}) or {}),
             queued_prefill_tokens=int(_stat(stats, "num_queued_prefill_tokens", 0)),
-            prefill_tokens_per_s=self._prefill_tokens_per_s,
+            prefill_tokens_per_s=self._prefill_tokens_per_s, oldest_wait_ms=self._oldest_wait_ms(now_s),
+            ttft_slo_ms=min((i.ttft_slo_ms for i in self._inflight.values() if i.ttft_slo_ms > 0), default=0.0),
+            tpot_slo_ms=min((i.tpot_slo_ms for i in self._inflight.values() if i.tpot_slo_ms > 0), default=0.0),
         )
+
+    def _oldest_wait_ms(self, now_s: float) -> float | None:
+        """Age of the oldest request here without its first token (None: there is none)."""
+        received = [p[2] for p in self._preparing.values()]
+        received += [i.received_s for i in self._inflight.values() if i.last_token_s == 0.0]
+        return 1000.0 * (now_s - min(received)) if received else None
 
     def _measure_prefill(self, num_prefill_tokens: int) -> None:
         """Prefill tokens per second of step time, averaged over the windows that prefilled."""

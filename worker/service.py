@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 
+import msgspec
 from nats.aio.msg import Msg
 
 from services import catalog, keys, natsutil, schemas, subjects
@@ -39,7 +40,7 @@ from services.schemas import (
     SubmitRequest,
     TokenChunk,
     WorkerInfo,
-    WorkerTelemetry,
+    WorkerState,
 )
 from worker.heartbeat import Heartbeat
 from worker.slices import SliceSpec, apply_slice, discover_slices
@@ -97,7 +98,13 @@ class WorkerService:
         log.info("loading the compiled CPU kernels (a cold Numba cache compiles them first: about 75 s of CPU; "
                  "`python -m c2c_kernels.precompile` does that ahead, with progress)")
         await natsutil.in_daemon_thread(engine.warmup)  # kernels from the cache the launcher filled
-        self.loop_thread = EngineLoop(engine, self.worker_id, asyncio.get_running_loop(), self._out.put_nowait)
+        template = WorkerState(
+            worker_id=self.worker_id, node=self.config.node, gpu=self.spec.gpu, backend=self.spec.backend,
+            max_num_seqs=self.config.max_num_seqs, pinned_models=self.config.pinned_models,
+            residency=self.config.residency, incarnation=self.incarnation)
+        self.loop_thread = EngineLoop(engine, self.worker_id, asyncio.get_running_loop(), self._out.put_nowait,
+                                      template)
+        self.loop_thread.meter.start_probe()
         await self._add_pinned_models()
         self.loop_thread.start()
         natsutil.spawn(self._publisher(), self._tasks, "chunk publisher")
@@ -245,19 +252,9 @@ class WorkerService:
                 log.warning("%s failed: %s", action.__name__, exc)
 
     async def _telemetry(self, is_stopping: bool = False) -> None:
-        """c2c.telemetry.<id> (WorkerTelemetry) from the engine thread's latest snapshot."""
-        s = self.loop_thread.snapshot
-        t = WorkerTelemetry(
-            worker_id=self.worker_id, node=self.config.node, gpu=self.spec.gpu, backend=self.spec.backend,
-            t_s=time.time(), models=s.models, cached_fraction={m: s.cached_fraction.get(m, 0.0) for m in s.models},
-            num_running=s.num_running, num_waiting=s.num_waiting, max_num_seqs=self.config.max_num_seqs,
-            kv_free_frac=s.kv_free_frac, ttft_p50_ms=s.ttft_p50_ms, tpot_p50_ms=s.tpot_p50_ms,
-            pinned_models=self.config.pinned_models, residency=self.config.residency,
-            num_finished=s.num_finished, num_aborted=s.num_aborted, request_ids=s.request_ids,
-            is_stopping=is_stopping, request_epochs=s.request_epochs, stalled_s=self.loop_thread.stalled_s(),
-            queued_prefill_tokens=s.queued_prefill_tokens, prefill_tokens_per_s=s.prefill_tokens_per_s,
-            incarnation=self.incarnation,
-        )
+        """c2c.telemetry.<id> (WorkerState): the engine thread's latest record of this worker."""
+        t = msgspec.structs.replace(self.loop_thread.state, t_s=time.time(), is_stopping=is_stopping,
+                                    stalled_s=self.loop_thread.stalled_s())
         await self.nc.publish(subjects.telemetry(self.worker_id), schemas.encode(t))
 
     async def _abort_orphans(self) -> None:
@@ -285,7 +282,7 @@ class WorkerService:
             slice_profile=self.spec.profile, memory_bytes=self.spec.memory_bytes,
             backend=self.spec.backend, residency=self.config.residency,
             pinned_models=self.config.pinned_models, started_s=self._started_s,
-            private_weight_bytes=self.loop_thread.snapshot.private_weight_bytes,
+            private_weight_bytes=self.loop_thread.private_weight_bytes,
         )
         row = {k: (",".join(v) if isinstance(v, list) else str(v)) for k, v in schemas.to_json_dict(info).items()}
         row.setdefault("private_weight_bytes", "0")  # always there, 0 included (host mode)
