@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from services import slo
 from services.errors import C2CError
 from services.logutil import redact
 
@@ -37,8 +38,13 @@ class CommonConfig:
     connect_timeout_s: float = field(default=20.0, metadata=_help("retry NATS/Redis this long"))
     model_roots: str = field(default="", metadata=_help(
         "comma-separated folders that catalog paths must lie under (empty: no confinement)"))
+    ttft_slo_ms: float = field(default=slo.DEFAULT_TTFT_SLO_MS, metadata=_help(
+        "TTFT SLO of a standard request to a model without its own (services/slo.py), in ms"))
+    tpot_slo_ms: float = field(default=slo.DEFAULT_TPOT_SLO_MS, metadata=_help(
+        "time per output token SLO of a standard request, in ms"))
 
     def validate(self) -> None:
+        _check(self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0, "ttft_slo_ms", "SLOs must be > 0")
         _check(all(u.strip().startswith(("nats://", "tls://")) for u in self.nats_url.split(",")),
                "nats_url", "must be nats://HOST:PORT (or several, comma-separated)")
         _check(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "redis_url", "must be redis://HOST:PORT/DB")
@@ -89,12 +95,7 @@ class PlacerConfig(CommonConfig):
 
 @dataclass(frozen=True)
 class ControllerConfig(CommonConfig):
-    ttft_slo_ms: float = field(default=1000.0, metadata=_help("TTFT SLO in ms"))
-    tpot_slo_ms: float = field(default=200.0, metadata=_help("time per output token SLO in ms"))
-
-    def validate(self) -> None:
-        super().validate()
-        _check(self.ttft_slo_ms > 0 and self.tpot_slo_ms > 0, "ttft_slo_ms", "SLOs must be > 0")
+    pass
 
 
 @dataclass(frozen=True)

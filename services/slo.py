@@ -2,7 +2,8 @@
 the controller.
 
 A request's TTFT and TPOT targets are its model's SLO (catalog fields `ttft_slo_ms`,
-`tpot_slo_ms`; 0 = the system default below) scaled by its class:
+`tpot_slo_ms`; 0 = the deployment's default, `C2C_TTFT_SLO_MS` / `C2C_TPOT_SLO_MS`, which
+the controller reads too) scaled by its class:
 
 | class | TTFT | TPOT | meant for |
 |---|---|---|---|
@@ -61,11 +62,14 @@ def resolve(request_class: str | None, model_class: str = "", model_ttft_ms: flo
     return SLOTarget(slo_class, ttft_ms, tpot_ms)
 
 
-def apply(submit, entry) -> SLOTarget:
-    """Resolve a SubmitRequest's SLO against its catalog entry and write it in place
+def apply(submit, entry, default_ttft_ms: float = DEFAULT_TTFT_SLO_MS,
+          default_tpot_ms: float = DEFAULT_TPOT_SLO_MS) -> SLOTarget:
+    """Resolve a SubmitRequest's SLO against its catalog entry and the deployment's
+    defaults (`C2C_TTFT_SLO_MS`, `C2C_TPOT_SLO_MS`) and write it in place
     (`submit.slo_class` holds the request's own class, or "" when it named none)."""
     request_class = submit.slo_class if submit.slo_class in CLASS_SCALE else None
-    target = resolve(request_class, entry.slo_class, entry.ttft_slo_ms, entry.tpot_slo_ms)
+    target = resolve(request_class, entry.slo_class, entry.ttft_slo_ms or default_ttft_ms,
+                     entry.tpot_slo_ms or default_tpot_ms)
     submit.slo_class, submit.ttft_slo_ms, submit.tpot_slo_ms = target.slo_class, target.ttft_ms, target.tpot_ms
     return target
 
