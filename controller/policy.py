@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from services.knobs import Knobs
 from services.schemas import WorkerState
 from services.slo import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS
 
@@ -39,15 +40,6 @@ from services.slo import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS
 class SLO:
     ttft_ms: float = DEFAULT_TTFT_SLO_MS
     tpot_ms: float = DEFAULT_TPOT_SLO_MS
-
-
-@dataclass
-class Knobs:
-    chunk_size: int = 256
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    decode_threshold: int = 16
-    rho_cap: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from services import slo
 from services.errors import C2CError
+from services.knobs import DEFAULT_KNOBS
 from services.logutil import redact
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,10 @@ class WorkerConfig(CommonConfig):
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda"))
     residency: str = field(default="host", metadata=_help("host | load | dedicated"))
     worker_models: str = field(default="", metadata=_help("dedicated: comma-separated model ids pinned here"))
-    max_num_seqs: int = field(default=16, metadata=_help("batch cap"))
-    max_num_batched_tokens: int = field(default=512, metadata=_help("token budget per step"))
-    chunk_size: int = field(default=256, metadata=_help("prefill chunk"))
+    max_num_seqs: int = field(default=DEFAULT_KNOBS.max_num_seqs, metadata=_help("batch cap"))
+    max_num_batched_tokens: int = field(default=DEFAULT_KNOBS.max_num_batched_tokens,
+                                        metadata=_help("token budget per step"))
+    chunk_size: int = field(default=DEFAULT_KNOBS.chunk_size, metadata=_help("prefill chunk"))
     kv_cache_bytes: int = field(default=256 << 20, metadata=_help("KV cache bytes per model"))
     load_budget_bytes: int = field(default=0, metadata=_help("residency=load: private weight bytes (0: no limit)"))
     num_threads: int = field(default=0, metadata=_help("torch threads (0: every core of the slice)"))

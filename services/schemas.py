@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from services.knobs import DEFAULT_KNOBS
+
 T = TypeVar("T")
 
 
@@ -165,7 +167,7 @@ class WorkerState(msgspec.Struct, **_HOT):
     cached_fraction: dict[str, float] = {}
     num_running: int = 0
     num_waiting: int = 0
-    max_num_seqs: int = 16
+    max_num_seqs: int = DEFAULT_KNOBS.max_num_seqs
     kv_free_frac: float = 1.0
     link_util: float = 0.0
     link_gbps: float = 0.0

@@ -11,10 +11,7 @@ host and HBM reads overlap (HybridGEMM reads both at once); compute overlaps mem
 from __future__ import annotations
 
 import math
-import re
-import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 GB = 1e9
 GIB = 1024**3
@@ -31,27 +28,13 @@ HOST_READ_GBPS_PER_SM = 10.0  # host reads a kernel sustains per SM over C2C (as
 STEP_OVERHEAD_S = 0.002  # launch + sampling + scheduling per step (assumed)
 PCIE5_GBPS = 55.0  # PCIe Gen5 x16 measured ~55-64 GB/s/dir (public); the sensitivity loader rate
 
-KERNELS_CPU_RESULT = Path(__file__).resolve().parent.parent / "bench" / "results" / "kernels_cpu.txt"
-
-
-def measured_stream_efficiency(path: Path = KERNELS_CPU_RESULT) -> tuple[float, str]:
-    """Fraction of the available bandwidth a streaming GEMV reaches, and its source.
-
-    Ours: the median %roof of the M=1 decode rows of `c2cserve bench kernels` (each row
-    capped at 100%: higher readings are cache effects), i.e. how close our output-
-    stationary kernel gets to the memory roofline. 1.0 ("assumed") without that file.
-    """
-    try:
-        text = path.read_text()
-    except OSError:
-        return 1.0, "assumed"
-    rows = [min(100.0, float(m)) for m in re.findall(r"\s1 decode\s+[\d.]+ GB/s\s+(\d+)%", text)]
-    if not rows:
-        return 1.0, "assumed"
-    return statistics.median(rows) / 100.0, f"median of {len(rows)} M=1 rows of {path.name}"
-
-
-STREAM_EFFICIENCY, STREAM_EFFICIENCY_SOURCE = measured_stream_efficiency()
+# Fraction of the available bandwidth a streaming GEMV reaches: the median %roof (rows
+# capped at 100%) of the 8 M=1 decode rows of `c2cserve bench kernels` in
+# bench/results/kernels_cpu.txt, i.e. how close our output-stationary kernel gets to the
+# memory roofline. An input of the model, documented here; re-measure and update it when
+# the kernels change (docs/cost_model.md).
+STREAM_EFFICIENCY = 0.80
+STREAM_EFFICIENCY_SOURCE = "median of the 8 M=1 rows of bench/results/kernels_cpu.txt"
 
 # ---- serverless baseline -------------------------------------------------------------
 SLLM_LOADER_GBPS = C2C_GBPS * C2C_EFFICIENCY  # generous: loads at the measured memcpy rate

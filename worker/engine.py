@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.errors import ContextLengthExceeded, ErrorCode, InvalidRequest, ModelNotFound
+from services.knobs import DEFAULT_KNOBS
 from worker.checkpoint import load_config
 from worker.sampling import SampleContext, check_params, is_plain
 from worker.scheduler import Scheduler, SchedulerConfig
@@ -60,9 +61,9 @@ class SamplingParams:
 @dataclass
 class EngineConfig:
     block_size: int = 16
-    max_num_seqs: int = 16            # batch cap
-    max_num_batched_tokens: int = 512 # token budget per step
-    chunk_size: int = 256             # prefill chunk (runtime knob)
+    max_num_seqs: int = DEFAULT_KNOBS.max_num_seqs  # batch cap (runtime knobs: services/knobs.py)
+    max_num_batched_tokens: int = DEFAULT_KNOBS.max_num_batched_tokens
+    chunk_size: int = DEFAULT_KNOBS.chunk_size
     kv_cache_bytes: int = 256 * MiB   # per model
     residency: str = "host"           # "host" | "load"
     load_budget_bytes: int | None = None   # "load": private weight memory, LRU

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.knobs import DEFAULT_KNOBS
 from worker import step_policy
 from worker.block_manager import BlockManager
 from worker.sequence import Sequence, SequenceStatus
@@ -25,9 +26,9 @@ from worker.sequence import Sequence, SequenceStatus
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    chunk_size: int = 256
+    max_num_seqs: int = DEFAULT_KNOBS.max_num_seqs
+    max_num_batched_tokens: int = DEFAULT_KNOBS.max_num_batched_tokens
+    chunk_size: int = DEFAULT_KNOBS.chunk_size
 
 
 @dataclass
