@@ -1,11 +1,14 @@
 """The gateway's aiohttp application: OpenAI-compatible HTTP in front of NATS.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream or not), GET /v1/models,
-GET /health, GET /ready?model=ID, GET /metrics. Errors are mapped in one middleware
-(gateway.errors). A request is bounded before anything is published: its body by what
-one bus message carries (413), its prompt by the model's context window, every value by
-its range (openai_api). A stream waits for its first chunk before sending headers, so a
-request that fails before producing a token still gets its proper HTTP status and error body.
+GET /v1/usage (the caller's tenant), GET /health, GET /ready?model=ID, GET /metrics. With a
+tenants file (gateway.tenancy) keys name tenants, another tenant's private model answers 404
+as an unknown one does, and each generation holds a rate-limit ticket until it ends.
+Errors are mapped in one middleware (gateway.errors). A request is bounded before anything
+is published: its body by what one bus message carries (413), its prompt by the model's
+context window, every value by its range (openai_api). A stream waits for its first chunk
+before sending headers, so a request that fails before producing a token still gets its
+proper HTTP status and error body.
 """
 
 from __future__ import annotations
@@ -22,15 +25,18 @@ from gateway import openai_api
 from gateway.core import GatewayCore, RequestStream, error_of
 from gateway.errors import RETRY_AFTER_S, error_middleware, error_payload
 from gateway.metrics import GatewayMetrics
-from services import keys, natsutil
+from gateway.tenancy import TenantGate
+from services import keys, natsutil, slo
 from services.config import GatewayConfig
-from services.errors import C2CError, ErrorCode, RequestTooLarge
+from services.errors import C2CError, ErrorCode, ModelNotFound, RequestTooLarge
 from services.schemas import FINISH_REASON_TEXT, RequestKind
+from services.tenants import Tenant
 
 log = logging.getLogger(__name__)
 CORE = web.AppKey("core", GatewayCore)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 CONFIG = web.AppKey("config", GatewayConfig)
+TENANCY = web.AppKey("tenancy", TenantGate)
 _DONE = b"data: [DONE]\n\n"
 _REDIS_TIMEOUT_S = 1.0  # /health and /ready answer 503 after this, never hang on Redis
 _LIVE_FOR_S = 1.0  # a healthy answer is reused this long
@@ -88,10 +94,13 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[METRICS] = GatewayMetrics()
     app[RETRY_AFTER_S] = config.retry_after_s
     app[LIVENESS] = Liveness()
+    app[TENANCY] = TenantGate(config, app[METRICS].registry)
     app.cleanup_ctx.append(_core_ctx)
+    app.cleanup_ctx.append(_tenancy_ctx)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/usage", usage)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
@@ -106,10 +115,23 @@ async def _core_ctx(app: web.Application):
     await core.stop()
 
 
-def _check_auth(request: web.Request) -> None:
-    key = request.app[CONFIG].api_key
-    if key and request.headers.get("Authorization", "") != f"Bearer {key}":
-        raise C2CError("Incorrect API key provided", code=ErrorCode.UNAUTHORIZED)
+async def _tenancy_ctx(app: web.Application):
+    await app[TENANCY].start(app[CORE].redis)  # a bad tenants file stops the gateway here
+    yield
+    await app[TENANCY].stop()
+
+
+def _check_auth(request: web.Request) -> Tenant | None:
+    """The caller's tenant (None without a tenants file); 401 for a missing or wrong key."""
+    return request.app[TENANCY].authenticate(request.headers.get("Authorization", ""))
+
+
+async def _check_visible_model(request: web.Request, model_id: str, tenant: Tenant | None):
+    """The catalog entry; another tenant's private model raises the unknown model's 404."""
+    entry = await request.app[CORE].check_model(model_id)
+    if not request.app[TENANCY].is_visible(entry, tenant):
+        raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+    return entry
 
 
 async def _read_json(request: web.Request):
@@ -136,21 +158,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, kind: RequestKind) -> web.StreamResponse:
-    _check_auth(request)
+    tenant = _check_auth(request)
     req = openai_api.parse_request(kind, await _read_json(request))
     core = request.app[CORE]
-    entry = await core.check_model(req.model)
+    entry = await _check_visible_model(request, req.model, tenant)
     openai_api.check_context(req, entry.context_window)
+    for submit in req.choice_submits:  # every choice's own request (n, prompt arrays)
+        submit.tenant = tenant.name if tenant is not None else ""
+        slo.apply(submit, entry, request.app[CONFIG].ttft_slo_ms, request.app[CONFIG].tpot_slo_ms)  # one source
     choices = req.choices()  # n x prompts requests of their own (gateway.openai_extras)
     for choice in choices:
         openai_api.check_context(choice, entry.context_window)
         openai_api.check_bus_size(choice.submit, core.nc.max_payload)  # nothing published can fail to encode
-    async with contextlib.AsyncExitStack() as opened:
-        streams = [await opened.enter_async_context(core.open(choice)) for choice in choices]
-        firsts = await _first_chunks(streams)
-        if req.stream:
-            return await _stream_response(request, req, streams, firsts)
-        return await _full_response(req, streams, firsts)
+    async with request.app[TENANCY].admit(tenant, req) as ticket:  # 429 over a limit; released on any exit
+        async with contextlib.AsyncExitStack() as opened:
+            streams = [await opened.enter_async_context(core.open(choice)) for choice in choices]
+            for stream in streams:
+                ticket.watch(stream)
+            firsts = await _first_chunks(streams)
+            if req.stream:
+                return await _stream_response(request, req, streams, firsts)
+            return await _full_response(req, streams, firsts)
 
 
 async def _first_chunks(streams: list[RequestStream]) -> list:
@@ -330,13 +358,22 @@ async def _write_stream(response: web.StreamResponse, req, streams: list[Request
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: the catalog (refreshed from Redis)."""
-    _check_auth(request)
-    core = request.app[CORE]
+    """GET /v1/models: the catalog (refreshed from Redis), less other tenants' private models."""
+    tenant = _check_auth(request)
+    core, tenancy = request.app[CORE], request.app[TENANCY]
     await core.refresh_catalog()
-    data = [{"id": e.model_id, "object": "model", "created": e.created_s, "owned_by": e.owner}
-            for e in sorted(core.models.values(), key=lambda e: e.model_id)]
+    data = [{"id": e.model_id, "object": "model", "created": e.created_s, "owned_by": tenancy.owner(e)}
+            for e in sorted(core.models.values(), key=lambda e: e.model_id) if tenancy.is_visible(e, tenant)]
     return web.json_response({"object": "list", "data": data})
+
+
+async def usage(request: web.Request) -> web.Response:
+    """GET /v1/usage: the caller's tenant's requests and tokens per model (shared by every
+    gateway, in Redis), its limits and requests in flight; 404 without a tenants file."""
+    tenant = _check_auth(request)
+    if tenant is None:  # as before tenants existed: no such route
+        raise web.HTTPNotFound()
+    return web.json_response(await request.app[TENANCY].usage(tenant))
 
 
 async def health(request: web.Request) -> web.Response:
