@@ -104,3 +104,23 @@ async def test_without_a_file_one_optional_key_serves_all(redis):
     assert keyed.authenticate("Bearer sk-one") is None
     with pytest.raises(C2CError):
         keyed.authenticate("Bearer sk-two")
+
+
+async def test_without_a_file_the_api_is_as_before(aiohttp_client, servers):
+    from gateway.app import create_app
+    from services.config import load_config
+
+    env = {"C2C_NATS_URL": servers.nats_url, "C2C_REDIS_URL": servers.redis_url}
+    client = await aiohttp_client(create_app(load_config(GatewayConfig, environ=env, log_it=False)))
+    resp = await client.get("/v1/usage")
+    assert resp.status == 404  # no such route, as before tenants
+    assert (await resp.json())["error"]["message"] == "Invalid URL (GET /v1/usage)"
+    assert (await client.get("/v1/models")).status == 200  # no key needed
+
+
+def test_up_banner_names_the_tenants_file():
+    from services.launcher import banner
+
+    lines = "\n".join(banner("http://127.0.0.1:8000", ["m"], 1, "host", False, "/etc/c2c/tenants.yaml"))
+    assert "tenants from /etc/c2c/tenants.yaml" in lines and "Bearer $TENANT_KEY" in lines
+    assert "tenants" not in "\n".join(banner("http://127.0.0.1:8000", ["m"], 1, "host", False))
