@@ -37,9 +37,14 @@ from c2c_kernels.cpu_gemv import (
 
 _decode_threshold = 16
 # Below this many weight bytes x M a decode call always runs on the calling thread:
-# waking the thread pool (~50 us on the 2-core VM) costs more than the read. Above it,
-# `serial_or_threaded` picks the way by measured speed (a busy machine favours serial).
+# waking the thread pool (~50 us on the 2-core VM) costs more than the read. Above it, a
+# one-token GEMV (memory-bound) runs the way `serial_or_threaded` measures faster (a busy
+# machine favours serial); a batch (M > 1, compute-bound: two threads also get a larger
+# share of a busy CPU) runs threaded from SKINNY_SERIAL_MAX_BYTES up, as before. Measured
+# on the loaded 2-core VM (0.5B, load average 3-4): batch-8 steps were 287 ms with that
+# rule vs 331 ms with the measured choice; batch 1 gained (decode 8.3 -> 10.1 tok/s).
 SERIAL_MAX_BYTES = 512 * 1024
+SKINNY_SERIAL_MAX_BYTES = 4 * 1024 * 1024
 _WAYS = serial_or_threaded.SerialOrThreaded()
 _thread_state = threading.local()  # numba's thread count is a per-thread setting
 
@@ -77,8 +82,9 @@ def _decode_linear(x: torch.Tensor, w: torch.Tensor, w16: np.ndarray, num_thread
     m = x.shape[0]
     work = w16.nbytes * m  # the arithmetic grows with M, so threads pay off sooner for a batch
     y = torch.empty(m, w.shape[0], dtype=torch.float32)  # [M, N]; 1-3 tail rows: no padding
-    if work < SERIAL_MAX_BYTES or num_threads == 1:
-        _run_decode(x.numpy(), w16, y.numpy(), m, True, num_threads)
+    if work < SERIAL_MAX_BYTES or num_threads == 1 or m > 1:
+        is_serial = work < (SERIAL_MAX_BYTES if m == 1 else SKINNY_SERIAL_MAX_BYTES) or num_threads == 1
+        _run_decode(x.numpy(), w16, y.numpy(), m, is_serial, num_threads)
         return y
     key, is_serial = _WAYS.choose(work)
     start_s = time.perf_counter()
@@ -161,9 +167,13 @@ class Int8Weight:
         num_threads = _sync_threads()
         y = torch.empty(x.shape[0], self.q.shape[0], dtype=torch.float32)  # [M, N]
         args = (x.numpy(), self.q.numpy(), self.scale.numpy(), y.numpy())
-        work = self.q.numel() * x.shape[0]
-        if work < SERIAL_MAX_BYTES or num_threads == 1:
-            gemv_int8_serial(*args)
+        work, m = self.q.numel() * x.shape[0], x.shape[0]
+        if work < SERIAL_MAX_BYTES or num_threads == 1 or m > 1:  # the bf16 rules (_decode_linear)
+            if work < (SERIAL_MAX_BYTES if m == 1 else SKINNY_SERIAL_MAX_BYTES // 2) or num_threads == 1:
+                gemv_int8_serial(*args)
+            else:
+                with PARALLEL_LOCK:
+                    gemv_int8(*args, num_threads)
             return y
         key, is_serial = _WAYS.choose(2 * work)  # 2x: the size class of the bf16 read it replaces
         start_s = time.perf_counter()

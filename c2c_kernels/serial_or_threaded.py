@@ -1,4 +1,4 @@
-"""Serial or threaded: which way a decode kernel call runs, chosen by measured speed.
+"""Serial or threaded: which way a one-token decode GEMV runs, chosen by measured speed.
 
 Why: on a small CPU slice that other processes share, a threaded call waits for its
 slowest thread, and a thread whose core is busy elsewhere gets only time slices. On the

@@ -60,6 +60,7 @@ def test_skinny_batches_of_every_tail_size(m, n, monkeypatch):
     x, w, bias = make(m, n, 37, torch.bfloat16, seed=m * n)
     assert_close(kernels.linear(x, w, bias), x, w, bias)           # serial (small)
     monkeypatch.setattr(kernels, "SERIAL_MAX_BYTES", 0)
+    monkeypatch.setattr(kernels, "SKINNY_SERIAL_MAX_BYTES", 0)
     monkeypatch.setattr(serial_or_threaded, "FORCED", "threaded")
     assert_close(kernels.linear(x, w, bias), x, w, bias)           # threaded
 
@@ -71,8 +72,9 @@ def test_parallel_decode_path_on_a_large_matrix(m, monkeypatch):
     monkeypatch.setattr(kernels, "SERIAL_MAX_BYTES", 512 * 1024)
     x, w, bias = make(m, 601, 520, torch.bfloat16, seed=m)
     assert w.numel() * 2 > kernels.SERIAL_MAX_BYTES
-    for way in ("threaded", "serial", None):  # None: the measured choice
+    for way in ("threaded", "serial", None):  # None: the measured choice (M = 1)
         monkeypatch.setattr(serial_or_threaded, "FORCED", way)
+        monkeypatch.setattr(kernels, "SKINNY_SERIAL_MAX_BYTES", 1 << 40 if way == "serial" else 0)
         assert_close(kernels.linear(x, w, bias), x, w, bias)
 
 

@@ -28,6 +28,7 @@ def test_quantize_int8_rounds_each_row_to_its_own_scale():
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
 def test_int8_linear_matches_float64_on_the_dequantized_weights(m, way, monkeypatch):
     monkeypatch.setattr(kernels, "SERIAL_MAX_BYTES", 0)
+    monkeypatch.setattr(kernels, "SKINNY_SERIAL_MAX_BYTES", 1 << 40 if way == "serial" else 0)
     monkeypatch.setattr(serial_or_threaded, "FORCED", way)
     g = torch.Generator().manual_seed(m)
     x, w, bias = torch.randn(m, 301, generator=g), torch.randn(203, 301, generator=g), torch.randn(203, generator=g)
