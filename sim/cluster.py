@@ -179,7 +179,8 @@ class Instance:
 class LoadFlow:
     """A copy of weights over the link (loading baselines)."""
 
-    __slots__ = ("instance", "model", "remaining_bytes", "t_last", "alloc_gbps", "demand_gbps", "version", "tag", "nbytes")
+    __slots__ = ("instance", "model", "remaining_bytes", "t_last", "alloc_gbps", "demand_gbps", "version", "tag",
+                 "nbytes", "weight")
 
     def __init__(self, instance: Instance, model: int, nbytes: float, demand_gbps: float):
         self.instance, self.model = instance, model
@@ -189,6 +190,7 @@ class LoadFlow:
         self.demand_gbps = demand_gbps
         self.version = 0
         self.tag = "load"
+        self.weight = 1.0  # its share of a contended link against instances (weight = units)
 
     def advance(self, t_s: float) -> None:
         self.remaining_bytes = max(0.0, self.remaining_bytes - (t_s - self.t_last) * self.alloc_gbps * GB)

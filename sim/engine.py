@@ -224,7 +224,7 @@ class Simulator:
         flows = gpu.instances + gpu.loads
         for flow in flows:
             flow.advance(self.now)
-        weights = [float(f.prof.units) for f in gpu.instances] + [1.0] * len(gpu.loads)
+        weights = [float(f.prof.units) for f in gpu.instances] + [f.weight for f in gpu.loads]
         demands = [f.demand_gbps for f in flows]
         gpu.demand_gbps = sum(demands)
         shares = water_fill(demands, gpu.link_gbps, weights)
@@ -247,10 +247,11 @@ class Simulator:
             self._push(t_next, _INSTANCE, inst, inst.version)
 
     # ---------------------------------------------------------------- loads
-    def start_load(self, inst: Instance, model: int, nbytes: float, demand_gbps: float, tag: str = "load") -> LoadFlow:
+    def start_load(self, inst: Instance, model: int, nbytes: float, demand_gbps: float, tag: str = "load",
+                   weight: float = 1.0) -> LoadFlow:
         flow = LoadFlow(inst, model, nbytes, demand_gbps)
         flow.t_last = self.now
-        flow.tag = tag
+        flow.tag, flow.weight = tag, weight
         inst.gpu.loads.append(flow)
         self.reshare(inst.gpu)
         return flow

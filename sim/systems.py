@@ -46,6 +46,7 @@ from sim.planning import plan_for
 QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batches
 NEW_SLICE_MARGIN_S = 0.02  # a new slice must beat the best existing one by this much TTFT
 BESIDE_MARGIN = 0.25  # a model joins a busy slice only if the cycle stays within this x its TPOT SLO
+FILL_WEIGHT = 1.0  # a progressive fill's link share, per unit of its slice, against the slice's streaming
 FILL_PIECES = 4  # progressive caching copies a model's tiles in this many steps (rho rises per piece)
 
 
@@ -290,7 +291,7 @@ class C2CServe(System):
         if any(f.model == model for f in inst.gpu.loads if f.instance is inst):
             return  # a fill or prewarm of it is under way
         piece = max(missing / FILL_PIECES, spec.weight_bytes / (4 * FILL_PIECES))
-        sim.start_load(inst, model, min(piece, missing), self.fill_gbps, tag="fill")
+        sim.start_load(inst, model, min(piece, missing), self.fill_gbps, tag="fill", weight=FILL_WEIGHT * inst.prof.units)
 
     def rho_of(self, inst: Instance, model: int) -> float:
         cached = inst.cached_bytes.get(model, 0.0)
