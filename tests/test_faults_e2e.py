@@ -225,10 +225,11 @@ async def test_telemetry_reports_the_measured_prefill_rate(cluster, model_dir):
 
 
 def test_a_bug_while_admitting_still_answers_the_client(model_dir):
-    """A non-C2C exception in the engine's add_request (run by the "admit" command) ends
+    """A non-C2C exception in the engine's add_request (run by the Admit command) ends
     that request with an error chunk instead of leaving its client waiting."""
     import queue as queue_mod
 
+    from worker.commands import Submit
     from worker.engine import Engine
     from worker.engine_loop import EngineLoop
 
@@ -250,7 +251,7 @@ def test_a_bug_while_admitting_still_answers_the_client(model_dir):
     loop.start()
     try:
         req = SubmitRequest(request_id="bug-1", model_id=model_dir.name, prompt="hi", max_tokens=2, epoch=1)
-        loop.submit(("submit", req, "inbox.bug-1"))
+        loop.submit(Submit(req, "inbox.bug-1"))
         reply, payload = sent.get(timeout=WAIT_S)[0]
         chunk = schemas.decode(TokenChunk, payload)
         assert reply == "inbox.bug-1" and chunk.is_final and chunk.error_code and chunk.epoch == 1

@@ -35,6 +35,7 @@ from services.schemas import (
     WorkerState,
 )
 from worker.admission import Admission
+from worker.commands import Abort, AddModel, Admit, Command, Control, Evict, Prewarm, Submit, Wake
 from worker.state import StateMeter
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class EngineLoop:
         self._aborted: set[str] = set()  # requests whose engine abort output is still to come (not theirs)
         # request id -> (epoch, reply, monotonic time received) while its prompt is prepared
         self._preparing: dict[str, tuple[int, str, float]] = {}
-        self.admission = Admission(engine, worker_id, lambda *done: self.commands.put(("admit", *done)))
+        self.admission = Admission(engine, worker_id, lambda *done: self.commands.put(Admit(*done)))
 
     def start(self) -> None:
         self._thread.start()
@@ -95,7 +96,7 @@ class EngineLoop:
         (the thread is a daemon; its late chunks carry a fenced-off epoch)."""
         self._stop.set()
         self.admission.stop()
-        self.commands.put(("noop",))
+        self.commands.put(Wake())
         self._thread.join(timeout=timeout_s)
 
     def stalled_s(self) -> float:
@@ -104,9 +105,8 @@ class EngineLoop:
         return 0.0 if since_s is None else time.monotonic() - since_s
 
 
-    def submit(self, command: tuple) -> None:
-        """Thread-safe: ("submit", SubmitRequest, reply) | ("abort", id) | ("control", knobs)
-        | ("add_model", id, path) | ("prewarm", id) | ("evict", id)."""
+    def submit(self, command: Command) -> None:
+        """Thread-safe: a `worker.commands.Command`, handled in order by the engine thread."""
         self.commands.put(command)
 
     # ---- the thread --------------------------------------------------------------
@@ -138,32 +138,31 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def _handle(self, command: tuple) -> None:
-        kind = command[0]
+    def _handle(self, command: Command) -> None:
         self._busy_since_s = time.monotonic()
         try:
-            if kind == "submit":
-                self._add_request(command[1], command[2])
-            elif kind == "admit":
-                self._admit(command[1], command[2], command[3])
-            elif kind == "abort":
-                self._abort(command[1], command[2] if len(command) > 2 else 0)
-            elif kind == "control":
-                knobs = {k: v for k, v in command[1].items() if k in ENGINE_KNOBS}
-                self.engine.set_control(**knobs)
-            elif kind == "add_model":
-                if not self.engine.has_model(command[1]):
-                    self.engine.add_model(command[1], command[2])
-            elif kind == "prewarm":
-                self._prewarm(command[1], command[2])
-            elif kind == "evict":
-                self._evict(command[1])
+            match command:
+                case Submit(req, reply):
+                    self._add_request(req, reply)
+                case Admit(req, reply, prepared):
+                    self._admit(req, reply, prepared)
+                case Abort(request_id, epoch):
+                    self._abort(request_id, epoch)
+                case Control(knobs):
+                    self.engine.set_control(**{k: v for k, v in knobs.items() if k in ENGINE_KNOBS})
+                case AddModel(model_id, path):
+                    if not self.engine.has_model(model_id):
+                        self.engine.add_model(model_id, path)
+                case Prewarm(model_id, path):
+                    self._prewarm(model_id, path)
+                case Evict(model_id):
+                    self._evict(model_id)
         except C2CError as exc:
-            log.warning("%s failed: %s", kind, exc)
+            log.warning("%s failed: %s", type(command).__name__, exc)
         except Exception as exc:  # a bug here must not kill the loop nor leave a client waiting
-            log.exception("%s failed", kind)
-            if kind in ("submit", "admit"):  # the engine's add_request runs in "admit"
-                req, reply = command[1], command[2]
+            log.exception("%s failed", type(command).__name__)
+            if isinstance(command, Submit | Admit):  # the engine's add_request runs in Admit
+                req, reply = command.req, command.reply
                 self._preparing.pop(req.request_id, None)
                 self._inflight.pop(req.request_id, None)
                 self._send([(reply, _error_chunk(req.request_id, self.worker_id, ErrorCode.INTERNAL, str(exc), req.epoch))])

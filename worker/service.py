@@ -42,6 +42,7 @@ from services.schemas import (
     WorkerInfo,
     WorkerState,
 )
+from worker.commands import Abort, AddModel, Control, Evict, Prewarm, Submit
 from worker.heartbeat import Heartbeat
 from worker.slices import SliceSpec, apply_slice, discover_slices
 
@@ -128,7 +129,7 @@ class WorkerService:
     async def _add_pinned_models(self) -> None:
         for model_id in self.config.pinned_models:
             if await self._ensure_model(model_id):
-                self.loop_thread.submit(("prewarm", model_id, self.model_paths[model_id]))
+                self.loop_thread.submit(Prewarm(model_id, self.model_paths[model_id]))
             else:
                 log.warning("pinned model %s is not in the catalog", model_id)
 
@@ -174,7 +175,7 @@ class WorkerService:
         log.warning("NATS reconnected: handing %d requests back for re-dispatch", len(unfinished))
         await self._hand_back(unfinished)
         for request_id, _, epoch in unfinished:
-            self.loop_thread.submit(("abort", request_id, epoch))
+            self.loop_thread.submit(Abort(request_id, epoch))
 
     async def _ensure_model(self, model_id: str) -> bool:
         """Register a catalog model with the engine (one Redis read the first time)."""
@@ -184,7 +185,7 @@ class WorkerService:
         if entry is None:
             return False
         self.model_paths[model_id] = entry.path
-        self.loop_thread.submit(("add_model", model_id, entry.path))
+        self.loop_thread.submit(AddModel(model_id, entry.path))
         return True
 
     async def on_submit(self, req: SubmitRequest, msg: Msg) -> None:
@@ -207,7 +208,7 @@ class WorkerService:
         if not is_known:
             await self._reply_error(req, msg.reply, ErrorCode.MODEL_NOT_FOUND, f"The model '{req.model_id}' does not exist")
             return
-        self.loop_thread.submit(("submit", req, msg.reply))
+        self.loop_thread.submit(Submit(req, msg.reply))
 
     async def _reply_error(self, req: SubmitRequest, reply: str, code: ErrorCode, message: str) -> None:
         chunk = TokenChunk(req.request_id, self.worker_id, finish_reason=FinishReason.ERROR,
@@ -217,23 +218,23 @@ class WorkerService:
 
     def on_abort(self, abort: AbortRequest, msg: Msg) -> None:
         """c2c.worker.<id>.abort (AbortRequest): stop the request, free its slot."""
-        self.loop_thread.submit(("abort", abort.request_id, abort.epoch))
+        self.loop_thread.submit(Abort(abort.request_id, abort.epoch))
 
     async def on_residency(self, cmd: ResidencyCommand, msg: Msg) -> None:
         """c2c.worker.<id>.residency (ResidencyCommand): prewarm (resident + mapped) or evict."""
         if cmd.action == ResidencyAction.PREWARM:
             if await self._ensure_model(cmd.model_id):
-                self.loop_thread.submit(("prewarm", cmd.model_id, self.model_paths[cmd.model_id]))
+                self.loop_thread.submit(Prewarm(cmd.model_id, self.model_paths[cmd.model_id]))
             else:
                 log.warning("prewarm of unknown model %s ignored", cmd.model_id)
         elif cmd.action == ResidencyAction.EVICT:
-            self.loop_thread.submit(("evict", cmd.model_id))
+            self.loop_thread.submit(Evict(cmd.model_id))
 
     def on_control(self, update: ControlUpdate, msg: Msg) -> None:
         """c2c.control.<id> (ControlUpdate): new engine knobs."""
         knobs = update.knobs()
         if knobs:
-            self.loop_thread.submit(("control", knobs))
+            self.loop_thread.submit(Control(knobs))
 
     async def _publisher(self) -> None:
         """Publishes the engine thread's chunks in order."""
@@ -272,7 +273,7 @@ class WorkerService:
         for gateway_id in missing & self._missing_gateways:
             log.warning("gateway %s is gone: aborting its %d requests", gateway_id, len(by_gateway[gateway_id]))
             for request_id in by_gateway[gateway_id]:
-                self.loop_thread.submit(("abort", request_id, 0))
+                self.loop_thread.submit(Abort(request_id))
         self._missing_gateways = missing
 
     def _heartbeat_row(self) -> dict[str, str]:
