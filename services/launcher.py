@@ -52,9 +52,8 @@ PRECOMPILE = "kernel-precompile"
 
 
 def demo_catalog(root: Path = DEMO_DIR) -> list[Path]:
-    """Two dense models and one MoE (`small` preset), synthesized once and reused."""
-    from worker.synth import synth_model
-
+    """Two dense models and one MoE (`small` preset), synthesized once and reused (by
+    `c2cserve models synth` in a child process: the launcher imports no worker code)."""
     dirs = []
     for name, arch, seed in DEMO_MODELS:
         final = root / name
@@ -62,7 +61,13 @@ def demo_catalog(root: Path = DEMO_DIR) -> list[Path]:
             log.info("synthesizing demo model %s (%s, small) under %s", name, arch, root)
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-            synth_model(arch, "small", tmp, seed=seed)
+            done = subprocess.run([sys.executable, "-m", "services.cli", "models", "synth", "--arch", arch,
+                                   "--preset", "small", "--out", str(tmp), "--seed", str(seed)],
+                                  cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
+            if done.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise C2CError(f"synthesizing the demo model {name} under {root} failed "
+                               f"(exit {done.returncode}; its error is above)")
             (tmp / ".complete").write_text("ok\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
