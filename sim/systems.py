@@ -47,7 +47,7 @@ QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batche
 NEW_SLICE_MARGIN_S = 0.02  # a new slice must beat the best existing one by this much TTFT
 BESIDE_MARGIN = 0.25  # a model joins a busy slice only if the cycle stays within this x its TPOT SLO
 FILL_WEIGHT = 1.0  # a progressive fill's link share, per unit of its slice, against the slice's streaming
-FILL_PIECES = 4  # progressive caching copies a model's tiles in this many steps (rho rises per piece)
+FILL_PIECES = 8  # progressive caching copies a model's tiles in this many steps (rho rises per piece)
 
 
 class System:
