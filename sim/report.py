@@ -6,40 +6,58 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from placer.plan import choose_plan, predicted_ttft_s
+from sim.cluster import Gpu
 from sim.cost_model import (
+    C2C_EFFICIENCY,
+    C2C_GBPS,
     FAMILIES,
+    PROFILE_ORDER,
     PROFILES,
+    UNITS_PER_GPU,
     make_spec,
     max_rho,
     smallest_fitting_profile,
     step_time,
     streaming_profile,
 )
+from sim.planning import plan_for
 from sim.run import SimConfig, make_inputs, run_system
 
 
 def isolated_cold_starts(cfg: SimConfig, prompt_tokens: int = 1024) -> list[dict]:
     """TTFT of one cold request on an idle GPU, per family (cost model only).
 
-    c2cserve: its streaming slice, nothing cached (rho = 0), the whole prompt in one
-    step, streaming at the slice's own cap (the GPU is otherwise idle). Baseline: load
-    the whole model at the loader rate plus init, then prefill with every weight in HBM.
+    c2cserve: the plan `placer.plan.choose_plan` picks among new slices from the model's
+    streaming profile up to the smallest that holds it whole, nothing cached, streaming
+    while the copy engines fill the slice (progressive caching). Baseline: load the whole
+    model at the loader rate plus init, then prefill with every weight in HBM.
     """
     rows = []
     for family in FAMILIES:
         spec = make_spec(family, family)
-        c_prof = PROFILES[streaming_profile(spec, cfg.slo.tpot_floor_s)]
-        c2c_s = step_time(spec, c_prof, prompt_tokens, 0, 0.0, min(cfg.link_gbps, c_prof.link_cap_gbps))
         fit = smallest_fitting_profile(spec)
         if fit is None:
             continue
+        c_name, c2c_s = _c2c_isolated(spec, cfg, prompt_tokens, fit)
         b_prof = PROFILES[fit]
         load_s = cfg.sllm_init_s + spec.weight_bytes / (cfg.sllm_loader_gbps * 1e9)
         base_s = load_s + step_time(spec, b_prof, prompt_tokens, 0, 1.0, b_prof.link_cap_gbps)
         rows.append(dict(family=family, is_moe=spec.is_moe, weight_gb=round(spec.weight_bytes / 1e9, 1),
-                         c2c_profile=c_prof.name, c2c_s=c2c_s, sllm_profile=fit, sllm_s=base_s,
-                         speedup=base_s / c2c_s, c2c_rho_warm=round(max_rho(spec, c_prof), 2)))
+                         c2c_profile=c_name, c2c_s=c2c_s, sllm_profile=fit, sllm_s=base_s,
+                         speedup=base_s / c2c_s, c2c_rho_warm=round(max_rho(spec, PROFILES[c_name]), 2)))
     return rows
+
+
+def _c2c_isolated(spec, cfg: SimConfig, prompt_tokens: int, whole: str) -> tuple[str, float]:
+    """(profile, predicted TTFT) of c2cserve's plan for one cold request on an idle GPU."""
+    first = PROFILE_ORDER.index(streaming_profile(spec, cfg.slo.tpot_floor_s))
+    names = PROFILE_ORDER[first:max(first, PROFILE_ORDER.index(whole)) + 1]
+    gpu = Gpu(0, cfg.link_gbps, UNITS_PER_GPU)
+    plans = [plan_for(spec, prompt_tokens, PROFILES[n], gpu, 0.0, PROFILES[n].usable_bytes, 0.0,
+                      C2C_GBPS * C2C_EFFICIENCY, cfg.chunk, None) for n in names]
+    best = choose_plan(plans)
+    return names[plans.index(best)], predicted_ttft_s(best)
 
 
 SWEEP_LOADER_GBPS = (375.0, 55.0, 25.0)  # C2C memcpy; PCIe Gen5 x16; PCIe Gen4 x16 (~25 GB/s)
