@@ -4,7 +4,7 @@ Used live by `placer/service.py` and by the cluster simulator (`sim/`). Routing 
 every slice that may serve the model and has room; the best score wins:
 
     score = w_cache * cached_fraction(model)        # weights already near the compute
-          + w_served * (model already mapped/served) # no cold map at all
+          + w_served * (model has requests there now) # its batch is running: no extra step in the cycle
           - w_queue * queue_load                    # (running + waiting) / max_num_seqs
           - w_kv * (1 - kv_free_frac)               # KV pressure
           - w_link * link_pressure * host_fraction  # host bytes must cross a busy link
@@ -84,7 +84,7 @@ def link_pressure(slice_view: WorkerState) -> float:
 def fits_cycle(req: RequestView, slice_view: WorkerState) -> bool:
     """A slice steps its models in turn, so a new model adds its step to every token's
     wait: refuse a slice not serving the model when cycle + step would pass the TPOT SLO."""
-    if req.tpot_slo_ms <= 0 or req.model_id in slice_view.models or slice_view.cycle_ms <= 0:
+    if req.tpot_slo_ms <= 0 or req.model_id in slice_view.active_models or slice_view.cycle_ms <= 0:
         return True
     return slice_view.cycle_ms + req.est_step_ms <= req.tpot_slo_ms
 
@@ -107,7 +107,7 @@ def route_score(req: RequestView, slice_view: WorkerState) -> float:
     """Higher is better. See the module docstring for the terms."""
     weights = SLO_CLASS_WEIGHTS.get(req.slo_class, SLO_CLASS_WEIGHTS["standard"])
     rho = min(1.0, max(0.0, slice_view.cached_fraction.get(req.model_id, 0.0)))
-    is_served = req.model_id in slice_view.models
+    is_served = req.model_id in slice_view.active_models  # its batch runs there: one more sequence shares the step
     queue_load = (slice_view.num_running + slice_view.num_waiting) / max(1, slice_view.max_num_seqs)
     kv_load = 1.0 - min(1.0, max(0.0, slice_view.kv_free_frac))
     # Only the uncached part of the weights crosses the link.

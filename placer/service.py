@@ -70,6 +70,7 @@ class Placer:
         self.views: dict[str, WorkerState] = {}
         self.last_seen_s: dict[str, float] = {}
         self.num_assigned_since_telemetry: dict[str, int] = {}
+        self.models_assigned_since_telemetry: dict[str, set[str]] = {}  # active there before it says so
         # worker -> request id -> (gateway inbox, monotonic time assigned, epoch): for re-dispatch
         self.inflight: dict[str, dict[str, tuple[str, float, int]]] = {}
         # worker declared dead -> request id -> the epoch fenced off (aborted if it comes back)
@@ -149,6 +150,7 @@ class Placer:
         else:
             self.views[t.worker_id] = t  # the worker's own record: the policy's input as is
         self.num_assigned_since_telemetry[t.worker_id] = 0
+        self.models_assigned_since_telemetry.pop(t.worker_id, None)
         inflight = self.inflight.get(t.worker_id)
         if inflight:  # forget finished requests (ones too new to show up yet are kept)
             running = set(t.request_ids)
@@ -246,7 +248,7 @@ class Placer:
 
     def _live_views(self) -> list[WorkerState]:
         """The workers' records with the requests assigned since their last telemetry
-        counted as waiting, and each one's link demand summed over its link domain (the
+        counted as waiting (and their models as active), and each one's link demand summed over its link domain (the
         slices of one GPU, or of one CPU node, share one link)."""
         domain_demand: dict[tuple[str, str], float] = {}
         for view in self.views.values():
@@ -255,7 +257,9 @@ class Placer:
         views = []
         for worker_id, view in self.views.items():
             extra = self.num_assigned_since_telemetry.get(worker_id, 0)
+            assigned = self.models_assigned_since_telemetry.get(worker_id, set()) - set(view.active_models)
             views.append(msgspec.structs.replace(view, num_waiting=view.num_waiting + extra,
+                                                 active_models=[*view.active_models, *sorted(assigned)],
                                                  link_demand_gbps=domain_demand[(view.node, view.gpu)]))
         return views
 
@@ -288,6 +292,7 @@ class Placer:
         if msg.reply:
             self.inflight.setdefault(worker_id, {})[req.request_id] = (msg.reply, time.monotonic(), req.epoch)
         self.num_assigned_since_telemetry[worker_id] = self.num_assigned_since_telemetry.get(worker_id, 0) + 1
+        self.models_assigned_since_telemetry.setdefault(worker_id, set()).add(req.model_id)
         await self.nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=msg.reply)
         log.debug("[req=%s] model=%s -> worker %s", req.request_id, req.model_id, worker_id)
         self._unrecorded[req.request_id] = (worker_id, req.model_id, msg.reply or "", f"{time.time():.3f}", str(req.epoch))

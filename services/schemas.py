@@ -191,6 +191,7 @@ class WorkerState(msgspec.Struct, **_HOT):
     oldest_wait_ms: float | None = None  # age of the oldest request without its first token
     ttft_slo_ms: float = 0.0  # the tightest TTFT target among its requests (services/slo.py; 0: none)
     tpot_slo_ms: float = 0.0  # the tightest TPOT target among its requests
+    active_models: list[str] = []  # models with requests here now: each adds its step to every token's wait
 
 
 

@@ -21,6 +21,7 @@ GB = 10**9
 def view(worker_id: str, gpu: str = "g0", models=(), cached=None, running: int = 0, waiting: int = 0,
          max_seqs: int = 16, kv_free: float = 1.0, link: float = 0.0, pinned=(), cycle_ms: float = 0.0) -> WorkerState:
     return WorkerState(worker_id=worker_id, node="n0", gpu=gpu, backend="cuda", models=frozenset(models),
+                     active_models=frozenset(models),
                      cached_fraction=dict(cached or {}), num_running=running, num_waiting=waiting,
                      max_num_seqs=max_seqs, kv_free_frac=kv_free, link_util=link,
                      pinned_models=frozenset(pinned), cycle_ms=cycle_ms)
@@ -156,7 +157,8 @@ def test_rho_target_is_the_bandwidth_split():
 
 
 def test_prefill_backlog_rule_skips_slices_that_would_miss_ttft():
-    backlog = WorkerState("backlog", node="n0", gpu="g0", backend="cuda", models=["m"], cached_fraction={"m": 0.7},
+    backlog = WorkerState("backlog", node="n0", gpu="g0", backend="cuda", models=["m"], active_models=["m"],
+                          cached_fraction={"m": 0.7},
                           num_running=1, num_waiting=3, max_num_seqs=16, kv_free_frac=1.0, link_util=0.0,
                           queued_prefill_tokens=20000, prefill_tokens_per_s=10000.0)  # 2 s queued
     fresh = view("fresh")

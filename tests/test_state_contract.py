@@ -41,7 +41,8 @@ class Recording:
 
 def _states() -> list[WorkerState]:
     """States that take the policies' branches: link known or not, cycle, backlog, SLOs."""
-    base = WorkerState("w", node="n", gpu="g", models=["m"], cached_fraction={"m": 0.5}, num_running=2,
+    base = WorkerState("w", node="n", gpu="g", models=["m"], active_models=["m"], cached_fraction={"m": 0.5},
+                       num_running=2,
                        num_waiting=3, max_num_seqs=8, kv_free_frac=0.05, link_util=0.5, pinned_models=["m"],
                        queued_prefill_tokens=500, prefill_tokens_per_s=1000.0, t_s=10.0,
                        ttft_p50_ms=3000.0, tpot_p50_ms=300.0, oldest_wait_ms=4000.0, ttft_slo_ms=500.0,
@@ -49,7 +50,8 @@ def _states() -> list[WorkerState]:
     return [
         base,
         msgspec.structs.replace(base, link_gbps=95.0, link_capacity_gbps=100.0, link_demand_gbps=90.0, t_s=20.0),
-        msgspec.structs.replace(base, models=[], pinned_models=[], tpot_p50_ms=10.0, kv_free_frac=0.9, t_s=30.0),
+        msgspec.structs.replace(base, models=[], active_models=[], pinned_models=[], tpot_p50_ms=10.0,
+                                kv_free_frac=0.9, t_s=30.0),
         msgspec.structs.replace(base, ttft_p50_ms=None, tpot_p50_ms=None, oldest_wait_ms=None, t_s=40.0),
     ]
 

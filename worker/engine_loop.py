@@ -374,6 +374,7 @@ class EngineLoop:
             prefill_tokens_per_s=self._prefill_tokens_per_s, oldest_wait_ms=self._oldest_wait_ms(now_s),
             ttft_slo_ms=min((i.ttft_slo_ms for i in self._inflight.values() if i.ttft_slo_ms > 0), default=0.0),
             tpot_slo_ms=min((i.tpot_slo_ms for i in self._inflight.values() if i.tpot_slo_ms > 0), default=0.0),
+            active_models=with_work,
         )
 
     def _oldest_wait_ms(self, now_s: float) -> float | None:
