@@ -4,7 +4,7 @@ Used live by `placer/service.py` and by the cluster simulator (`sim/`). Routing 
 every slice that may serve the model and has room; the best score wins:
 
     score = w_cache * cached_fraction(model)        # weights already near the compute
-          + w_served * (model has requests there now) # its batch is running: no extra step in the cycle
+          + w_served * (model has requests there, or none) # no extra step in anyone's cycle
           - w_queue * queue_load                    # (running + waiting) / max_num_seqs
           - w_kv * (1 - kv_free_frac)               # KV pressure
           - w_link * link_pressure * host_fraction  # host bytes must cross a busy link
@@ -107,7 +107,9 @@ def route_score(req: RequestView, slice_view: WorkerState) -> float:
     """Higher is better. See the module docstring for the terms."""
     weights = SLO_CLASS_WEIGHTS.get(req.slo_class, SLO_CLASS_WEIGHTS["standard"])
     rho = min(1.0, max(0.0, slice_view.cached_fraction.get(req.model_id, 0.0)))
-    is_served = req.model_id in slice_view.active_models  # its batch runs there: one more sequence shares the step
+    # its batch runs there (one more sequence shares the step), or the slice is idle (it
+    # adds no step to anyone's cycle): either way joining costs other models nothing
+    is_served = req.model_id in slice_view.active_models or not slice_view.active_models
     queue_load = (slice_view.num_running + slice_view.num_waiting) / max(1, slice_view.max_num_seqs)
     kv_load = 1.0 - min(1.0, max(0.0, slice_view.kv_free_frac))
     # Only the uncached part of the weights crosses the link.

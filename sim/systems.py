@@ -263,7 +263,7 @@ class C2CServe(System):
         return WorkerState(
             worker_id=worker_id,
             node=str(gpu.gid), gpu=str(gpu.gid), backend="cuda",
-            models=models, active_models=models, cached_fraction=cached_fraction,
+            models=models, active_models=frozenset(map(str, inst.model_refs)), cached_fraction=cached_fraction,
             num_running=len(inst.decode), num_waiting=inst.num_queued - len(inst.decode),
             max_num_seqs=inst.max_seqs, kv_free_frac=1.0 - kv_used / inst.prof.usable_bytes,
             link_util=link_util, cycle_ms=1000 * inst.cycle_s if inst.cycle_s < math.inf else 0.0,
