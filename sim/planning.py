@@ -12,7 +12,15 @@ import math
 
 from placer.plan import PlanView, ServeMode
 from sim.cluster import SOLO_CHUNK_MAX, Gpu
-from sim.cost_model import GB, ModelSpec, Profile, fair_link_gbps, max_rho, step_time
+from sim.cost_model import GB, PROFILE_ORDER, ModelSpec, Profile, fair_link_gbps, max_rho, step_time
+
+
+def plan_profiles(profile: str, whole: str | None) -> list[str]:
+    """The profiles a new slice for a request may take: its own and every bigger one up
+    to `whole`, the smallest that holds the model (the loading baselines' choice; None:
+    no profile does, so up to the biggest)."""
+    first, last = PROFILE_ORDER.index(profile), PROFILE_ORDER.index(whole or PROFILE_ORDER[-1])
+    return PROFILE_ORDER[first:max(first, last) + 1]
 
 
 def prefill_s(spec: ModelSpec, prof: Profile, prompt: int, rho: float, link_gbps: float, chunk: int) -> float:
@@ -65,4 +73,4 @@ def plan_for(spec: ModelSpec, prompt: int, prof: Profile, gpu: Gpu, cached_bytes
                     is_new_slice=worker_id is None, units=prof.units)
 
 
-__all__ = ["fill_gbps_on", "link_left_gbps", "plan_for", "prefill_s"]
+__all__ = ["fill_gbps_on", "link_left_gbps", "plan_for", "plan_profiles", "prefill_s"]

@@ -12,7 +12,6 @@ from sim.cost_model import (
     C2C_EFFICIENCY,
     C2C_GBPS,
     FAMILIES,
-    PROFILE_ORDER,
     PROFILES,
     UNITS_PER_GPU,
     make_spec,
@@ -21,7 +20,7 @@ from sim.cost_model import (
     step_time,
     streaming_profile,
 )
-from sim.planning import plan_for
+from sim.planning import plan_for, plan_profiles
 from sim.run import SimConfig, make_inputs, run_system
 
 
@@ -51,8 +50,7 @@ def isolated_cold_starts(cfg: SimConfig, prompt_tokens: int = 1024) -> list[dict
 
 def _c2c_isolated(spec, cfg: SimConfig, prompt_tokens: int, whole: str) -> tuple[str, float]:
     """(profile, predicted TTFT) of c2cserve's plan for one cold request on an idle GPU."""
-    first = PROFILE_ORDER.index(streaming_profile(spec, cfg.slo.tpot_floor_s))
-    names = PROFILE_ORDER[first:max(first, PROFILE_ORDER.index(whole)) + 1]
+    names = plan_profiles(streaming_profile(spec, cfg.slo.tpot_floor_s), whole)
     gpu = Gpu(0, cfg.link_gbps, UNITS_PER_GPU)
     plans = [plan_for(spec, prompt_tokens, PROFILES[n], gpu, 0.0, PROFILES[n].usable_bytes, 0.0,
                       C2C_GBPS * C2C_EFFICIENCY, cfg.chunk, None) for n in names]

@@ -41,7 +41,7 @@ from sim.cost_model import (
     step_time,
     streaming_profile,
 )
-from sim.planning import plan_for
+from sim.planning import plan_for, plan_profiles
 
 QUEUE_FACTOR = 2  # loading systems: queue on an instance up to this many batches
 NEW_SLICE_MARGIN_S = 0.02  # a new slice must beat the best existing one by this much TTFT
@@ -180,9 +180,7 @@ class C2CServe(System):
     def _new_profiles(self, req: Request, profile: str) -> list[str]:
         """The request's own profile and every bigger one up to the smallest that holds
         the whole model (the loading baselines' choice)."""
-        whole = self._whole_profile[req.model] or PROFILE_ORDER[-1]
-        first, last = PROFILE_ORDER.index(profile), PROFILE_ORDER.index(whole)
-        return PROFILE_ORDER[first:max(first, last) + 1]
+        return plan_profiles(profile, self._whole_profile[req.model])
 
     def _is_warm(self, inst: Instance, model: int) -> bool:
         """The model's tiles are (nearly) all the slice can hold, or being filled."""
@@ -288,7 +286,7 @@ class C2CServe(System):
         missing = want - inst.cached_bytes.get(model, 0.0)
         if missing <= 0.01 * spec.weight_bytes:
             return
-        if any(f.model == model for f in inst.gpu.loads if f.instance is inst):
+        if _is_loading(inst, model):
             return  # a fill or prewarm of it is under way
         piece = max(missing / FILL_PIECES, spec.weight_bytes / (4 * FILL_PIECES))
         sim.start_load(inst, model, min(piece, missing), self.fill_gbps, tag="fill", weight=FILL_WEIGHT * inst.prof.units)
@@ -418,7 +416,7 @@ class C2CServe(System):
                 if want <= 0:
                     del inst.cached_bytes[model]
             return
-        if any(f.model == model for f in inst.gpu.loads if f.instance is inst):
+        if _is_loading(inst, model):
             return
         sim.start_load(inst, model, want - have, inst.prof.link_cap_gbps, tag="prewarm")
 
@@ -435,3 +433,8 @@ class C2CServe(System):
         self._fit_cache(sim, inst)
         if flow.tag == "fill" and model in inst.active_models():
             self._fill(sim, inst, model)
+
+
+def _is_loading(inst: Instance, model: int) -> bool:
+    """A fill or a prewarm copy of `model` into `inst` is under way."""
+    return any(f.model == model for f in inst.gpu.loads if f.instance is inst)
