@@ -69,8 +69,9 @@ class Placer:
         self.redis = None
         self.views: dict[str, WorkerState] = {}
         self.last_seen_s: dict[str, float] = {}
-        self.num_assigned_since_telemetry: dict[str, int] = {}
-        self.models_assigned_since_telemetry: dict[str, set[str]] = {}  # active there before it says so
+        # worker -> the model of each request assigned since its last telemetry (which
+        # does not count them yet): waiting there, and their models active there
+        self.assigned_since_telemetry: dict[str, list[str]] = {}
         # worker -> request id -> (gateway inbox, monotonic time assigned, epoch): for re-dispatch
         self.inflight: dict[str, dict[str, tuple[str, float, int]]] = {}
         # worker declared dead -> request id -> the epoch fenced off (aborted if it comes back)
@@ -149,8 +150,7 @@ class Placer:
             self.views.pop(t.worker_id, None)  # alive, but its engine makes no progress
         else:
             self.views[t.worker_id] = t  # the worker's own record: the policy's input as is
-        self.num_assigned_since_telemetry[t.worker_id] = 0
-        self.models_assigned_since_telemetry.pop(t.worker_id, None)
+        self.assigned_since_telemetry.pop(t.worker_id, None)
         inflight = self.inflight.get(t.worker_id)
         if inflight:  # forget finished requests (ones too new to show up yet are kept)
             running = set(t.request_ids)
@@ -256,10 +256,10 @@ class Placer:
             domain_demand[key] = domain_demand.get(key, 0.0) + view.link_demand_gbps
         views = []
         for worker_id, view in self.views.items():
-            extra = self.num_assigned_since_telemetry.get(worker_id, 0)
-            assigned = self.models_assigned_since_telemetry.get(worker_id, set()) - set(view.active_models)
-            views.append(msgspec.structs.replace(view, num_waiting=view.num_waiting + extra,
-                                                 active_models=[*view.active_models, *sorted(assigned)],
+            assigned = self.assigned_since_telemetry.get(worker_id, [])
+            new_models = set(assigned) - set(view.active_models)
+            views.append(msgspec.structs.replace(view, num_waiting=view.num_waiting + len(assigned),
+                                                 active_models=[*view.active_models, *sorted(new_models)],
                                                  link_demand_gbps=domain_demand[(view.node, view.gpu)]))
         return views
 
@@ -291,8 +291,7 @@ class Placer:
         req.worker_id = worker_id
         if msg.reply:
             self.inflight.setdefault(worker_id, {})[req.request_id] = (msg.reply, time.monotonic(), req.epoch)
-        self.num_assigned_since_telemetry[worker_id] = self.num_assigned_since_telemetry.get(worker_id, 0) + 1
-        self.models_assigned_since_telemetry.setdefault(worker_id, set()).add(req.model_id)
+        self.assigned_since_telemetry.setdefault(worker_id, []).append(req.model_id)
         await self.nc.publish(subjects.worker_submit(worker_id), schemas.encode(req), reply=msg.reply)
         log.debug("[req=%s] model=%s -> worker %s", req.request_id, req.model_id, worker_id)
         self._unrecorded[req.request_id] = (worker_id, req.model_id, msg.reply or "", f"{time.time():.3f}", str(req.epoch))
