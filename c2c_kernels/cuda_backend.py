@@ -78,7 +78,8 @@ def _empty_part(k_words: int):
 class HybridWeight:
     """One bf16 weight [N, K]: host-mapped in full, rows [0, n_dev) also on the device."""
 
-    def __init__(self, w: torch.Tensor, name: str = ""):
+    def __init__(self, w: torch.Tensor, name: str = "", is_mapped: bool = True):
+        """is_mapped=False: never read from host memory (the caller caches every row)."""
         if w.dim() != 2 or w.dtype != torch.bfloat16:
             raise ValueError(f"HybridWeight {name!r}: expected a 2-D bf16 tensor, got {w.dtype}")
         self.name = name
@@ -86,7 +87,8 @@ class HybridWeight:
         bits = w.detach().contiguous().view(torch.uint16).numpy()  # [N, K]
         self.host_words = cuda_kernels.as_words(bits)  # [N, K4/4] u64, zero-copy if aligned
         self.k_padded = self.host_words.shape[1] * 4
-        self.host_mapped = map_host_array(self.host_words)  # device view of host memory
+        # device view of host memory
+        self.host_mapped = map_host_array(self.host_words) if is_mapped else None
         self.n_dev = 0
         self.dev_rows = None  # device array [n_dev, K] uint16, or None
         self.path: str | None = None  # "os" | "ws" overrides the choice by M
@@ -143,17 +145,26 @@ class HybridWeight:
             x = torch.nn.functional.pad(x, (0, self.k_padded - x.shape[1]))  # [M, K4]
         dx = cuda.as_cuda_array(x) if on_gpu else cuda.to_device(x.numpy())
         dy = cuda.as_cuda_array(y) if on_gpu else cuda.device_array((m, n_rows), np.float32)
+        self.matmul_device(dx, dy)
+        if not on_gpu:
+            dy.copy_to_host(y.numpy())
+        return y
+
+    def matmul_device(self, x, y) -> None:
+        """y = x @ W.T on device arrays, no host round trip: x [M, K4] f32, y [M, N] f32
+        (a column range of a wider array is fine). Raises ValueError on other shapes."""
+        m = x.shape[0]
+        if x.shape[1] != self.k_padded or tuple(y.shape) != (m, self.shape[0]):
+            raise ValueError(f"matmul_device: x {tuple(x.shape)}, y {tuple(y.shape)} for {self.name!r} "
+                             f"of shape {self.shape} (K padded to {self.k_padded})")
         path = self.choose_path(m)
         step = cuda_kernels.OS_CONFIG["max_m"] if path == "os" else m
         w_dev, w_host = self.parts()
         for m0 in range(0, m, step):
             cuda_kernels.launch(
-                path, dx[m0 : m0 + step], w_dev, w_host, self.n_dev, dy[m0 : m0 + step],
+                path, x[m0 : m0 + step], w_dev, w_host, self.n_dev, y[m0 : m0 + step],
                 num_blocks=self.num_blocks,
             )  # fmt: skip
-        if not on_gpu:
-            dy.copy_to_host(y.numpy())
-        return y
 
 
 class DeviceTileCache:
@@ -223,11 +234,12 @@ class CudaWeightBackend:
         self.cache = DeviceTileCache(cache_bytes)
         self.num_blocks = num_blocks
 
-    def wrap_weights(self, model_key: str, weights: dict[str, torch.Tensor]) -> dict:
-        """Same dict with linear weights replaced by HybridWeights (others unchanged)."""
+    def wrap_weights(self, model_key: str, weights: dict[str, torch.Tensor], is_streamed=is_streamed_weight) -> dict:
+        """Same dict with the weights `is_streamed(name, tensor)` picks (default: the linear
+        ones) replaced by HybridWeights registered in the tile cache (others unchanged)."""
         out = {}
         for name, t in weights.items():
-            if is_streamed_weight(name, t):
+            if is_streamed(name, t):
                 hw = HybridWeight(t, name=name)
                 hw.num_blocks = self.num_blocks
                 self.cache.register(f"{model_key}/{name}", hw)

@@ -69,7 +69,7 @@ class EngineConfig:
     load_budget_bytes: int | None = None   # "load": private weight memory, LRU
     host_store_root: str | None = None
     num_threads: int | None = None    # torch threads; None = every core this process may use
-    device: str = "cpu"               # "cpu" | "cuda": GEMMs through HybridGEMM on the slice's GPU
+    device: str = "cpu"               # "cpu" | "cuda": the device engine (worker.device_runner) on the slice's GPU
     device_cache_bytes: int = 0       # "cuda": slice memory for cached weight tiles (knob rho)
 
 
@@ -132,10 +132,16 @@ class Engine:
         torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.chunk_size))
-        self.runner = ModelRunner(config.block_size, config.kv_cache_bytes, config.residency,
-                                  config.load_budget_bytes, config.host_store_root,
-                                  max_num_seqs=config.max_num_seqs, device=config.device,
-                                  device_cache_bytes=config.device_cache_bytes)
+        if config.device == "cuda":  # everything but the streamed weights on the slice
+            from worker.device_runner import DeviceModelRunner
+
+            self.runner = DeviceModelRunner(config.block_size, config.kv_cache_bytes, config.residency,
+                                            config.load_budget_bytes, config.host_store_root,
+                                            config.max_num_seqs, config.device_cache_bytes)
+        else:
+            self.runner = ModelRunner(config.block_size, config.kv_cache_bytes, config.residency,
+                                      config.load_budget_bytes, config.host_store_root,
+                                      max_num_seqs=config.max_num_seqs, device=config.device)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []   # aborts, reported by the next step

@@ -89,7 +89,7 @@ class CausalLM:
         self.final_norm = weights[FINAL_NORM].float()  # norm vectors widened once (tiny)
         # tied: the embedding, unless the store added a quantized copy of it as the head
         self.lm_head = weights.get(LM_HEAD, self.embed) if config.tie_word_embeddings else weights[LM_HEAD]
-        self.layers = [_decoder_layer(config, i, weights) for i in range(config.num_layers)]
+        self.layers = [decoder_layer(config, i, weights) for i in range(config.num_layers)]
         self.inv_freq = rope_inv_freq(config)
 
     @torch.inference_mode()
@@ -163,7 +163,7 @@ class CausalLM:
                     yield from mlp.tensors()
 
 
-def _decoder_layer(config: ModelConfig, i: int, weights: dict[str, torch.Tensor]) -> DecoderLayer:
+def decoder_layer(config: ModelConfig, i: int, weights: dict[str, torch.Tensor]) -> DecoderLayer:
     p = layer_prefix(i)
     if i in config.moe_layers:
         mlp, moe = None, MoEBlock.from_weights(config, i, weights)

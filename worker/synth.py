@@ -5,6 +5,8 @@ tokenizer.json, tokenizer_config.json (with a chat template) and generation_conf
 in the layout `save_pretrained` writes, without needing transformers.
 
 Presets (MoE archs use the same attention shapes; experts as listed):
+  micro  hidden 16, 2 layers, 2 heads / 1 kv, inter 32, vocab 272, tied, bf16; MoE 4
+         experts top-2, expert inter 8 (shared 16); a "tiny" for the CUDA simulator
   tiny   hidden 64, 2 layers, 4 heads / 2 kv, inter 128, vocab 512, fp32;
          MoE 4 experts top-2, expert inter 32 (Qwen2-MoE shared 64, layer 1 dense)
   small  hidden 256, 4 layers, 8 heads / 4 kv, inter 768, vocab 2048, bf16;
@@ -28,6 +30,8 @@ from services.errors import InvalidRequest
 
 ARCHS = ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe")
 PRESETS = {
+    "micro": dict(hidden=16, layers=2, heads=2, kv_heads=1, inter=32, vocab=272, tok_vocab=272,
+                  dtype="bfloat16", experts=4, moe_inter=8, shared_inter=16, max_pos=256, tied=True),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=512, tok_vocab=512,
                  dtype="float32", experts=4, moe_inter=32, shared_inter=64, max_pos=2048, tied=False),
     "small": dict(hidden=256, layers=4, heads=8, kv_heads=4, inter=768, vocab=2048, tok_vocab=2048,
@@ -41,6 +45,7 @@ ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral
               "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 DTYPES = ("float32", "bfloat16", "float16")
 SHARD_BYTES = 2 * 1024**3
+_TEST_PRESETS = ("tiny", "micro")  # carry the features tests cover: llama3 scaling, a window, a dense MoE layer
 
 
 def synth_model(arch: str, preset: str, out_dir, seed: int = 0, dtype: str | None = None) -> Path:
@@ -105,14 +110,14 @@ def hf_config(arch: str, preset: str, p: dict, vocab: int, tok: dict) -> dict:
 
 def _arch_features(arch: str, preset: str, p: dict) -> dict:
     if arch == "llama":
-        original = 256 if preset == "tiny" else 8192
+        original = 256 if preset in _TEST_PRESETS else 8192
         return {"attention_bias": False, "mlp_bias": False,
                 "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": original}}
     if arch == "qwen2":
         return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": p["layers"]}
     if arch == "mistral":
-        return {"sliding_window": 16 if preset == "tiny" else None}
+        return {"sliding_window": 16 if preset in _TEST_PRESETS else None}
     if arch == "mixtral":
         return {"sliding_window": None, "num_local_experts": p["experts"], "num_experts_per_tok": 2,
                 "intermediate_size": p["moe_inter"], "router_aux_loss_coef": 0.001,
@@ -121,7 +126,7 @@ def _arch_features(arch: str, preset: str, p: dict) -> dict:
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": p["layers"],
         "num_experts": p["experts"], "num_experts_per_tok": 2, "moe_intermediate_size": p["moe_inter"],
         "shared_expert_intermediate_size": p["shared_inter"], "norm_topk_prob": False,
-        "decoder_sparse_step": 1, "mlp_only_layers": [1] if preset == "tiny" else [],
+        "decoder_sparse_step": 1, "mlp_only_layers": [1] if preset in _TEST_PRESETS else [],
         "qkv_bias": True, "router_aux_loss_coef": 0.001, "output_router_logits": False,
     }
 
