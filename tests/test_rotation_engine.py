@@ -129,3 +129,21 @@ def test_abort_while_rotated_frees_both_tiers(qwen):
     while engine.has_work():
         engine.step()
     _assert_all_free(engine)
+
+
+def test_a_sequence_that_cannot_grow_rotates_another_out_instead_of_recomputing(qwen):
+    # 12 blocks of 4 slots: the two decodes end at 9 + 10 blocks
+    prompts = DECODE_PROMPTS + LATE_PROMPTS[1:]
+    reference = make_engine(qwen, host_kv_bytes=0)
+    alone = {p: reference.generate("q", p, LONG).new_token_ids for p in prompts}
+    engine = make_engine(qwen, num_blocks=12)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", "q", prompt=prompt, params=LONG, arrival_s=engine.scheduler.clock.now_s)
+    tokens = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    assert tokens == {f"r{i}": alone[p] for i, p in enumerate(prompts)}
+    stats = engine.stats()
+    assert stats.num_swaps_out > 0 and stats.num_preemptions == 0
+    _assert_all_free(engine)

@@ -173,12 +173,24 @@ class Rotator:
             bm.free(by_id[view.request_id])
             self._recompute(sched, by_id[view.request_id])
 
+    def try_rotate_out(self, sched, seq: Sequence) -> bool:
+        """Start moving a running sequence's KV to the host tier instead of preempting it
+        by recompute; False when it has no KV yet or the tier cannot hold it."""
+        host_bm = self.host_block_managers.get(seq.model_id)
+        if host_bm is None or seq.num_computed_tokens == 0 or not host_bm.can_allocate(
+                Rotation(seq), seq.num_computed_tokens):
+            return False
+        self._start_out(sched, seq, host_bm)
+        return True
+
     def _start_out(self, sched, seq: Sequence, host_bm: BlockManager) -> None:
         rotation = Rotation(seq)
         host_bm.allocate(rotation, seq.num_computed_tokens)
         sched.running.remove(seq)
         seq.status = SequenceStatus.ROTATING_OUT
-        rotation.transfer = self.copier.start(seq.model_id, "out", list(seq.block_table), list(rotation.block_table))
+        num_blocks = len(rotation.block_table)  # the blocks of its computed tokens
+        rotation.transfer = self.copier.start(seq.model_id, "out", seq.block_table[:num_blocks],
+                                              list(rotation.block_table))
         self.rotations.append(rotation)
 
     def _recompute(self, sched, seq: Sequence) -> None:

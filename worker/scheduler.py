@@ -228,14 +228,27 @@ class Scheduler:
         return num_new
 
     def _make_room(self, seq, num_new, candidates, batch, bm: BlockManager) -> bool:
-        """Preempt the latest-deadline unscheduled sequences until `seq` fits; False if it was one."""
+        """Preempt the latest-deadline unscheduled sequences until `seq` fits; False if it was one.
+        With a host tier, a victim rotates out instead when the tier holds it; its blocks
+        free once the copy is done, so `seq` waits a step for them."""
         while not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
+            if seq.status != SequenceStatus.RUNNING or self._is_room_coming(seq, num_new, bm):
+                return False
             victims = [s for s in candidates if s.status == SequenceStatus.RUNNING and s not in batch.seqs]
             victim = self._pick_victim(victims)  # seq itself is always among them
+            if self.rotator is not None and self.rotator.try_rotate_out(self, victim):
+                continue
             self._preempt(victim, bm)
             if victim is seq:
                 return False
         return True
+
+    def _is_room_coming(self, seq: Sequence, num_new: int, bm: BlockManager) -> bool:
+        """Swap-outs in flight free the blocks `seq` lacks."""
+        if self.rotator is None:
+            return False
+        num_lacking = bm.num_missing_blocks(seq, seq.num_computed_tokens + num_new) - bm.num_free_blocks
+        return self.rotator.num_pending_free_blocks(seq.model_id) >= num_lacking
 
     def _preempt(self, seq: Sequence, bm: BlockManager) -> None:
         bm.free(seq)
