@@ -79,7 +79,9 @@ def test_two_models_interleaved_match_each_alone(qwen, llama, alone):
 
 def test_preemption_under_tiny_kv_budget_keeps_tokens(qwen, alone):
     # 12 blocks of 4 slots = 48 tokens: four requests of up to ~20 tokens cannot all stay.
-    tight = make_engine(("q", qwen), kv_cache_bytes=_kv_bytes(make_engine(("q", qwen)), "q", num_blocks=12))
+    # No host KV tier: preemption by recompute (tests/test_rotation_engine.py rotates instead).
+    tight = make_engine(("q", qwen), kv_cache_bytes=_kv_bytes(make_engine(("q", qwen)), "q", num_blocks=12),
+                        host_kv_bytes=0)
     assert tight.runner.slots["q"].num_blocks == 12
     results = run_all(tight, [(f"r{i}", "q", p) for i, p in enumerate(PROMPTS)])
     assert tight.stats().num_preemptions > 0

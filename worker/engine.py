@@ -71,6 +71,7 @@ class EngineConfig:
     num_threads: int | None = None    # torch threads; None = every core this process may use
     device: str = "cpu"               # "cpu" | "cuda": the device engine (worker.device_runner) on the slice's GPU
     device_cache_bytes: int = 0       # "cuda": slice memory for cached weight tiles (knob rho)
+    host_kv_bytes: int = 512 * MiB    # per model: the host KV tier rotation uses (0: recompute only)
 
 
 @dataclass
@@ -111,6 +112,14 @@ class EngineStats:
     cached_fraction: dict[str, float] = field(default_factory=dict)  # loaded model -> achieved ρ
     num_queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting, not yet prefilled
     max_num_seqs: int = 0  # the batch cap in force (the controller moves it)
+    kv_device_blocks_used: int = 0  # KV blocks in use, all models: in the KV cache
+    kv_host_blocks_used: int = 0    # and in the host tier (rotated out)
+    num_swaps_out: int = 0          # rotation totals since start (worker/rotation.py)
+    num_swaps_in: int = 0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    num_rotation_stalls: int = 0    # rotated sequences back later than their TPOT slack allowed
+    rotation_stall_s: float = 0.0
 
 
 @dataclass
@@ -148,6 +157,14 @@ class Engine:
         self._stats = EngineStats(0, 0, 0.0, {})
         self._weight_bytes: dict[str, int] = {}  # model -> checkpoint bytes (a step reads them once)
         self.last_step_model: str | None = None  # the model the last step ran (state telemetry)
+        self.kv_tier = None
+        if config.host_kv_bytes > 0:
+            from worker.kv_tier import KVTier
+            from worker.rotation import Rotator
+
+            self.kv_tier = KVTier(config.host_kv_bytes, config.block_size, lambda m: self.runner.slots[m].kv,
+                                  self.runner.kv_dtype)
+            self.scheduler.rotator = Rotator(self.kv_tier)
 
     # -- models -------------------------------------------------------------------------
     def add_model(self, model_id: str, model_dir: str | Path, preload: bool = False) -> None:
@@ -160,6 +177,8 @@ class Engine:
         tokenizer = Tokenizer(model_dir)
         num_blocks = self.runner.register(model_id, Path(model_dir), config)
         self.scheduler.add_model(model_id, num_blocks, self.config.block_size)
+        if self.kv_tier is not None:
+            self.scheduler.rotator.add_model(model_id, self.kv_tier.add_model(model_id, config), self.config.block_size)
         self._tokenizers[model_id] = tokenizer
         self._weight_bytes[model_id] = _checkpoint_bytes(Path(model_dir))
         if preload:
@@ -311,7 +330,10 @@ class Engine:
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         if batch is None:
+            if self.scheduler.rotator is not None:  # all that could run is in flight between KV tiers
+                self.scheduler.rotator.wait_any(timeout_s=0.05)
             return outputs
+        start_s = self.scheduler.clock()
         try:
             if self.runner.ensure_loaded(batch.model_id, self.scheduler.is_model_busy):
                 self._mark_cold_start(batch.seqs)
@@ -319,6 +341,7 @@ class Engine:
         except Exception as exc:  # one model's failure must not stop the others
             logger.exception("step of model %s failed", batch.model_id)
             return outputs + self._fail_model(batch.model_id, exc)
+        self.scheduler.observe_step(self.scheduler.clock() - start_s)
         self._count(batch)
         outputs += self._fail_unsampled(batch, sampled)
         for seq in self.scheduler.postprocess(batch, sampled):
@@ -439,7 +462,16 @@ class Engine:
                            per_model, s.num_steps, s.num_prefill_tokens, s.num_decode_tokens,
                            self.scheduler.num_preemptions, self.runner.loaded_bytes(),
                            self.runner.cached_fractions(), self.scheduler.num_queued_prefill_tokens(),
-                           int(self.scheduler.config.max_num_seqs))
+                           int(self.scheduler.config.max_num_seqs), *self._kv_tier_stats())
+
+    def _kv_tier_stats(self) -> tuple:
+        """EngineStats' KV tier fields, in order."""
+        sched, rotator, tier = self.scheduler, self.scheduler.rotator, self.kv_tier
+        num_device = sum(bm.num_blocks - bm.num_free_blocks for bm in sched.block_managers.values())
+        if rotator is None:
+            return (num_device,)
+        return (num_device, rotator.num_host_blocks_used(), rotator.num_swaps_out, rotator.num_swaps_in,
+                tier.num_bytes_out, tier.num_bytes_in, rotator.num_stalls, rotator.stall_s)
 
     def generate(self, model_id, prompt, params: SamplingParams | None = None, **kwargs) -> RequestOutput:
         """Run one request to the end (other requests' outputs in these steps are dropped)."""

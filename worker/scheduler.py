@@ -9,7 +9,9 @@ one with the fewest running sequences first), under a token budget
 (`chunk_size`). Prefill chunks and decode tokens share one batch. When a model's KV cache
 runs out, a running sequence is preempted (`step_policy.pick_victim`: the latest deadline of
 the tenant holding the most): its blocks are freed and it is recomputed later (prompt +
-generated tokens).
+generated tokens). With a host KV tier (`rotator`, `worker/rotation.py`), running sequences
+with SLO slack rotate their KV out to host memory and back instead, decided once per step
+before the batch is chosen.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from services.knobs import DEFAULT_KNOBS
 from worker import step_policy
 from worker.block_manager import BlockManager
+from worker.rotation import Rotator
 from worker.sequence import Sequence, SequenceStatus
 
 
@@ -60,6 +63,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_shared_prefix_tokens = 0  # prompt tokens whose KV a sequence took from another
         self.tenant_to_weight: dict[str, float] = {}  # fair-share weights (absent: 1)
+        self.rotator: Rotator | None = None  # KV rotation to a host tier (None: recompute only)
+        self.step_s = 0.05  # recent step time (the engine measures it): the rotation policy's clock
 
     # -- models and requests ------------------------------------------------------------
     def add_model(self, model_id: str, num_blocks: int, block_size: int) -> None:
@@ -72,10 +77,10 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._rotated())
 
     def find(self, request_id: str) -> Sequence | None:
-        for seq in self.running + self.waiting:
+        for seq in self.running + self.waiting + self._rotated():
             if seq.request_id == request_id:
                 return seq
         return None
@@ -86,16 +91,18 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self._rotated():
+            self.rotator.drop(seq, self.block_managers[seq.model_id])
         self.block_managers[seq.model_id].free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
     def seqs_of(self, model_id: str) -> list[Sequence]:
-        return [s for s in self.running + self.waiting if s.model_id == model_id]
+        return [s for s in self.running + self.waiting + self._rotated() if s.model_id == model_id]
 
     def is_model_busy(self, model_id: str) -> bool:
         """Some sequence of the model holds KV blocks (its weights must stay)."""
-        return any(s.model_id == model_id for s in self.running)
+        return any(s.model_id == model_id for s in self.running + self._rotated())
 
     # -- one step -------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
@@ -103,6 +110,8 @@ class Scheduler:
         if not self.has_work():
             return None
         now_s = self.clock()
+        if self.rotator is not None:
+            self.rotator.step(self, now_s)
         first = self._pick_model(now_s)
         if first is not None:
             batch = self._schedule_model(first, now_s)
@@ -138,7 +147,14 @@ class Scheduler:
                 updated.append(seq)
         return updated
 
+    def observe_step(self, step_s: float) -> None:
+        """The engine's last step took step_s (smoothed: the rotation policy's time estimates)."""
+        self.step_s = 0.8 * self.step_s + 0.2 * step_s
+
     # -- internals ------------------------------------------------------------------------
+    def _rotated(self) -> list[Sequence]:
+        return self.rotator.seqs() if self.rotator is not None else []
+
     def _schedule_model(self, model_id: str, now_s: float) -> ScheduledBatch:
         cfg = self.config
         block_manager = self.block_managers[model_id]
@@ -212,14 +228,27 @@ class Scheduler:
         return num_new
 
     def _make_room(self, seq, num_new, candidates, batch, bm: BlockManager) -> bool:
-        """Preempt the latest-deadline unscheduled sequences until `seq` fits; False if it was one."""
+        """Preempt the latest-deadline unscheduled sequences until `seq` fits; False if it was one.
+        With a host tier, a victim rotates out instead when the tier holds it; its blocks
+        free once the copy is done, so `seq` waits a step for them."""
         while not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
+            if seq.status != SequenceStatus.RUNNING or self._is_room_coming(seq, num_new, bm):
+                return False
             victims = [s for s in candidates if s.status == SequenceStatus.RUNNING and s not in batch.seqs]
             victim = self._pick_victim(victims)  # seq itself is always among them
+            if self.rotator is not None and self.rotator.try_rotate_out(self, victim):
+                continue
             self._preempt(victim, bm)
             if victim is seq:
                 return False
         return True
+
+    def _is_room_coming(self, seq: Sequence, num_new: int, bm: BlockManager) -> bool:
+        """Swap-outs in flight free the blocks `seq` lacks."""
+        if self.rotator is None:
+            return False
+        num_lacking = bm.num_missing_blocks(seq, seq.num_computed_tokens + num_new) - bm.num_free_blocks
+        return self.rotator.num_pending_free_blocks(seq.model_id) >= num_lacking
 
     def _preempt(self, seq: Sequence, bm: BlockManager) -> None:
         bm.free(seq)

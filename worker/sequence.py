@@ -4,7 +4,8 @@ A sequence's tokens are `token_ids` (prompt then generated). `num_computed_token
 are in the KV cache. Each step the scheduler gives it `num_tokens - num_computed_tokens`
 tokens at most (a prefill chunk, or the one new token in decode); when a step brings the
 KV up to `num_tokens`, the model's logits for the last token are sampled and the new token
-appended. Preemption by recompute sets `num_computed_tokens` back to 0.
+appended. Preemption by recompute sets `num_computed_tokens` back to 0; rotation moves the
+KV to the host tier and back and keeps it (`worker/rotation.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class SequenceStatus(IntEnum):
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
+    ROTATING_OUT = 3  # its KV is being copied to the host tier (worker/rotation.py)
+    ROTATED_OUT = 4   # its KV is in the host tier only
+    ROTATING_IN = 5   # its KV is being copied back
 
 
 @dataclass(eq=False)
