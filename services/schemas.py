@@ -287,7 +287,7 @@ class MigrationOffer(msgspec.Struct, omit_defaults=True):
     num_tokens: int  # the context the target must hold
     kv_layout: list[int] = []  # [num_layers, block_size, num_kv_heads, head_dim, bytes per element]
     transport: str = "net"
-    shm_name: str = ""  # "shm": the shared memory file the source writes the blocks into
+    shm_num_blocks: int = 0  # "shm": room of the file the source writes blocks into (named by migration_id)
 
 
 class KVBlocks(msgspec.Struct, omit_defaults=True):
