@@ -65,6 +65,8 @@ class GatewayMetrics:
         self.redispatches = Counter("c2c_redispatches_total", "requests resubmitted after their worker died",
                                     ("model",), registry=self.registry)
         self.tokens = Counter("c2c_generation_tokens_total", "generated tokens", labels, registry=self.registry)
+        self.migrations = Counter("c2c_migrations_total", "streams that moved to another worker with their KV "
+                                  "(live migration)", ("model",), registry=self.registry)
         self.prompt_tokens = Counter("c2c_prompt_tokens_total", "prompt tokens of finished requests",
                                      labels, registry=self.registry)
         self.request_prompt_tokens = Histogram("c2c_request_prompt_tokens", "prompt tokens per finished request",

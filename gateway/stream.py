@@ -6,6 +6,8 @@ stream accepts only chunks of its current epoch, from the worker that first answ
 that epoch, in sequence; anything else is dropped. So a worker that was slow, declared
 dead and then resumed can never add text, and a chunk lost on the bus (a gap in `seq`)
 turns into a re-dispatch with the tokens the client already has instead of wrong text.
+A live migration hands an epoch over: the new worker's first chunk names the old one
+(`migrated_from`) and continues its sequence, so the switch is accepted only in order.
 """
 
 from __future__ import annotations
@@ -168,11 +170,24 @@ class RequestStream:
                 self.rlog.info("dropping chunks of epoch %d from worker %s (current epoch %d)",
                                chunk.epoch, chunk.worker_id, self.epoch)
             return False
+        if self.worker_id and chunk.migrated_from == self.worker_id and chunk.worker_id != self.worker_id:
+            self._migrated(chunk)  # in sequence, or a gap that next_chunk turns into a re-dispatch
+            return True
         if self.worker_id and chunk.worker_id and chunk.worker_id != self.worker_id:
             self.rlog.warning("dropped a chunk from worker %s: epoch %d is assigned to %s",
                               chunk.worker_id, self.epoch, self.worker_id)
             return False
         return True
+
+    def _migrated(self, chunk: TokenChunk) -> None:
+        """The current worker handed this epoch over (live migration): the chunks go on, in
+        sequence, from the worker it moved to; the old one stopped before it acknowledged."""
+        self.rlog.info("moved from worker %s to %s at chunk #%d", self.worker_id, chunk.worker_id, chunk.seq)
+        self.worker_id = chunk.worker_id
+        if self._counted_worker:
+            self.m.child(self.m.running, self.req.model, self._counted_worker).dec()
+            self._counted_worker = ""
+        self.m.child(self.m.migrations, self.req.model).inc()
 
     def _timeout_s(self) -> tuple[float, bool]:
         """How long to wait for the next chunk, and whether running out means the

@@ -107,12 +107,7 @@ class Placer:
 
     async def _load_heartbeats(self) -> None:
         """Seed the view from live heartbeat keys (a restarted placer routes at once)."""
-        async for key in self.redis.scan_iter(match=keys.WORKER_PATTERN, count=500):
-            row = await self.redis.hgetall(key)
-            if not row:
-                continue
-            row["pinned_models"] = [m for m in row.get("pinned_models", "").split(",") if m]
-            info = msgspec.convert(row, WorkerInfo, strict=False)
+        for info in await natsutil.live_workers(self.redis):
             self.views[info.worker_id] = state_of_info(info)
             self.last_seen_s[info.worker_id] = time.monotonic()
 

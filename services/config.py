@@ -116,6 +116,8 @@ class WorkerConfig(CommonConfig):
     num_threads: int = field(default=0, metadata=_help("torch threads (0: every core of the slice)"))
     telemetry_interval_s: float = field(default=0.1, metadata=_help("telemetry period"))
     heartbeat_ttl_s: int = field(default=3, metadata=_help("heartbeat key TTL"))
+    drain_timeout_s: float = field(default=5.0, metadata=_help(
+        "on SIGTERM: time to move running requests to other workers with their KV (0: hand them back)"))
 
     def validate(self) -> None:
         super().validate()

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from redis.exceptions import RedisError
 
-from services import schemas
+from services import keys, schemas
 from services.errors import C2CError
 from services.logutil import redact
 
@@ -111,6 +111,18 @@ async def keys_exist(redis, names: list[str]) -> list[bool]:
         for name in names:
             pipe.exists(name)
         return [bool(found) for found in await pipe.execute()]
+
+
+async def live_workers(redis) -> list[schemas.WorkerInfo]:
+    """The heartbeat records of the workers alive now (`c2c:worker:<id>`; raises IO_ERRORS)."""
+    infos = []
+    async for key in redis.scan_iter(match=keys.WORKER_PATTERN, count=500):
+        row = await redis.hgetall(key)
+        if not row:
+            continue
+        row["pinned_models"] = [m for m in row.get("pinned_models", "").split(",") if m]
+        infos.append(msgspec.convert(row, schemas.WorkerInfo, strict=False))
+    return infos
 
 
 async def beat(redis, key: str, ttl_s: int, what: str) -> None:

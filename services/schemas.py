@@ -132,6 +132,7 @@ class TokenChunk(msgspec.Struct, **_HOT):
     accepted: bool = False  # a worker took this assignment (no tokens, no seq): it was not lost
     logprobs: list[TokenLogprob] = []  # one per token of token_ids when the request asked for them
     prompt_text: str = ""  # first chunk, echo: the prompt's text
+    migrated_from: str = ""  # the first chunk after a live migration: the worker it left (fencing)
 
     @property
     def is_final(self) -> bool:
@@ -252,6 +253,104 @@ class ModelEntry(msgspec.Struct, omit_defaults=True):
     slo_class: str = ""  # the model's default request class (services/slo.py); "": standard
     ttft_slo_ms: float = 0.0  # the model's SLO for a standard request; 0: the system default
     tpot_slo_ms: float = 0.0
+
+
+class MigrateCommand(msgspec.Struct, omit_defaults=True):
+    """placer / a draining worker -> the source worker (`c2c.worker.<id>.migrate`): move one
+    running request, with its KV cache, to another worker (live migration)."""
+
+    request_id: str
+    target_worker_id: str = ""  # "": any live worker serving the model (same node first)
+    transport: str = ""  # "shm" | "net" | "": shared memory when both are on one node
+
+
+class MigrationResult(msgspec.Struct, omit_defaults=True):
+    """source worker -> the reply of a MigrateCommand."""
+
+    request_id: str
+    is_moved: bool = False
+    target_worker_id: str = ""
+    transport: str = ""
+    error: str = ""
+    total_ms: float = 0.0  # the offer to the target's acknowledgement
+    stop_ms: float = 0.0  # the request detached to the target's acknowledgement (no tokens then)
+
+
+class MigrationOffer(msgspec.Struct, omit_defaults=True):
+    """source -> target (`c2c.worker.<id>.migrate_offer`, request/reply `MigrationReply`):
+    reserve KV blocks for a request that will arrive with its KV."""
+
+    migration_id: str
+    request_id: str
+    model_id: str
+    source_worker_id: str
+    num_tokens: int  # the context the target must hold
+    kv_layout: list[int] = []  # [num_layers, block_size, num_kv_heads, head_dim, bytes per element]
+    transport: str = "net"
+    shm_num_blocks: int = 0  # "shm": room of the file the source writes blocks into (named by migration_id)
+
+
+class KVBlocks(msgspec.Struct, omit_defaults=True):
+    """source -> target (`c2c.worker.<id>.migrate_kv`, request/reply `MigrationReply`): the
+    request's KV blocks first_block.. (in its block table's order). `k`/`v` carry the bytes
+    ([num_layers, num_blocks, block_size, num_kv_heads, head_dim]); empty: they are in the
+    offer's shared memory file at the same block positions."""
+
+    migration_id: str
+    first_block: int
+    num_blocks: int
+    k: bytes = b""
+    v: bytes = b""
+
+
+class MigratedRequest(msgspec.Struct, omit_defaults=True):
+    """A running request's engine state: tokens, sampling, detokenizer, SLOs (worker.handover)."""
+
+    request_id: str
+    model_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: dict[str, Any]  # worker.engine.SamplingParams as a dict
+    arrival_s: float
+    ttft_slo_s: float
+    tpot_slo_s: float
+    tenant: str = ""
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    num_sent_chars: int = 0  # text already streamed
+    are_stops_active: bool = False  # stop strings are checked (min_tokens reached)
+    generator_state: bytes = b""  # a seeded request's torch.Generator state
+
+
+class MigrationCommit(msgspec.Struct, omit_defaults=True):
+    """source -> target (`c2c.worker.<id>.migrate_commit`, request/reply `MigrationReply`):
+    the source stopped the request; the tail of its KV and its state. The target resumes it
+    and streams to `reply` in the same epoch from chunk `seq` on."""
+
+    migration_id: str
+    request: MigratedRequest
+    tail: KVBlocks
+    reply: str
+    epoch: int
+    seq: int  # the next chunk's index in this epoch
+    arrival_s: float = 0.0
+    num_resumed: int = 0
+    num_skip_chars: int = 0
+    ttft_slo_ms: float = 0.0
+    tpot_slo_ms: float = 0.0
+
+
+class MigrationCancel(msgspec.Struct, omit_defaults=True):
+    """source -> target (`c2c.worker.<id>.migrate_cancel`): give the reserved blocks back."""
+
+    migration_id: str
+
+
+class MigrationReply(msgspec.Struct, omit_defaults=True):
+    """target -> source: the answer to an offer, a KV message or a commit."""
+
+    is_ok: bool
+    error: str = ""
 
 
 _encoder = msgspec.msgpack.Encoder()

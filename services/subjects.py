@@ -28,6 +28,17 @@ def worker_residency(worker_id: str) -> str:
     return f"{PREFIX}.worker.{_token(worker_id)}.residency"
 
 
+def worker_migrate(worker_id: str, step: str = "") -> str:
+    """`c2c.worker.<id>.migrate` (MigrateCommand) and, with a step, the target side of a live
+    migration: `migrate_offer`, `migrate_kv`, `migrate_commit`, `migrate_cancel`."""
+    if step not in MIGRATION_STEPS:
+        raise ValueError(f"unknown migration step {step!r}")
+    return f"{PREFIX}.worker.{_token(worker_id)}.migrate{'_' + step if step else ''}"
+
+
+MIGRATION_STEPS = ("", "offer", "kv", "commit", "cancel")
+
+
 def telemetry(worker_id: str) -> str:
     return f"{PREFIX}.telemetry.{_token(worker_id)}"
 

@@ -3,6 +3,7 @@ put on `EngineLoop.commands` (a thread-safe queue) and handled in order by the t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,10 +56,19 @@ class Evict:
 
 
 @dataclass(frozen=True)
+class Call:
+    """Run fn(engine_loop) on the engine thread; done(result, exception) hears how it went
+    (on the engine thread). Live migration's steps (`worker.migration`) run so."""
+
+    fn: Callable[[Any], Any]
+    done: Callable[[Any, BaseException | None], None]
+
+
+@dataclass(frozen=True)
 class Wake:
     """Nothing to do: wakes a thread waiting for commands (on stop)."""
 
 
-Command = Submit | Admit | Abort | Control | AddModel | Prewarm | Evict | Wake
+Command = Submit | Admit | Abort | Control | AddModel | Prewarm | Evict | Call | Wake
 
-__all__ = ["Abort", "AddModel", "Admit", "Command", "Control", "Evict", "Prewarm", "Submit", "Wake"]
+__all__ = ["Abort", "AddModel", "Admit", "Call", "Command", "Control", "Evict", "Prewarm", "Submit", "Wake"]

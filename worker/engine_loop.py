@@ -35,7 +35,18 @@ from services.schemas import (
     WorkerState,
 )
 from worker.admission import Admission
-from worker.commands import Abort, AddModel, Admit, Command, Control, Evict, Prewarm, Submit, Wake
+from worker.commands import (
+    Abort,
+    AddModel,
+    Admit,
+    Call,
+    Command,
+    Control,
+    Evict,
+    Prewarm,
+    Submit,
+    Wake,
+)
 from worker.state import StateMeter
 
 log = logging.getLogger(__name__)
@@ -58,6 +69,7 @@ class _Inflight:
     prompt_text: str = ""  # echo: sent on the first chunk
     ttft_slo_ms: float = 0.0  # its targets (services/slo.py), for the worker's tightest
     tpot_slo_ms: float = 0.0
+    migrated_from: str = ""  # moved here (live migration): named on the first chunk sent from here
 
 
 class EngineLoop:
@@ -157,6 +169,8 @@ class EngineLoop:
                     self._prewarm(model_id, path)
                 case Evict(model_id):
                     self._evict(model_id)
+                case Call(fn, done):
+                    self._call(fn, done)
         except C2CError as exc:
             log.warning("%s failed: %s", type(command).__name__, exc)
         except Exception as exc:  # a bug here must not kill the loop nor leave a client waiting
@@ -168,6 +182,44 @@ class EngineLoop:
                 self._send([(reply, _error_chunk(req.request_id, self.worker_id, ErrorCode.INTERNAL, str(exc), req.epoch))])
         finally:
             self._busy_since_s = None
+
+    def _call(self, fn, done) -> None:
+        try:
+            result = fn(self)
+        except Exception as exc:  # the caller hears it; the loop goes on
+            done(None, exc)
+        else:
+            done(result, None)
+
+    async def call(self, fn):
+        """fn(self) on the engine thread, between steps; its result (or exception) here."""
+        future = self.loop.create_future()
+
+        def settle(result, exc) -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        self.submit(Call(fn, lambda result, exc: self.loop.call_soon_threadsafe(settle, result, exc)))
+        return await future
+
+    # live migration (engine thread, through `call`): a request's chunk state leaves and arrives
+    def take_inflight(self, request_id: str) -> _Inflight | None:
+        return self._inflight.pop(request_id, None)
+
+    def restore_inflight(self, request_id: str, info: _Inflight) -> None:
+        self._inflight[request_id] = info
+
+    def adopt(self, commit, source_worker_id: str) -> None:
+        """A request migrated here: its chunks go on in the source's epoch and sequence."""
+        now_s = time.monotonic()
+        self._inflight[commit.request.request_id] = _Inflight(
+            commit.reply, commit.arrival_s, now_s, epoch=commit.epoch, num_chunks=commit.seq, last_token_s=now_s,
+            num_resumed=commit.num_resumed, num_skip_chars=commit.num_skip_chars, model_id=commit.request.model_id,
+            ttft_slo_ms=commit.ttft_slo_ms, tpot_slo_ms=commit.tpot_slo_ms, migrated_from=source_worker_id)
 
     def _prewarm(self, model_id: str, model_dir: str) -> None:
         """Resident in the host store and mapped on this slice before any request."""
@@ -294,6 +346,7 @@ class EngineLoop:
         if info.num_skip_chars:  # re-dispatched: the client has this text already
             skipped = min(info.num_skip_chars, len(chunk.text))
             chunk.text, info.num_skip_chars = chunk.text[skipped:], info.num_skip_chars - skipped
+        chunk.migrated_from, info.migrated_from = info.migrated_from, ""
         if getattr(out, "logprobs", None):
             chunk.logprobs = self._token_logprobs(info.model_id, out.logprobs)
         if info.num_chunks == 0:

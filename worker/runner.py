@@ -204,6 +204,25 @@ class ModelRunner:
         if self.loaded_bytes() + need_bytes > self.load_budget_bytes:
             logger.warning("loading %s exceeds load_budget_bytes: every other model is in use", model_id)
 
+    # -- live migration ---------------------------------------------------------------
+    def kv_layout(self, model_id: str) -> list[int]:
+        """[num_layers, block_size, num_kv_heads, head_dim, bytes per element]: what two
+        workers must agree on to hand KV blocks over."""
+        c = self.slots[model_id].config
+        item = torch.empty((), dtype=self.kv_dtype).element_size()
+        return [c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, item]
+
+    def export_kv(self, model_id: str, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of these KV blocks, in this order: K and V [L, n, block_size, Hkv, D]."""
+        kv, index = self.slots[model_id].kv, torch.tensor(block_ids, dtype=torch.long)
+        return kv.k.index_select(1, index), kv.v.index_select(1, index)
+
+    def import_kv(self, model_id: str, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K and V [L, n, block_size, Hkv, D] into these blocks (another worker's export)."""
+        kv, index = self.slots[model_id].kv, torch.tensor(block_ids, dtype=torch.long)
+        kv.k.index_copy_(1, index, k)
+        kv.v.index_copy_(1, index, v)
+
     # -- one step -------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | Exception]:

@@ -131,6 +131,16 @@ class Sampler:
         self._contexts.pop(request_id, None)
         self.logprobs.pop(request_id, None)
 
+    def generator_state(self, request_id: str) -> bytes:
+        """A seeded request's generator state (b"": none yet), to resume it elsewhere."""
+        gen = self._generators.get(request_id)
+        return bytes(gen.get_state().numpy().tobytes()) if gen is not None else b""
+
+    def set_generator_state(self, request_id: str, state: bytes) -> None:
+        gen = torch.Generator()
+        gen.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        self._generators[request_id] = gen
+
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
             return None  # torch's default generator

@@ -8,9 +8,12 @@ and serves NATS subjects:
     c2c.worker.<id>.abort      AbortRequest
     c2c.worker.<id>.residency  ResidencyCommand (prewarm / evict)
     c2c.control.<id>           ControlUpdate -> Engine.set_control
+    c2c.worker.<id>.migrate*   live migration of running requests (worker.migration)
 and publishes c2c.telemetry.<id> (~100 ms). A thread of its own keeps the heartbeat key
 c2c:worker:<id> (TTL) alive (worker.heartbeat), so no compute stalls it. Requests of a
 gateway that died (its key c2c:gateway:<id> gone) are aborted: nobody reads them.
+On SIGTERM it drains: running requests move to other workers with their KV (live
+migration, up to `drain_timeout_s`); the rest are handed back for re-dispatch.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class WorkerService:
         self.heartbeat: Heartbeat | None = None
         self.model_roots = catalog.parse_roots(config.model_roots)
         self._missing_gateways: set[str] = set()  # gone at the last orphan check
+        self.migrator = None  # worker.migration.Migrator, once the engine runs
+        self._is_stopping = False
 
     def _build_engine(self):
         from worker.engine import Engine, EngineConfig
@@ -106,6 +111,10 @@ class WorkerService:
         self.loop_thread = EngineLoop(engine, self.worker_id, asyncio.get_running_loop(), self._out.put_nowait,
                                       template)
         self.loop_thread.meter.start_probe()
+        from worker.migration import Migrator
+
+        self.migrator = Migrator(self.nc, self.redis, self.worker_id, c.node, self.loop_thread, self._ensure_model,
+                                 self._out.join, lambda: self._is_stopping)
         await self._add_pinned_models()
         self.loop_thread.start()
         natsutil.spawn(self._publisher(), self._tasks, "chunk publisher")
@@ -116,6 +125,7 @@ class WorkerService:
         await asyncio.to_thread(self.heartbeat.start)
         natsutil.spawn(self._every(c.telemetry_interval_s, self._telemetry), self._tasks, "telemetry")
         natsutil.spawn(self._every(_ORPHAN_CHECK_S, self._abort_orphans), self._tasks, "orphan check")
+        natsutil.spawn(self._every(_ORPHAN_CHECK_S, self.migrator.drop_stale), self._tasks, "stale migrations")
         log.info("worker %s ready on %s (%s, residency=%s)", self.worker_id, self.spec.name, self.spec.profile, c.residency)
 
     async def _subscribe(self) -> None:
@@ -124,6 +134,7 @@ class WorkerService:
         await natsutil.subscribe_typed(self.nc, subjects.worker_abort(wid), AbortRequest, self.on_abort)
         await natsutil.subscribe_typed(self.nc, subjects.worker_residency(wid), ResidencyCommand, self.on_residency)
         await natsutil.subscribe_typed(self.nc, subjects.control(wid), ControlUpdate, self.on_control)
+        await self.migrator.subscribe()
         await self.nc.flush()  # subscribed at the server before the first telemetry says "ready"
 
     async def _add_pinned_models(self) -> None:
@@ -135,6 +146,8 @@ class WorkerService:
 
     async def stop(self) -> None:
         """Leave cleanly: placers stop routing here, unfinished requests move elsewhere."""
+        self._is_stopping = True
+        await self._drain()
         for task in list(self._tasks):
             task.cancel()
         if self.nc is not None and self.nc.is_connected and self.loop_thread is not None:
@@ -147,6 +160,15 @@ class WorkerService:
         await natsutil.close_nats(self.nc)
         if self.redis is not None:
             await self.redis.aclose()
+
+    async def _drain(self) -> None:
+        """Move the running requests to other workers with their KV (live migration)."""
+        if self.migrator is None or self.nc is None or not self.nc.is_connected or self.config.drain_timeout_s <= 0:
+            return
+        await self._telemetry()  # is_stopping: placers route nothing more here
+        num_moved = await self.migrator.drain(time.monotonic() + self.config.drain_timeout_s)
+        if num_moved:
+            log.info("drained: %d running requests moved to other workers with their KV", num_moved)
 
     async def _hand_over(self, unfinished: list[tuple[str, str, int]]) -> None:
         """Ask each gateway to resubmit its unfinished request (as if this worker died)."""
@@ -243,6 +265,7 @@ class WorkerService:
             for subject, payload in batch:
                 if subject:
                     await self.nc.publish(subject, payload)
+            self._out.task_done()  # a migration waits for its request's last chunk (join)
 
     async def _every(self, period_s: float, action) -> None:
         while True:
@@ -254,7 +277,7 @@ class WorkerService:
 
     async def _telemetry(self, is_stopping: bool = False) -> None:
         """c2c.telemetry.<id> (WorkerState): the engine thread's latest record of this worker."""
-        t = msgspec.structs.replace(self.loop_thread.state, t_s=time.time(), is_stopping=is_stopping,
+        t = msgspec.structs.replace(self.loop_thread.state, t_s=time.time(), is_stopping=is_stopping or self._is_stopping,
                                     stalled_s=self.loop_thread.stalled_s())
         await self.nc.publish(subjects.telemetry(self.worker_id), schemas.encode(t))
 
