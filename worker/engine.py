@@ -444,6 +444,16 @@ class Engine:
                 self.runner.slots[model_id].pipeline = pipeline
                 del self._switches[model_id]
 
+    def close_pipelines(self) -> None:
+        """Retire every pipeline's stages (each model served whole again) and the stage client."""
+        for slot in self.runner.slots.values():
+            if slot.pipeline is not None:
+                slot.pipeline.close()
+                slot.pipeline = None
+        if self._stage_client is not None:
+            self._stage_client.close()
+            self._stage_client = None
+
     def _fall_back_to_one_stage(self, model_id: str) -> None:
         slot = self.runner.slots[model_id]
         self._switches.pop(model_id, None)

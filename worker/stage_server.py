@@ -115,8 +115,8 @@ class StageServer:
         """Map the model and make a KV cache of the engine's block count (its layers only are touched)."""
         config = load_config(call.model_dir)
         kv_dtype = getattr(torch, call.kv_dtype)
-        runner = ModelRunner(call.block_size, kv_cache_bytes=0, kv_dtype=kv_dtype,
-                             quantize=call.quantize or "")
+        runner = ModelRunner(call.block_size, kv_cache_bytes=0, kv_dtype=kv_dtype, quantize=call.quantize or None)
+        runner.quantize = call.quantize or None  # the engine's choice, not this process's C2C_QUANTIZE
         runner.register(call.slot_id, Path(call.model_dir), config)
         runner.slots[call.slot_id].num_blocks = call.num_blocks
         runner.ensure_loaded(call.slot_id, lambda model_id: True)
