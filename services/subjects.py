@@ -75,3 +75,8 @@ def gateway_id_of_inbox(subject: str) -> str:
     """The gateway id in `c2c.inbox.<gateway_id>.<request_id>` ("" for another subject)."""
     parts = subject.split(".")
     return parts[2] if len(parts) == 4 and parts[1] == "inbox" else ""
+
+
+def stage(stage_id: str) -> str:
+    """A pipeline stage server's calls (worker/stage_server.py): `StageCall` frames in parts."""
+    return f"{PREFIX}.stage.{_token(stage_id)}"

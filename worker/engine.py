@@ -28,6 +28,7 @@ from pathlib import Path
 from services.errors import ContextLengthExceeded, ErrorCode, InvalidRequest, ModelNotFound
 from services.knobs import DEFAULT_KNOBS
 from worker.checkpoint import load_config
+from worker.pipeline import StageError, StageSpec
 from worker.sampling import SampleContext, check_params, is_plain
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.sequence import Sequence, check_times
@@ -165,6 +166,8 @@ class Engine:
             self.kv_tier = KVTier(config.host_kv_bytes, config.block_size, lambda m: self.runner.slots[m].kv,
                                   self.runner.kv_dtype)
             self.scheduler.rotator = Rotator(self.kv_tier)
+        self._switches: dict = {}        # model -> reconfig.PipelineSwitch under way
+        self._stage_client = None        # stage_client.StageClient, for remote pipeline stages
 
     # -- models -------------------------------------------------------------------------
     def add_model(self, model_id: str, model_dir: str | Path, preload: bool = False) -> None:
@@ -328,6 +331,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run, postprocess; returns this step's outputs (one per changed request)."""
         outputs, self._pending = self._pending, []
+        self._advance_switches()
         batch = self.scheduler.schedule()
         if batch is None:
             if self.scheduler.rotator is not None:  # all that could run is in flight between KV tiers
@@ -338,6 +342,10 @@ class Engine:
             if self.runner.ensure_loaded(batch.model_id, self.scheduler.is_model_busy):
                 self._mark_cold_start(batch.seqs)
             sampled = self.runner.run(batch)  # a token id, or the exception of a failed sample
+        except StageError as exc:  # a pipeline stage failed: serve whole here, recompute the KV
+            logger.error("pipeline of model %s failed (%s): serving it whole, recomputing", batch.model_id, exc)
+            self._fall_back_to_one_stage(batch.model_id)
+            return outputs
         except Exception as exc:  # one model's failure must not stop the others
             logger.exception("step of model %s failed", batch.model_id)
             return outputs + self._fail_model(batch.model_id, exc)
@@ -431,6 +439,57 @@ class Engine:
     def _forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
         self.runner.sampler.release(request_id)
+
+    # -- pipelines (worker/pipeline.py, worker/reconfig.py) ----------------------------
+    def reconfigure(self, model_id, specs: list[StageSpec], nats_url: str | None = None):
+        """Serve the model as a pipeline of these stages from a later step on, switched
+        online (worker/reconfig.py); returns the PipelineSwitch. nats_url: remote stages'."""
+        from worker.reconfig import PipelineSwitch, build_pipeline
+
+        self.prewarm(model_id)
+        if model_id in self._switches:
+            raise InvalidRequest(f"model {model_id!r} is already being reconfigured")
+        slot = self.runner.slots[model_id]
+        if nats_url and self._stage_client is None:
+            from worker.stage_client import StageClient
+
+            self._stage_client = StageClient(nats_url)
+        if slot.pipeline is None:  # the model whole, as a one-stage pipeline: same maths
+            slot.pipeline = build_pipeline([StageSpec(0, slot.config.num_layers)], slot, self.runner, None)
+        held = lambda: sorted({b for s in self.scheduler.running if s.model_id == model_id  # noqa: E731
+                               for b in s.block_table})
+        switch = PipelineSwitch(slot.pipeline, lambda: build_pipeline(specs, slot, self.runner, self._stage_client),
+                                held)
+        self._switches[model_id] = switch
+        return switch
+
+    def is_reconfiguring(self, model_id) -> bool:
+        return model_id in self._switches
+
+    def _advance_switches(self) -> None:
+        for model_id, switch in list(self._switches.items()):
+            pipeline = switch.advance()
+            if pipeline is not None:
+                self.runner.slots[model_id].pipeline = pipeline
+                del self._switches[model_id]
+
+    def close_pipelines(self) -> None:
+        """Retire every pipeline's stages (each model served whole again) and the stage client."""
+        for slot in self.runner.slots.values():
+            if slot.pipeline is not None:
+                slot.pipeline.close()
+                slot.pipeline = None
+        if self._stage_client is not None:
+            self._stage_client.close()
+            self._stage_client = None
+
+    def _fall_back_to_one_stage(self, model_id: str) -> None:
+        slot = self.runner.slots[model_id]
+        self._switches.pop(model_id, None)
+        if slot.pipeline is not None:
+            slot.pipeline.close()
+            slot.pipeline = None
+        self.scheduler.recompute(model_id)
 
     # -- control and stats --------------------------------------------------------------
     def set_control(self, **knobs) -> None:

@@ -94,16 +94,31 @@ class CausalLM:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        return self.forward_layers(batch, kv, 0, len(self.layers))
+
+    @torch.inference_mode()
+    def forward_layers(self, batch: ForwardBatch, kv: KVCache, start: int, end: int,
+                       x: torch.Tensor | None = None) -> torch.Tensor:
+        """Layers [start, end) of the forward pass (a pipeline stage; KV indexed by absolute layer).
+
+        The first stage (start 0) embeds the input ids; a later one takes `x`, the residual
+        stream [T, H] fp32 the previous stage returned (added to in place). The last stage
+        (end = num_layers) returns [S, vocab] logits, the others the residual stream [T, H].
+        """
         meta = build_attention_metadata(batch, kv.block_size, self.config.sliding_window)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq)     # [T, 1, D]
-        x = self.embed[batch.input_ids].to(self.compute_dtype)      # [T, H] residual stream
+        if start == 0:
+            x = self.embed[batch.input_ids].to(self.compute_dtype)  # [T, H] residual stream
         eps, delta = self.config.rms_norm_eps, None                 # delta: a block's output
-        for i, layer in enumerate(self.layers):
+        for i in range(start, end):
+            layer = self.layers[i]
             h = kernels.add_rms_norm(x, delta, layer.input_norm, eps)   # x += delta; norm(x)
             delta = self._attention(h, layer.attn, cos, sin, kv, i, meta)
             h = kernels.add_rms_norm(x, delta, layer.post_norm, eps)
             delta = self._mlp(h, layer)
         x += delta
+        if end < len(self.layers):
+            return x
         x = x[batch.logits_indices].contiguous()                   # [S, H]
         return self.linear(kernels.add_rms_norm(x, None, self.final_norm, eps), self.lm_head)
 

@@ -51,6 +51,7 @@ class ModelSlot:
     kv: KVCache | None = None
     resident: object | None = None          # hoststore.ResidentModel while mapped
     private_bytes: int = 0                  # "load": bytes copied into this process
+    pipeline: object | None = None          # worker.pipeline.Pipeline: the model served in stages
     last_used_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -152,7 +153,9 @@ class ModelRunner:
     def unload(self, model_id: str) -> None:
         """Drop the model's weights and KV cache (its sequences must hold no KV blocks)."""
         slot = self.slots[model_id]
-        slot.model, slot.kv, slot.private_bytes = None, None, 0
+        if slot.pipeline is not None:
+            slot.pipeline.close()
+        slot.model, slot.kv, slot.private_bytes, slot.pipeline = None, None, 0, None
         if slot.kv_buffer is not None:
             _release_pages(slot.kv_buffer)
             self._free_kv_buffers.append(slot.kv_buffer)
@@ -167,7 +170,7 @@ class ModelRunner:
         for i, buffer in enumerate(self._free_kv_buffers):
             if buffer.numel() >= need_bytes:
                 return self._free_kv_buffers.pop(i)
-        return _zero_pages(max(self.kv_cache_bytes, need_bytes))
+        return zero_pages(max(self.kv_cache_bytes, need_bytes))
 
     def warmup(self) -> None:
         """Put one KV buffer in the pool and load the kernels' compiled code before any request."""
@@ -238,14 +241,17 @@ class ModelRunner:
         sample_rows = [i for i, flag in enumerate(batch.sample_flags) if flag]
         if len(sample_rows) < len(seqs):  # mid-prefill chunks need no logits: skip their LM head rows
             forward_batch.logits_indices = forward_batch.logits_indices[sample_rows]
-        logits = slot.model.forward(forward_batch, slot.kv)  # [S, vocab] fp32
+        if slot.pipeline is not None:  # layer ranges on several stages (worker/pipeline.py)
+            logits = slot.pipeline.forward(forward_batch)
+        else:
+            logits = slot.model.forward(forward_batch, slot.kv)  # [S, vocab] fp32
         if not sample_rows:
             return []
         sampled = [seqs[i] for i in sample_rows]
         return self.sampler.sample(logits, [s.params for s in sampled], [s.request_id for s in sampled])
 
 
-def _zero_pages(num_bytes: int) -> torch.Tensor:
+def zero_pages(num_bytes: int) -> torch.Tensor:
     """A flat uint8 buffer of fresh anonymous pages: zero by the OS, faulted in on first write.
 
     A cold start then costs nothing for its KV cache (torch.zeros of the default 256 MiB
@@ -257,7 +263,7 @@ def _zero_pages(num_bytes: int) -> torch.Tensor:
 
 
 def _release_pages(buffer: torch.Tensor) -> None:
-    """Give a `_zero_pages` buffer's pages back to the OS (MADV_DONTNEED): a pooled KV
+    """Give a `zero_pages` buffer's pages back to the OS (MADV_DONTNEED): a pooled KV
     buffer then holds no memory, and reads as zeros (finite) when a model takes it again."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(buffer.numel()), mmap.MADV_DONTNEED):

@@ -100,6 +100,12 @@ class Scheduler:
     def seqs_of(self, model_id: str) -> list[Sequence]:
         return [s for s in self.running + self.waiting + self._rotated() if s.model_id == model_id]
 
+    def recompute(self, model_id: str) -> None:
+        """Preempt every running sequence of the model (its KV cache was lost: a pipeline
+        stage died); each is recomputed, prompt and generated tokens, on a later step."""
+        for seq in [s for s in self.running if s.model_id == model_id]:
+            self._preempt(seq, self.block_managers[model_id])
+
     def is_model_busy(self, model_id: str) -> bool:
         """Some sequence of the model holds KV blocks (its weights must stay)."""
         return any(s.model_id == model_id for s in self.running + self._rotated())
