@@ -87,11 +87,11 @@ class KVTier:
 
     def _host_kv(self, slot: _HostSlot) -> KVCache:
         if slot.kv is None:
-            from worker.runner import _zero_pages
+            from worker.runner import zero_pages
 
             num_bytes = slot.num_blocks * self.bytes_per_block(slot.config)
             pinned = torch.cuda.is_available() and torch.cuda.is_initialized()
-            buffer = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True) if pinned else _zero_pages(num_bytes)
+            buffer = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True) if pinned else zero_pages(num_bytes)
             slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype, buffer=buffer)
         return slot.kv
 
