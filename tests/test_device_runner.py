@@ -2,8 +2,9 @@
 
 The whole forward pass runs on (simulated) device arrays: logits equal the CPU engine's,
 greedy tokens equal for a dense and a mixture-of-experts model, prefill in chunks equals
-prefill at once, ρ in {0, 0.5, 1} and "load" residency give the same tokens, and a step
-moves only the packed ids in and the sampled ids out. Models are the synth "micro"
+prefill at once, ρ in {0, 0.5, 1} and "load" residency give the same tokens, a step
+moves only the packed ids in and the sampled ids out, and a request that samples or wants
+logprobs gets its logits row back and the host's sampler. Models are the synth "micro"
 preset (hidden 16, vocab 272): every simulated thread is a Python thread.
 """
 
@@ -21,6 +22,18 @@ IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 in_sim = pytest.mark.skipif(not IN_SIM, reason="runs inside test_simulator_subprocess")
 PROMPT = "hello world"
 CACHE_BYTES = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def prefill_weight_stationary():
+    """Prefill (M > 1) through HybridGEMM's weight-stationary kernel, decode through the
+    output-stationary one, so both run on the device engine."""
+    import c2c_kernels as kernels
+
+    threshold = kernels.decode_threshold()
+    kernels.set_decode_threshold(1)
+    yield
+    kernels.set_decode_threshold(threshold)
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +59,17 @@ def _engine(model_dir, **config):
     return engine
 
 
-def _greedy(engine, max_tokens=3, prompt=PROMPT):
+def _greedy(engine):
+    """Two greedy tokens: a prefill and a decode step."""
     from worker.engine import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return engine.generate("m", prompt, params).new_token_ids
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    return engine.generate("m", PROMPT, params).new_token_ids
 
 
 @pytest.mark.skipif(IN_SIM, reason="this is the simulator subprocess itself")
 def test_simulator_subprocess(run_in_cuda_simulator):
-    assert "6 passed" in run_in_cuda_simulator(__file__)
+    assert "7 passed" in run_in_cuda_simulator(__file__)
 
 
 @in_sim
@@ -101,12 +115,12 @@ def test_greedy_tokens_equal_cpu_engine(micro, arch):
 @in_sim
 def test_rho_changes_nothing_but_where_weights_are_read(micro):
     model_dir = micro("qwen2")  # fused q|k|v with bias
-    expected = _greedy(_engine(model_dir), max_tokens=2)
+    expected = _greedy(_engine(model_dir))
     dev = _engine(model_dir, device="cuda", device_cache_bytes=CACHE_BYTES)
     for rho in (0.0, 0.5, 1.0):
         dev.set_control(rho=rho)
         assert dev.stats().cached_fraction["m"] == pytest.approx(rho, abs=0.05)
-        assert _greedy(dev, max_tokens=2) == expected, rho
+        assert _greedy(dev) == expected, rho
 
 
 @in_sim
@@ -135,11 +149,26 @@ def test_a_step_moves_ids_in_and_ids_out_only(micro, monkeypatch):
 
 
 @in_sim
+def test_sampled_and_logprobs_requests_are_sampled_on_the_host_alike(micro):
+    from worker.engine import SamplingParams
+
+    model_dir = micro("llama")
+    params = SamplingParams(max_tokens=2, temperature=0.8, seed=7, ignore_eos=True, logprobs=2)
+    expected = _engine(model_dir).generate("m", PROMPT, params)
+    dev = _engine(model_dir, device="cuda", device_cache_bytes=CACHE_BYTES)
+    got = dev.generate("m", PROMPT, params)
+    assert got.new_token_ids == expected.new_token_ids
+    assert [p.top_token_ids for p in got.logprobs] == [p.top_token_ids for p in expected.logprobs]
+    assert [p.logprob for p in got.logprobs] == pytest.approx([p.logprob for p in expected.logprobs], abs=1e-3)
+    assert dev.runner.copies.bytes_to_host >= 272 * 4   # a logits row came back
+
+
+@in_sim
 def test_load_residency_copies_the_whole_model_to_the_device(micro):
     model_dir = micro("mistral")  # sliding window
-    expected = _greedy(_engine(model_dir, residency="load"), max_tokens=2)
+    expected = _greedy(_engine(model_dir, residency="load"))
     dev = _engine(model_dir, device="cuda", residency="load")   # no tile cache: ρ is 1 anyway
-    assert _greedy(dev, max_tokens=2) == expected
+    assert _greedy(dev) == expected
     assert dev.stats().cached_fraction == {"m": 1.0}
     assert dev.stats().private_weight_bytes > 0
     dev.set_control(rho=0.0)
