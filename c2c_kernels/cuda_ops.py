@@ -124,6 +124,8 @@ def make_attention(threads: int = ATTENTION_THREADS, dims_per_thread: int = 2):
     thread folds the tile into its running max / sum (online softmax) and its own
     `dims_per_thread` output dimensions (D <= threads * dims_per_thread)."""
 
+    max_dim = threads * dims_per_thread  # a constant: sizes the shared q vector
+
     def attention(qkv, k_cache, v_cache, layer, positions, seq_of, tables, block_size,
                   num_heads, window, scale, out):
         t = cuda.blockIdx.x
@@ -131,7 +133,7 @@ def make_attention(threads: int = ATTENTION_THREADS, dims_per_thread: int = 2):
         tid = cuda.threadIdx.x
         dim = k_cache.shape[3]
         kv_head = h // (num_heads // k_cache.shape[2])
-        q_s = cuda.shared.array(threads * dims_per_thread, float32)
+        q_s = cuda.shared.array(max_dim, float32)
         score_s = cuda.shared.array(threads, float32)
         slot_s = cuda.shared.array(threads, int32)
         acc = cuda.local.array(dims_per_thread, float32)

@@ -44,3 +44,37 @@ def test_kernel_compiles_to_sm90_ptx(path):
     assert ".local" not in ptx
     if path == "ws":
         assert ".shared" in ptx and "bar.sync" in ptx
+
+
+_F2, _F4 = "float32[:, ::1]", "float32[:, :, :, ::1]"
+_I1, _W2 = "int32[::1]", "uint64[:, ::1]"
+DEVICE_OP_SIGNATURES = {  # the argument types the device engine launches them with
+    "embed": f"void({_I1}, {_W2}, {_W2}, int64, {_F2})",
+    "add_rms_norm": f"void({_F2}, {_F2}, boolean, float32[::1], float32, {_F2})",
+    "rope_kv_write": f"void({_F2}, {_I1}, {_I1}, {_F2}, {_F2}, int64, int64, {_F4}, {_F4}, int64)",
+    "attention": f"void({_F2}, {_F4}, {_F4}, int64, {_I1}, {_I1}, int32[:, ::1], int64, int64, int64, float32, {_F2})",
+    "silu_mul": f"void({_F2}, {_F2})",
+    "add_bias": "void(float32[:, :], float32[::1])",  # a column range of q|k|v
+    "fill": f"void({_F2}, float32)",
+    "gather_rows": f"void({_F2}, {_I1}, {_F2})",
+    "argmax": f"void({_F2}, {_I1})",
+    "moe_route": f"void({_F2}, int64, boolean, {_F2})",
+    "add_weighted": f"void({_F2}, {_F2}, {_F2}, int64)",
+    "add_sigmoid_gated": f"void({_F2}, {_F2}, {_F2})",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEVICE_OP_SIGNATURES))
+def test_device_op_compiles_to_sm90_ptx_without_spills(name):
+    _nvvm_or_skip()
+    from numba import cuda
+
+    from c2c_kernels import cuda_ops
+
+    if name == "attention":  # head_dim 128 on 64 threads
+        fn = cuda_ops.make_attention(dims_per_thread=cuda_ops.attention_dims_per_thread(128))
+    else:
+        fn = cuda_ops.KERNELS[name]()
+    ptx, _ = cuda.compile_ptx(fn, DEVICE_OP_SIGNATURES[name], cc=(9, 0))
+    assert ".target sm_90" in ptx and ".entry" in ptx
+    assert ".local" not in ptx  # no per-thread arrays spilled to local memory

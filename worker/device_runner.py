@@ -36,6 +36,7 @@ from worker.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
 SIM_NUM_BLOCKS = 2        # HybridGEMM blocks per launch in the simulator (each thread is a Python thread)
+SIM_DEVICE_BYTES = 64 << 20  # the simulator's tile cache (it has no device memory to measure)
 FREE_MEMORY_MARGIN = 0.1  # of the device's free memory, left to the allocator and kernels
 
 
@@ -134,6 +135,6 @@ class DeviceModelRunner(ModelRunner):
 def _free_device_bytes(kv_cache_bytes: int) -> int:
     """Tile-cache bytes on a GPU with none configured: free memory less KV and a margin."""
     if IS_SIMULATOR:
-        return 0
+        return SIM_DEVICE_BYTES
     free_bytes, _ = cuda.current_context().get_memory_info()
     return max(0, int(free_bytes * (1 - FREE_MEMORY_MARGIN)) - kv_cache_bytes)

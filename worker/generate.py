@@ -26,16 +26,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--residency", choices=("host", "load"), default="host",
                         help="map weights from the host store (default) or copy them in")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu, or cuda: the device engine on the GPU (NUMBA_ENABLE_CUDASIM=1: simulated)")
+    parser.add_argument("--rho", type=float, default=None,
+                        help="cuda, host residency: fraction of weight bytes cached in device memory")
 
 
 def run(args) -> int:
     from worker.engine import Engine, EngineConfig, SamplingParams
 
     model_dir = Path(args.model)
-    engine = Engine(EngineConfig(residency=args.residency, num_threads=args.threads))
+    engine = Engine(EngineConfig(residency=args.residency, num_threads=args.threads, device=args.device))
     model_id = model_dir.resolve().name
     load_start_s = time.perf_counter()
     engine.add_model(model_id, model_dir, preload=True)
+    engine.set_control(rho=args.rho)
     load_s = time.perf_counter() - load_start_s
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)

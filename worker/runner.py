@@ -31,7 +31,7 @@ import torch
 import c2c_kernels as kernels
 from worker.checkpoint import ModelConfig, checkpoint_tensor_files
 from worker.forward_batch import ForwardBatch
-from worker.layers import quantize_weights, with_int8_weights, without_fused_parts
+from worker.layers import quantize_weights, with_int8_weights
 from worker.model import CausalLM, KVCache, kv_bytes_per_token
 from worker.sampling import Sampler
 from worker.scheduler import ScheduledBatch
@@ -68,8 +68,8 @@ class ModelRunner:
             raise ValueError(f"residency must be 'host' or 'load', got {residency!r}")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        # cuda: weights stay in host memory, mapped into the GPU; a DeviceTileCache of
-        # device_cache_bytes holds the cached fraction rho of them (c2c_kernels.cuda_backend).
+        # cuda (worker.device_runner's): weights stay in host memory, mapped into the GPU; a
+        # DeviceTileCache of device_cache_bytes holds the cached fraction rho of them.
         self.weight_backend = None
         if device == "cuda":
             from c2c_kernels.cuda_backend import CudaWeightBackend
@@ -142,8 +142,6 @@ class ModelRunner:
                                      for t in (w.tensors() if isinstance(w, kernels.Int8Weight) else (w,)))
         if self.quantize:
             kernels.warmup_int8()
-        if self.weight_backend is not None:  # register each byte once: fused views only
-            weights = self.weight_backend.wrap_weights(slot.model_id, without_fused_parts(weights))
         need = slot.num_blocks * self.block_size * kv_bytes_per_token(slot.config, self.kv_dtype)
         slot.kv_buffer = self._take_kv_buffer(need)
         slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype,

@@ -1,0 +1,190 @@
+"""The device engine (EngineConfig.device="cuda") under Numba's CUDA simulator.
+
+The whole forward pass runs on (simulated) device arrays: logits equal the CPU engine's,
+greedy tokens equal for a dense and a mixture-of-experts model, prefill in chunks equals
+prefill at once, ρ in {0, 0.5, 1} and "load" residency give the same tokens, a step
+moves only the packed ids in and the sampled ids out, and a request that samples or wants
+logprobs gets its logits row back and the host's sampler. Models are the synth "micro"
+preset (hidden 16, vocab 272): every simulated thread is a Python thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+in_sim = pytest.mark.skipif(not IN_SIM, reason="runs inside test_simulator_subprocess")
+PROMPT = "hello world"
+CACHE_BYTES = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def prefill_weight_stationary():
+    """Prefill (M > 1) through HybridGEMM's weight-stationary kernel, decode through the
+    output-stationary one, so both run on the device engine."""
+    import c2c_kernels as kernels
+
+    threshold = kernels.decode_threshold()
+    kernels.set_decode_threshold(1)
+    yield
+    kernels.set_decode_threshold(threshold)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """micro(arch) -> a bf16 checkpoint of the synth micro preset (cached)."""
+    from worker.synth import synth_model
+
+    made = {}
+
+    def make(arch: str):
+        if arch not in made:
+            made[arch] = synth_model(arch, "micro", tmp_path_factory.mktemp(arch), seed=1)
+        return made[arch]
+
+    return make
+
+
+def _engine(model_dir, **config):
+    from worker.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(**config))
+    engine.add_model("m", model_dir, preload=True)
+    return engine
+
+
+def _greedy(engine):
+    """Two greedy tokens: a prefill and a decode step."""
+    from worker.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    return engine.generate("m", PROMPT, params).new_token_ids
+
+
+@pytest.mark.skipif(IN_SIM, reason="this is the simulator subprocess itself")
+def test_simulator_subprocess(run_in_cuda_simulator):
+    assert "7 passed" in run_in_cuda_simulator(__file__)
+
+
+@in_sim
+def test_logits_equal_cpu_and_chunked_prefill_equals_one_shot(micro):
+    from worker.device_model import pack_step
+    from worker.forward_batch import ForwardBatch
+    from worker.model import KVCache
+
+    model_dir = micro("llama")
+    cpu, dev = _engine(model_dir), _engine(model_dir, device="cuda", device_cache_bytes=CACHE_BYTES)
+    ids = cpu.tokenize_request("m", PROMPT)
+    block_size, config = cpu.config.block_size, cpu.runner.slots["m"].config
+    batch = ForwardBatch.build([ids], [0], [[0, 1]], block_size)
+    kv = KVCache.allocate(config, 4, block_size)
+    cpu_logits = cpu.runner.slots["m"].model.forward(batch, kv)              # [1, V]
+
+    model = dev.runner.slots["m"].model
+    def device_logits(new_tokens, num_cached, table):
+        step = ForwardBatch.build([new_tokens], [num_cached], [table], block_size)
+        packed, layout = pack_step(step, [0])
+        return torch.from_numpy(model.forward(dev.runner.copies.to_device(packed), layout).copy_to_host())
+
+    one_shot = device_logits(ids, 0, [0])
+    torch.testing.assert_close(one_shot, cpu_logits, rtol=1e-2, atol=1e-2)   # bf16 weights, fp32 math
+    chunks = [ids[:2], ids[2:4], ids[4:]]
+    assert all(chunks)
+    for i, chunk in enumerate(chunks):
+        chunked = device_logits(chunk, 2 * i, [2, 3])                         # other blocks
+    torch.testing.assert_close(chunked, one_shot, rtol=1e-4, atol=1e-4)
+
+
+@in_sim
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_greedy_tokens_equal_cpu_engine(micro, arch):
+    model_dir = micro(arch)
+    expected = _greedy(_engine(model_dir))
+    dev = _engine(model_dir, device="cuda", device_cache_bytes=CACHE_BYTES, chunk_size=2)
+    dev.set_control(rho=1.0)
+    assert _greedy(dev) == expected                   # prefill in chunks of 2 tokens, then decode
+    assert dev.stats().cached_fraction == {"m": 1.0}
+
+
+@in_sim
+def test_rho_changes_nothing_but_where_weights_are_read(micro):
+    model_dir = micro("qwen2")  # fused q|k|v with bias
+    expected = _greedy(_engine(model_dir))
+    dev = _engine(model_dir, device="cuda", device_cache_bytes=CACHE_BYTES)
+    for rho in (0.0, 0.5, 1.0):
+        dev.set_control(rho=rho)
+        assert dev.stats().cached_fraction["m"] == pytest.approx(rho, abs=0.05)
+        assert _greedy(dev) == expected, rho
+
+
+@in_sim
+def test_a_step_moves_ids_in_and_ids_out_only(micro, monkeypatch):
+    from numba import cuda
+
+    from worker.engine import SamplingParams
+
+    dev = _engine(micro("llama"), device="cuda", device_cache_bytes=CACHE_BYTES)
+    dev.set_control(rho=0.5)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    for i in range(2):
+        dev.add_request(f"r{i}", "m", prompt=PROMPT, params=params)
+    dev.step()                                           # prefill both (warms the workspace)
+    moved = []                                           # every copy numba makes, not only the runner's
+    to_device, array_type = cuda.to_device, type(cuda.device_array(1))
+    to_host = array_type.copy_to_host
+    monkeypatch.setattr(cuda, "to_device", lambda a, *args, **kw: moved.append(("in", a.nbytes)) or to_device(a, *args, **kw))
+    monkeypatch.setattr(array_type, "copy_to_host",
+                        lambda self, *args, **kw: moved.append(("out", self.nbytes)) or to_host(self, *args, **kw))
+    outputs = dev.step()                                 # decode: one token of each
+    assert len(outputs) == 2
+    num_tokens, num_seqs, max_blocks = 2, 2, 1
+    packed_bytes = 4 * (4 * num_tokens + num_seqs + num_seqs * max_blocks)  # ids, pos, slots, seq, rows, tables
+    assert moved == [("in", packed_bytes), ("out", 4 * num_seqs)]
+
+
+@in_sim
+def test_sampled_and_logprobs_requests_are_sampled_on_the_host_alike(micro):
+    from worker.engine import SamplingParams
+
+    model_dir = micro("llama")
+    params = SamplingParams(max_tokens=2, temperature=0.8, seed=7, ignore_eos=True, logprobs=2)
+    expected = _engine(model_dir).generate("m", PROMPT, params)
+    dev = _engine(model_dir, device="cuda", device_cache_bytes=CACHE_BYTES)
+    got = dev.generate("m", PROMPT, params)
+    assert got.new_token_ids == expected.new_token_ids
+    assert [p.top_token_ids for p in got.logprobs] == [p.top_token_ids for p in expected.logprobs]
+    assert [p.logprob for p in got.logprobs] == pytest.approx([p.logprob for p in expected.logprobs], abs=1e-3)
+    assert dev.runner.copies.bytes_to_host >= 272 * 4   # a logits row came back
+
+
+@in_sim
+def test_load_residency_copies_the_whole_model_to_the_device(micro):
+    model_dir = micro("mistral")  # sliding window
+    expected = _greedy(_engine(model_dir, residency="load"))
+    dev = _engine(model_dir, device="cuda", residency="load")   # no tile cache: ρ is 1 anyway
+    assert _greedy(dev) == expected
+    assert dev.stats().cached_fraction == {"m": 1.0}
+    assert dev.stats().private_weight_bytes > 0
+    dev.set_control(rho=0.0)
+    assert dev.stats().cached_fraction == {"m": 1.0}
+
+
+@pytest.mark.skipif(IN_SIM, reason="the CLI runs in a process of its own")
+def test_cli_generate_on_the_device_engine(tmp_path):
+    from worker.synth import synth_model
+
+    model_dir = synth_model("llama", "micro", tmp_path / "m", seed=1)
+    args = ["--model", str(model_dir), "--prompt", PROMPT, "--max-tokens", "2", "--ignore-eos", "--json"]
+    cmd = [sys.executable, "-m", "services.cli", "generate", *args]
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    cpu = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    dev = subprocess.run([*cmd, "--device", "cuda", "--rho", "0.5"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert cpu.returncode == 0 and dev.returncode == 0, cpu.stderr[-2000:] + dev.stderr[-2000:]
+    assert json.loads(dev.stdout)["token_ids"] == json.loads(cpu.stdout)["token_ids"]
