@@ -71,6 +71,7 @@ class EngineConfig:
     num_threads: int | None = None    # torch threads; None = every core this process may use
     device: str = "cpu"               # "cpu" | "cuda": GEMMs through HybridGEMM on the slice's GPU
     device_cache_bytes: int = 0       # "cuda": slice memory for cached weight tiles (knob rho)
+    quantize: str | None = None       # "int8" | "q4" weights (CPU); None = C2C_QUANTIZE, "" = none
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Engine:
         self.runner = ModelRunner(config.block_size, config.kv_cache_bytes, config.residency,
                                   config.load_budget_bytes, config.host_store_root,
                                   max_num_seqs=config.max_num_seqs, device=config.device,
-                                  device_cache_bytes=config.device_cache_bytes)
+                                  device_cache_bytes=config.device_cache_bytes, quantize=config.quantize)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []   # aborts, reported by the next step

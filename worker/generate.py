@@ -26,13 +26,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--residency", choices=("host", "load"), default="host",
                         help="map weights from the host store (default) or copy them in")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--quantize", choices=("int8", "q4"), default=None,
+                        help="quantize the projection matrices at registration: int8 per channel or q4 "
+                             "(4-bit groups of 32); default C2C_QUANTIZE, else none")
 
 
 def run(args) -> int:
     from worker.engine import Engine, EngineConfig, SamplingParams
 
     model_dir = Path(args.model)
-    engine = Engine(EngineConfig(residency=args.residency, num_threads=args.threads))
+    engine = Engine(EngineConfig(residency=args.residency, num_threads=args.threads, quantize=args.quantize))
     model_id = model_dir.resolve().name
     load_start_s = time.perf_counter()
     engine.add_model(model_id, model_dir, preload=True)

@@ -1,0 +1,263 @@
+"""4-bit group-wise weights ("q4": llama.cpp's Q4_0 numbers in two arrays) and their CPU kernels.
+
+A weight w [N, K] (K a multiple of 32) is cut into groups of 32 along K. Per group,
+d = m / -8 where m is the group's value of largest magnitude (sign kept), and
+q = min(15, trunc(w / d + 8.5)), so w ~ d * (q - 8): symmetric, 16 levels, no minimum
+(Q4_1's min would cost another 2 bytes per group; Q4_0 keeps the bytes at 0.5625 per
+weight, 3.56x fewer than bf16). The numbers are exactly what `gguf.quants.quantize(...,
+Q4_0)` computes, so a GGUF Q4_0 tensor is served as is (`worker.gguf_tensors`):
+
+- qs [N, K/2] uint8: byte 16g + j holds element 32g + j in its low nibble and element
+  32g + 16 + j in its high nibble (GGUF's order inside a block);
+- scale [N, K/32] fp16: d per group (GGUF keeps it beside the nibbles, 18-byte blocks;
+  here apart, so rows stay aligned and fused q|k|v rows stay contiguous).
+
+Decode (M <= the decode threshold) reads the packed bytes once:
+- with AVX512-VNNI and K a multiple of 128 (`gemv_q4_vnni`), as llama.cpp's Q4_0 x Q8_0
+  dot product: each row of x is rounded to int8 per group of 32 (scale max|x| / 127,
+  round half to even), and 128 weights at a time go through two `vpdpbusd` (unsigned
+  nibbles x signed int8, exact int32 sums), then fp32 scaling by d * dx; the -8 offset
+  is subtracted once per group as d * 8 * dx * sum(xq). Error: the activations' int8
+  rounding (relative ~1/254 per group), as in llama.cpp.
+- otherwise (`gemv_q4`) fp32 on the dequantized weights, exact up to fp32 rounding.
+Prefill dequantizes ~1 MiB of rows at a time into sgemm (`cpu_int8.prefill_by_blocks`):
+fp32 activations, exact up to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import torch
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from c2c_kernels.cpu_gemv import _widen
+from c2c_kernels.cpu_int8 import prefill_by_blocks
+
+GROUP = 32
+HALF = GROUP // 2
+
+
+def can_quantize_q4(shape) -> bool:
+    """q4 takes [N, K] matrices with K a multiple of the group size."""
+    return len(shape) == 2 and shape[1] % GROUP == 0 and shape[1] > 0
+
+
+def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (qs [N, K/2] uint8, scale [N, K/32] fp16); bit for bit gguf's Q4_0."""
+    n, k = w.shape
+    if not can_quantize_q4(w.shape):
+        raise ValueError(f"q4 needs K a multiple of {GROUP}, got shape {tuple(w.shape)}")
+    blocks = w.detach().to(torch.float32).reshape(n, k // GROUP, GROUP)  # [N, G, 32]
+    at = blocks.abs().argmax(dim=-1, keepdim=True)
+    d = blocks.gather(-1, at) / -8  # [N, G, 1]
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15).to(torch.uint8)  # [N, G, 32]
+    qs = q[..., :HALF] | (q[..., HALF:] << 4)  # [N, G, 16]
+    return qs.reshape(n, k // 2).contiguous(), d.reshape(n, k // GROUP).to(torch.float16)
+
+
+def dequantize_q4(qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[N, K] fp32 = d * (q - 8) (the float reference the kernels compute with)."""
+    n, groups = scale.shape
+    packed = qs.reshape(n, groups, HALF)
+    q = torch.cat((packed & 15, packed >> 4), dim=-1).to(torch.float32) - 8  # [N, G, 32]
+    return (q * scale.to(torch.float32)[..., None]).reshape(n, groups * GROUP)
+
+
+_FEATURES = llvm_binding.get_host_cpu_features()
+HAS_VNNI = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
+VNNI_BLOCK = 4 * GROUP  # weights per vpdpbusd pair: 64 bytes of nibbles
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def can_use_vnni(k: int) -> bool:
+    return HAS_VNNI and k % VNNI_BLOCK == 0
+
+
+def _nibble(shift: int):
+    """u8 byte -> float32 of (its low or high nibble) - 8, in 8-bit arithmetic (Numba would
+    widen `b & 15` to int64, and LLVM then converts 8 lanes a vector instead of 16)."""
+
+    @intrinsic
+    def nibble(typingctx, b):
+        if b != types.uint8:
+            return None
+
+        def codegen(context, builder, signature, args):
+            v = args[0]
+            v = builder.lshr(v, ir.Constant(_I8, 4)) if shift else builder.and_(v, ir.Constant(_I8, 15))
+            return builder.sitofp(builder.sub(v, ir.Constant(_I8, 8)), _F32)
+
+        return types.float32(b), codegen
+
+    return nibble
+
+
+_lo, _hi = _nibble(0), _nibble(4)
+
+
+@nb.njit(fastmath=True, inline="always")
+def _rows(x, qs, scale, y, n0, n1):
+    """y[:, n0:n1] = x @ dequant(qs, scale)[n0:n1].T in fp32; each packed row is read once.
+
+    acc holds one partial sum per byte position of a group (16 lanes: one vector).
+    """
+    acc = np.empty(HALF, dtype=np.float32)
+    for n in range(n0, n1):
+        qrow, srow = qs[n], scale[n]
+        for m in range(x.shape[0]):
+            xr = x[m]
+            acc[:] = 0.0
+            for g in range(srow.shape[0]):
+                d = _widen(srow[g])
+                for j in range(HALF):
+                    b = qrow[g * HALF + j]
+                    acc[j] += d * (xr[g * GROUP + j] * _lo(b) + xr[g * GROUP + HALF + j] * _hi(b))
+            y[m, n] = acc.sum()
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def gemv_q4(x, qs, scale, y, num_tasks):
+    """y [M, N] = x [M, K] f32 @ dequant(qs [N, K/2] u8, scale [N, K/32] i16 fp16 bits).T, rows in parallel."""
+    n_rows = qs.shape[0]
+    per_task = (n_rows + num_tasks - 1) // num_tasks
+    for t in nb.prange(num_tasks):
+        _rows(x, qs, scale, y, t * per_task, min(n_rows, (t + 1) * per_task))
+
+
+@nb.njit(fastmath=True, cache=True)
+def gemv_q4_serial(x, qs, scale, y):
+    """gemv_q4 on the calling thread."""
+    _rows(x, qs, scale, y, 0, qs.shape[0])
+
+
+# ---- AVX512-VNNI path ------------------------------------------------------------
+
+def _vector_at(context, builder, array_type, array, index, vector_type):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
+
+
+@intrinsic
+def _block128(typingctx, qrow, xlo, xhi, srow, dx4, i, acc):
+    """acc[0:16] += the 128 weights qrow[64i:64i+64] (4 groups) x (xlo, xhi) int8, scaled.
+
+    Lane L of a vpdpbusd sums bytes 4L..4L+3, so lanes 4g'..4g'+3 hold group 4i + g':
+    they are scaled by d[4i + g'] (fp16, widened) times dx4[16i + L] (dx repeated 4x).
+    """
+    expected = ((qrow, types.uint8), (xlo, types.int8), (xhi, types.int8), (srow, types.int16),
+                (dx4, types.float32), (acc, types.float32))
+    if not all(isinstance(a, types.Array) and a.dtype == dtype and a.ndim == 1 and a.layout == "C"
+               for a, dtype in expected):
+        return None
+
+    def codegen(context, builder, signature, args):
+        q_a, xlo_a, xhi_a, s_a, dx_a, i_v, acc_a = args
+        at = signature.args
+        v64i8, v16i32, v16f = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+        byte0 = builder.mul(i_v, ir.Constant(i_v.type, 64))
+        packed = builder.load(_vector_at(context, builder, at[0], q_a, byte0, v64i8), align=1)
+        lo = builder.and_(packed, ir.Constant(v64i8, [15] * 64))
+        hi = builder.lshr(packed, ir.Constant(v64i8, [4] * 64))
+        x_lo = builder.load(_vector_at(context, builder, at[1], xlo_a, byte0, v64i8), align=1)
+        x_hi = builder.load(_vector_at(context, builder, at[2], xhi_a, byte0, v64i8), align=1)
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i32, [v16i32, v64i8, v64i8]),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        isum = builder.call(dot, [builder.call(dot, [ir.Constant(v16i32, [0] * 16), lo, x_lo]), hi, x_hi])
+        d4_at = _vector_at(context, builder, at[3], s_a, builder.mul(i_v, ir.Constant(i_v.type, 4)),
+                           ir.VectorType(_I16, 4))
+        d4 = builder.fpext(builder.bitcast(builder.load(d4_at, align=2), ir.VectorType(ir.HalfType(), 4)),
+                           ir.VectorType(_F32, 4))
+        d16 = builder.shuffle_vector(d4, d4, ir.Constant(ir.VectorType(_I32, 16), [k // 4 for k in range(16)]))
+        dx = builder.load(_vector_at(context, builder, at[4], dx_a, builder.mul(i_v, ir.Constant(i_v.type, 16)),
+                                     v16f), align=4)
+        acc_at = _vector_at(context, builder, at[6], acc_a, ir.Constant(i_v.type, 0), v16f)
+        scaled = builder.fmul(builder.fmul(d16, dx), builder.sitofp(isum, v16f))
+        builder.store(builder.fadd(builder.load(acc_at, align=4), scaled), acc_at, align=4)
+        return context.get_dummy_value()
+
+    return types.void(qrow, xlo, xhi, srow, dx4, i, acc), codegen
+
+
+@nb.njit(fastmath=True, cache=True)
+def quantize_activations(x, xlo, xhi, dx4, offset):
+    """x [M, K] f32 -> int8 per group of 32 in the nibbles' order (xlo [M, K/2]: elements
+    32g + j, xhi: 32g + 16 + j), dx4 [M, K/8] (each group's scale max|x|/127, 4 times),
+    offset [M, K/32] = 8 * dx * sum(xq) (the -8 of every weight, applied once per group)."""
+    for m in range(x.shape[0]):
+        for g in range(x.shape[1] // GROUP):
+            amax = np.float32(0.0)
+            for j in range(GROUP):
+                amax = max(amax, abs(x[m, g * GROUP + j]))
+            dx = amax / np.float32(127.0)
+            inv = np.float32(1.0) / dx if dx > 0 else np.float32(0.0)
+            total = 0
+            for j in range(GROUP):
+                v = np.int8(np.rint(x[m, g * GROUP + j] * inv))
+                total += v
+                if j < HALF:
+                    xlo[m, g * HALF + j] = v
+                else:
+                    xhi[m, g * HALF + j - HALF] = v
+            for r in range(4):
+                dx4[m, 4 * g + r] = dx
+            offset[m, g] = np.float32(8.0) * dx * np.float32(total)
+
+
+@nb.njit(fastmath=True, inline="always")
+def _rows_vnni(xlo, xhi, dx4, offset, qs, scale, y, n0, n1):
+    acc = np.empty(HALF, dtype=np.float32)
+    num_blocks = scale.shape[1] // 4
+    for n in range(n0, n1):
+        qrow, srow = qs[n], scale[n]
+        for m in range(xlo.shape[0]):
+            acc[:] = 0.0
+            for i in range(num_blocks):
+                _block128(qrow, xlo[m], xhi[m], srow, dx4[m], i, acc)
+            total = acc.sum()
+            for g in range(srow.shape[0]):
+                total -= _widen(srow[g]) * offset[m, g]
+            y[m, n] = total
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def gemv_q4_vnni(xlo, xhi, dx4, offset, qs, scale, y, num_tasks):
+    """y [M, N] = quantized x (`quantize_activations`) @ dequant(qs, scale).T, rows in parallel."""
+    n_rows = qs.shape[0]
+    per_task = (n_rows + num_tasks - 1) // num_tasks
+    for t in nb.prange(num_tasks):
+        _rows_vnni(xlo, xhi, dx4, offset, qs, scale, y, t * per_task, min(n_rows, (t + 1) * per_task))
+
+
+@nb.njit(fastmath=True, cache=True)
+def gemv_q4_vnni_serial(xlo, xhi, dx4, offset, qs, scale, y):
+    """gemv_q4_vnni on the calling thread."""
+    _rows_vnni(xlo, xhi, dx4, offset, qs, scale, y, 0, qs.shape[0])
+
+
+def vnni_activations(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(xlo, xhi, dx4, offset) of x [M, K] f32 for the VNNI kernels."""
+    m, k = x.shape
+    parts = (np.empty((m, k // 2), np.int8), np.empty((m, k // 2), np.int8),
+             np.empty((m, k // 8), np.float32), np.empty((m, k // GROUP), np.float32))
+    quantize_activations(x, *parts)
+    return parts
+
+
+def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the VNNI path sees it: int8 per group of 32 times its scale (fp32)."""
+    xlo, xhi, dx4, _ = vnni_activations(x.numpy())
+    m, k = x.shape
+    xq = torch.cat((torch.from_numpy(xlo).view(m, -1, HALF), torch.from_numpy(xhi).view(m, -1, HALF)), dim=-1)
+    return (xq.to(torch.float32) * torch.from_numpy(dx4[:, ::4])[..., None]).reshape(m, k)
+
+
+def prefill_q4(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y [M, N] fp32 = x [M, K] fp32 @ dequant(qs, scale).T, ~1 MiB of dequantized rows at a time."""
+    return prefill_by_blocks(x, qs.shape[0], 2 * qs.shape[1],
+                             lambda n0, n1: dequantize_q4(qs[n0:n1], scale[n0:n1]))
