@@ -62,10 +62,11 @@ def test_q4_linear_matches_float64(m, k, way, monkeypatch):
 
 @pytest.mark.skipif(not cpu_q4.HAS_VNNI, reason="this CPU has no AVX512-VNNI")
 def test_vnni_activations_round_each_group_to_int8():
-    x = torch.randn(2, 256) * torch.logspace(-2, 2, 256)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 256)
     xq = dequantize_activations(x)
     step = x.view(2, 8, 32).abs().amax(-1, keepdim=True) / 127  # [2, 8, 1]
-    assert bool(((xq - x).view(2, 8, 32).abs() <= step / 2 * (1 + 1e-6)).all())
+    # half a step, plus x * (1 / dx)'s own rounding (fastmath multiplies by the inverse)
+    assert bool(((xq - x).view(2, 8, 32).abs() <= step * (0.5 + 1e-4)).all())
 
 
 @pytest.fixture(scope="module")
