@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import warnings
@@ -260,18 +261,18 @@ def warmup_quantized(mode: str) -> None:
     from c2c_kernels.cpu_q4 import quantize_q4
 
     kind, quantize = {"int8": (Int8Weight, quantize_int8), "q4": (Q4Weight, quantize_q4)}[mode]
-    parts = quantize(torch.randn(2 * SERIAL_MAX_BYTES // 64 + 8, 64))
-    for is_read_only in (False, True):  # host-store views are read-only: another Numba type
+    widths = (128, 96) if mode == "q4" else (64,)  # q4: the VNNI kernel (K % 128 == 0) and the fp32 one
+    for k, is_read_only in itertools.product(widths, (False, True)):  # host-store views are read-only:
+        parts = quantize(torch.randn(2 * SERIAL_MAX_BYTES // k + 8, k))  # another Numba type
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "non-writable" tensors: on purpose
             weight = kind(*(_read_only(p, is_read_only) for p in parts))
-        for m in (1, 3):
-            for way in ("serial", "threaded"):
-                previous, serial_or_threaded.FORCED = serial_or_threaded.FORCED, way
-                try:
-                    weight.hybrid_linear(torch.randn(m, 64))
-                finally:
-                    serial_or_threaded.FORCED = previous
+        for m, way in itertools.product((1, 3), ("serial", "threaded")):
+            previous, serial_or_threaded.FORCED = serial_or_threaded.FORCED, way
+            try:
+                weight.hybrid_linear(torch.randn(m, k))
+            finally:
+                serial_or_threaded.FORCED = previous
 
 
 def _read_only(t: torch.Tensor, is_read_only: bool) -> torch.Tensor:
