@@ -414,8 +414,19 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def gguf_folder(path: Path) -> Path:
+    """The checkpoint folder a .gguf file converts into (once; `c2cserve models gguf` in a
+    child process, as for the demo catalog: the launcher imports no worker code)."""
+    _say(f"reading {path} (a GGUF file converts into a checkpoint folder once)...")
+    done = subprocess.run([sys.executable, "-m", "services.cli", "models", "gguf", str(path)], cwd=PROJECT_ROOT,
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise C2CError(f"--models {path}: cannot serve this GGUF file (exit {done.returncode}; its error is above)")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def run(args: argparse.Namespace) -> int:
-    model_dirs = [Path(m) for m in args.models] if args.models else None
+    model_dirs = [gguf_folder(Path(m)) if m.endswith(".gguf") else Path(m) for m in args.models or []] or None
     for model_dir in model_dirs or []:
         if not (model_dir / "config.json").is_file():
             raise C2CError(f"--models {model_dir}: not a checkpoint folder (no config.json)")

@@ -149,8 +149,12 @@ class Engine:
         """Register a checkpoint folder; CheckpointError if it is unusable.
 
         Host mode makes it resident in the host store now and maps it on its first request
-        (or now, with preload=True); load mode copies it on its first request.
+        (or now, with preload=True); load mode copies it on its first request. A `.gguf`
+        file stands for the checkpoint folder it converts into (`worker.gguf_checkpoint`).
         """
+        from worker.gguf_checkpoint import checkpoint_dir
+
+        model_dir = checkpoint_dir(model_dir)
         config = load_config(model_dir)
         tokenizer = Tokenizer(model_dir)
         num_blocks = self.runner.register(model_id, Path(model_dir), config)
