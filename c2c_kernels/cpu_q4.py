@@ -17,8 +17,9 @@ Decode (M <= the decode threshold) reads the packed bytes once:
   dot product: each row of x is rounded to int8 per group of 32 (scale max|x| / 127,
   round half to even), and 128 weights at a time go through two `vpdpbusd` (unsigned
   nibbles x signed int8, exact int32 sums), then fp32 scaling by d * dx; the -8 offset
-  is subtracted once per group as d * 8 * dx * sum(xq). Error: the activations' int8
-  rounding (relative ~1/254 per group), as in llama.cpp.
+  is subtracted per group as d * 8 * dx * sum(xq). The nibbles of a block are unpacked
+  once for all rows of a batch. Error: the activations' int8 rounding (relative ~1/254
+  per group), as in llama.cpp.
 - otherwise (`gemv_q4`) fp32 on the dequantized weights, exact up to fp32 rounding.
 Prefill dequantizes ~1 MiB of rows at a time into sgemm (`cpu_int8.prefill_by_blocks`):
 fp32 activations, exact up to fp32 rounding.
@@ -144,51 +145,60 @@ def _vector_at(context, builder, array_type, array, index, vector_type):
 
 
 @intrinsic
-def _block128(typingctx, qrow, xlo, xhi, srow, dx4, i, acc):
-    """acc[0:16] += the 128 weights qrow[64i:64i+64] (4 groups) x (xlo, xhi) int8, scaled.
+def _block128(typingctx, qrow, xlo, xhi, srow, dx4, offset4, i, acc):
+    """acc[m, 0:16] += the 128 weights qrow[64i:64i+64] (4 groups) . (xlo[m], xhi[m]) int8,
+    scaled, for every row m of x: the nibbles are unpacked and the scales widened once.
 
     Lane L of a vpdpbusd sums bytes 4L..4L+3, so lanes 4g'..4g'+3 hold group 4i + g':
-    they are scaled by d[4i + g'] (fp16, widened) times dx4[16i + L] (dx repeated 4x).
+    they add d[4i + g'] (fp16, widened) * (dx4[m, 16i + L] * sum - offset4[m, 16i + L]),
+    dx4 the group's activation scale and offset4 a quarter of its -8 term (4 lanes each).
     """
-    expected = ((qrow, types.uint8), (xlo, types.int8), (xhi, types.int8), (srow, types.int16),
-                (dx4, types.float32), (acc, types.float32))
-    if not all(isinstance(a, types.Array) and a.dtype == dtype and a.ndim == 1 and a.layout == "C"
-               for a, dtype in expected):
+    expected = ((qrow, types.uint8, 1), (xlo, types.int8, 2), (xhi, types.int8, 2), (srow, types.int16, 1),
+                (dx4, types.float32, 2), (offset4, types.float32, 2), (acc, types.float32, 2))
+    if not all(isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
+               for a, dtype, ndim in expected):
         return None
 
     def codegen(context, builder, signature, args):
-        q_a, xlo_a, xhi_a, s_a, dx_a, i_v, acc_a = args
+        q_a, xlo_a, xhi_a, s_a, dx_a, off_a, i_v, acc_a = args
         at = signature.args
+        intp = i_v.type
         v64i8, v16i32, v16f = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
-        byte0 = builder.mul(i_v, ir.Constant(i_v.type, 64))
+        byte0 = builder.mul(i_v, ir.Constant(intp, 64))
         packed = builder.load(_vector_at(context, builder, at[0], q_a, byte0, v64i8), align=1)
         lo = builder.and_(packed, ir.Constant(v64i8, [15] * 64))
         hi = builder.lshr(packed, ir.Constant(v64i8, [4] * 64))
-        x_lo = builder.load(_vector_at(context, builder, at[1], xlo_a, byte0, v64i8), align=1)
-        x_hi = builder.load(_vector_at(context, builder, at[2], xhi_a, byte0, v64i8), align=1)
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i32, [v16i32, v64i8, v64i8]),
-                                             "llvm.x86.avx512.vpdpbusd.512")
-        isum = builder.call(dot, [builder.call(dot, [ir.Constant(v16i32, [0] * 16), lo, x_lo]), hi, x_hi])
-        d4_at = _vector_at(context, builder, at[3], s_a, builder.mul(i_v, ir.Constant(i_v.type, 4)),
+        d4_at = _vector_at(context, builder, at[3], s_a, builder.mul(i_v, ir.Constant(intp, 4)),
                            ir.VectorType(_I16, 4))
         d4 = builder.fpext(builder.bitcast(builder.load(d4_at, align=2), ir.VectorType(ir.HalfType(), 4)),
                            ir.VectorType(_F32, 4))
         d16 = builder.shuffle_vector(d4, d4, ir.Constant(ir.VectorType(_I32, 16), [k // 4 for k in range(16)]))
-        dx = builder.load(_vector_at(context, builder, at[4], dx_a, builder.mul(i_v, ir.Constant(i_v.type, 16)),
-                                     v16f), align=4)
-        acc_at = _vector_at(context, builder, at[6], acc_a, ir.Constant(i_v.type, 0), v16f)
-        scaled = builder.fmul(builder.fmul(d16, dx), builder.sitofp(isum, v16f))
-        builder.store(builder.fadd(builder.load(acc_at, align=4), scaled), acc_at, align=4)
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i32, [v16i32, v64i8, v64i8]),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        x_shape = cgutils.unpack_tuple(builder, context.make_array(at[1])(context, builder, xlo_a).shape)
+        dx_width = cgutils.unpack_tuple(builder, context.make_array(at[4])(context, builder, dx_a).shape)[1]
+        with cgutils.for_range(builder, x_shape[0]) as loop:
+            m = loop.index
+            x0 = builder.add(builder.mul(m, x_shape[1]), byte0)
+            x_lo = builder.load(_vector_at(context, builder, at[1], xlo_a, x0, v64i8), align=1)
+            x_hi = builder.load(_vector_at(context, builder, at[2], xhi_a, x0, v64i8), align=1)
+            isum = builder.call(dot, [builder.call(dot, [ir.Constant(v16i32, [0] * 16), lo, x_lo]), hi, x_hi])
+            dx0 = builder.add(builder.mul(m, dx_width), builder.mul(i_v, ir.Constant(intp, 16)))
+            dx = builder.load(_vector_at(context, builder, at[4], dx_a, dx0, v16f), align=4)
+            off = builder.load(_vector_at(context, builder, at[5], off_a, dx0, v16f), align=4)
+            acc_at = _vector_at(context, builder, at[7], acc_a, builder.mul(m, ir.Constant(intp, HALF)), v16f)
+            scaled = builder.fmul(d16, builder.fsub(builder.fmul(dx, builder.sitofp(isum, v16f)), off))
+            builder.store(builder.fadd(builder.load(acc_at, align=4), scaled), acc_at, align=4)
         return context.get_dummy_value()
 
-    return types.void(qrow, xlo, xhi, srow, dx4, i, acc), codegen
+    return types.void(qrow, xlo, xhi, srow, dx4, offset4, i, acc), codegen
 
 
 @nb.njit(fastmath=True, cache=True)
-def quantize_activations(x, xlo, xhi, dx4, offset):
+def quantize_activations(x, xlo, xhi, dx4, offset4):
     """x [M, K] f32 -> int8 per group of 32 in the nibbles' order (xlo [M, K/2]: elements
     32g + j, xhi: 32g + 16 + j), dx4 [M, K/8] (each group's scale max|x|/127, 4 times),
-    offset [M, K/32] = 8 * dx * sum(xq) (the -8 of every weight, applied once per group)."""
+    offset4 [M, K/8] = 8 * dx * sum(xq) / 4, 4 times (the -8 of every weight, over 4 lanes)."""
     for m in range(x.shape[0]):
         for g in range(x.shape[1] // GROUP):
             amax = np.float32(0.0)
@@ -206,45 +216,42 @@ def quantize_activations(x, xlo, xhi, dx4, offset):
                     xhi[m, g * HALF + j - HALF] = v
             for r in range(4):
                 dx4[m, 4 * g + r] = dx
-            offset[m, g] = np.float32(8.0) * dx * np.float32(total)
+                offset4[m, 4 * g + r] = np.float32(2.0) * dx * np.float32(total)
 
 
 @nb.njit(fastmath=True, inline="always")
-def _rows_vnni(xlo, xhi, dx4, offset, qs, scale, y, n0, n1):
-    acc = np.empty(HALF, dtype=np.float32)
+def _rows_vnni(xlo, xhi, dx4, offset4, qs, scale, y, n0, n1):
+    acc = np.empty((xlo.shape[0], HALF), dtype=np.float32)  # [M, 16]
     num_blocks = scale.shape[1] // 4
     for n in range(n0, n1):
         qrow, srow = qs[n], scale[n]
+        acc[:] = 0.0
+        for i in range(num_blocks):
+            _block128(qrow, xlo, xhi, srow, dx4, offset4, i, acc)
         for m in range(xlo.shape[0]):
-            acc[:] = 0.0
-            for i in range(num_blocks):
-                _block128(qrow, xlo[m], xhi[m], srow, dx4[m], i, acc)
-            total = acc.sum()
-            for g in range(srow.shape[0]):
-                total -= _widen(srow[g]) * offset[m, g]
-            y[m, n] = total
+            y[m, n] = acc[m].sum()
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_q4_vnni(xlo, xhi, dx4, offset, qs, scale, y, num_tasks):
+def gemv_q4_vnni(xlo, xhi, dx4, offset4, qs, scale, y, num_tasks):
     """y [M, N] = quantized x (`quantize_activations`) @ dequant(qs, scale).T, rows in parallel."""
     n_rows = qs.shape[0]
     per_task = (n_rows + num_tasks - 1) // num_tasks
     for t in nb.prange(num_tasks):
-        _rows_vnni(xlo, xhi, dx4, offset, qs, scale, y, t * per_task, min(n_rows, (t + 1) * per_task))
+        _rows_vnni(xlo, xhi, dx4, offset4, qs, scale, y, t * per_task, min(n_rows, (t + 1) * per_task))
 
 
 @nb.njit(fastmath=True, cache=True)
-def gemv_q4_vnni_serial(xlo, xhi, dx4, offset, qs, scale, y):
+def gemv_q4_vnni_serial(xlo, xhi, dx4, offset4, qs, scale, y):
     """gemv_q4_vnni on the calling thread."""
-    _rows_vnni(xlo, xhi, dx4, offset, qs, scale, y, 0, qs.shape[0])
+    _rows_vnni(xlo, xhi, dx4, offset4, qs, scale, y, 0, qs.shape[0])
 
 
 def vnni_activations(x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(xlo, xhi, dx4, offset) of x [M, K] f32 for the VNNI kernels."""
+    """(xlo, xhi, dx4, offset4) of x [M, K] f32 for the VNNI kernels."""
     m, k = x.shape
     parts = (np.empty((m, k // 2), np.int8), np.empty((m, k // 2), np.int8),
-             np.empty((m, k // 8), np.float32), np.empty((m, k // GROUP), np.float32))
+             np.empty((m, k // 8), np.float32), np.empty((m, k // 8), np.float32))
     quantize_activations(x, *parts)
     return parts
 
