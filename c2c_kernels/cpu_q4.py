@@ -30,7 +30,6 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 import torch
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -38,6 +37,21 @@ from numba.extending import intrinsic
 
 from c2c_kernels.cpu_gemv import _widen
 from c2c_kernels.cpu_int8 import prefill_by_blocks
+from c2c_kernels.cpu_vnni import (
+    F32,
+    HAS_VNNI,
+    I8,
+    I16,
+    I32,
+    V16F,
+    V16I32,
+    V64I8,
+    are_c_arrays,
+    dpbusd,
+    quantize_activations,
+    shape_of,
+    vector_at,
+)
 
 GROUP = 32
 HALF = GROUP // 2
@@ -70,10 +84,7 @@ def dequantize_q4(qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q * scale.to(torch.float32)[..., None]).reshape(n, groups * GROUP)
 
 
-_FEATURES = llvm_binding.get_host_cpu_features()
-HAS_VNNI = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
 VNNI_BLOCK = 4 * GROUP  # weights per vpdpbusd pair: 64 bytes of nibbles
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
 
 def can_use_vnni(k: int) -> bool:
@@ -91,8 +102,8 @@ def _nibble(shift: int):
 
         def codegen(context, builder, signature, args):
             v = args[0]
-            v = builder.lshr(v, ir.Constant(_I8, 4)) if shift else builder.and_(v, ir.Constant(_I8, 15))
-            return builder.sitofp(builder.sub(v, ir.Constant(_I8, 8)), _F32)
+            v = builder.lshr(v, ir.Constant(I8, 4)) if shift else builder.and_(v, ir.Constant(I8, 15))
+            return builder.sitofp(builder.sub(v, ir.Constant(I8, 8)), F32)
 
         return types.float32(b), codegen
 
@@ -137,12 +148,7 @@ def gemv_q4_serial(x, qs, scale, y):
     _rows(x, qs, scale, y, 0, qs.shape[0])
 
 
-# ---- AVX512-VNNI path ------------------------------------------------------------
-
-def _vector_at(context, builder, array_type, array, index, vector_type):
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
-
+# ---- AVX512-VNNI path (c2c_kernels.cpu_vnni) --------------------------------------
 
 @intrinsic
 def _block128(typingctx, qrow, xlo, xhi, srow, dx4, offset4, i, acc):
@@ -153,70 +159,39 @@ def _block128(typingctx, qrow, xlo, xhi, srow, dx4, offset4, i, acc):
     they add d[4i + g'] (fp16, widened) * (dx4[m, 16i + L] * sum - offset4[m, 16i + L]),
     dx4 the group's activation scale and offset4 a quarter of its -8 term (4 lanes each).
     """
-    expected = ((qrow, types.uint8, 1), (xlo, types.int8, 2), (xhi, types.int8, 2), (srow, types.int16, 1),
-                (dx4, types.float32, 2), (offset4, types.float32, 2), (acc, types.float32, 2))
-    if not all(isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
-               for a, dtype, ndim in expected):
+    if not are_c_arrays((qrow, types.uint8, 1), (xlo, types.int8, 2), (xhi, types.int8, 2), (srow, types.int16, 1),
+                        (dx4, types.float32, 2), (offset4, types.float32, 2), (acc, types.float32, 2)):
         return None
 
     def codegen(context, builder, signature, args):
         q_a, xlo_a, xhi_a, s_a, dx_a, off_a, i_v, acc_a = args
         at = signature.args
         intp = i_v.type
-        v64i8, v16i32, v16f = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
         byte0 = builder.mul(i_v, ir.Constant(intp, 64))
-        packed = builder.load(_vector_at(context, builder, at[0], q_a, byte0, v64i8), align=1)
-        lo = builder.and_(packed, ir.Constant(v64i8, [15] * 64))
-        hi = builder.lshr(packed, ir.Constant(v64i8, [4] * 64))
-        d4_at = _vector_at(context, builder, at[3], s_a, builder.mul(i_v, ir.Constant(intp, 4)),
-                           ir.VectorType(_I16, 4))
+        packed = builder.load(vector_at(context, builder, at[0], q_a, byte0, V64I8), align=1)
+        lo = builder.and_(packed, ir.Constant(V64I8, [15] * 64))
+        hi = builder.lshr(packed, ir.Constant(V64I8, [4] * 64))
+        d4_at = vector_at(context, builder, at[3], s_a, builder.mul(i_v, ir.Constant(intp, 4)), ir.VectorType(I16, 4))
         d4 = builder.fpext(builder.bitcast(builder.load(d4_at, align=2), ir.VectorType(ir.HalfType(), 4)),
-                           ir.VectorType(_F32, 4))
-        d16 = builder.shuffle_vector(d4, d4, ir.Constant(ir.VectorType(_I32, 16), [k // 4 for k in range(16)]))
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i32, [v16i32, v64i8, v64i8]),
-                                             "llvm.x86.avx512.vpdpbusd.512")
-        x_shape = cgutils.unpack_tuple(builder, context.make_array(at[1])(context, builder, xlo_a).shape)
-        dx_width = cgutils.unpack_tuple(builder, context.make_array(at[4])(context, builder, dx_a).shape)[1]
-        with cgutils.for_range(builder, x_shape[0]) as loop:
+                           ir.VectorType(F32, 4))
+        d16 = builder.shuffle_vector(d4, d4, ir.Constant(ir.VectorType(I32, 16), [k // 4 for k in range(16)]))
+        x_rows, x_width = shape_of(context, builder, at[1], xlo_a)
+        dx_width = shape_of(context, builder, at[4], dx_a)[1]
+        with cgutils.for_range(builder, x_rows) as loop:
             m = loop.index
-            x0 = builder.add(builder.mul(m, x_shape[1]), byte0)
-            x_lo = builder.load(_vector_at(context, builder, at[1], xlo_a, x0, v64i8), align=1)
-            x_hi = builder.load(_vector_at(context, builder, at[2], xhi_a, x0, v64i8), align=1)
-            isum = builder.call(dot, [builder.call(dot, [ir.Constant(v16i32, [0] * 16), lo, x_lo]), hi, x_hi])
+            x0 = builder.add(builder.mul(m, x_width), byte0)
+            x_lo = builder.load(vector_at(context, builder, at[1], xlo_a, x0, V64I8), align=1)
+            x_hi = builder.load(vector_at(context, builder, at[2], xhi_a, x0, V64I8), align=1)
+            isum = dpbusd(builder, dpbusd(builder, ir.Constant(V16I32, [0] * 16), lo, x_lo), hi, x_hi)
             dx0 = builder.add(builder.mul(m, dx_width), builder.mul(i_v, ir.Constant(intp, 16)))
-            dx = builder.load(_vector_at(context, builder, at[4], dx_a, dx0, v16f), align=4)
-            off = builder.load(_vector_at(context, builder, at[5], off_a, dx0, v16f), align=4)
-            acc_at = _vector_at(context, builder, at[7], acc_a, builder.mul(m, ir.Constant(intp, HALF)), v16f)
-            scaled = builder.fmul(d16, builder.fsub(builder.fmul(dx, builder.sitofp(isum, v16f)), off))
+            dx = builder.load(vector_at(context, builder, at[4], dx_a, dx0, V16F), align=4)
+            off = builder.load(vector_at(context, builder, at[5], off_a, dx0, V16F), align=4)
+            acc_at = vector_at(context, builder, at[7], acc_a, builder.mul(m, ir.Constant(intp, HALF)), V16F)
+            scaled = builder.fmul(d16, builder.fsub(builder.fmul(dx, builder.sitofp(isum, V16F)), off))
             builder.store(builder.fadd(builder.load(acc_at, align=4), scaled), acc_at, align=4)
         return context.get_dummy_value()
 
     return types.void(qrow, xlo, xhi, srow, dx4, offset4, i, acc), codegen
-
-
-@nb.njit(fastmath=True, cache=True)
-def quantize_activations(x, xlo, xhi, dx4, offset4):
-    """x [M, K] f32 -> int8 per group of 32 in the nibbles' order (xlo [M, K/2]: elements
-    32g + j, xhi: 32g + 16 + j), dx4 [M, K/8] (each group's scale max|x|/127, 4 times),
-    offset4 [M, K/8] = 8 * dx * sum(xq) / 4, 4 times (the -8 of every weight, over 4 lanes)."""
-    for m in range(x.shape[0]):
-        for g in range(x.shape[1] // GROUP):
-            amax = np.float32(0.0)
-            for j in range(GROUP):
-                amax = max(amax, abs(x[m, g * GROUP + j]))
-            dx = amax / np.float32(127.0)
-            inv = np.float32(1.0) / dx if dx > 0 else np.float32(0.0)
-            total = 0
-            for j in range(GROUP):
-                v = np.int8(np.rint(x[m, g * GROUP + j] * inv))
-                total += v
-                if j < HALF:
-                    xlo[m, g * HALF + j] = v
-                else:
-                    xhi[m, g * HALF + j - HALF] = v
-            for r in range(4):
-                dx4[m, 4 * g + r] = dx
-                offset4[m, 4 * g + r] = np.float32(2.0) * dx * np.float32(total)
 
 
 @nb.njit(fastmath=True, inline="always")
@@ -252,7 +227,7 @@ def vnni_activations(x: np.ndarray) -> tuple[np.ndarray, ...]:
     m, k = x.shape
     parts = (np.empty((m, k // 2), np.int8), np.empty((m, k // 2), np.int8),
              np.empty((m, k // 8), np.float32), np.empty((m, k // 8), np.float32))
-    quantize_activations(x, *parts)
+    quantize_activations(x, parts[0], parts[1], parts[2], parts[3], True, np.float32(2.0))  # 8 / 4 lanes
     return parts
 
 
