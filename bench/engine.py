@@ -1,5 +1,9 @@
 """`c2cserve bench engine`: prefill and decode tokens/s of our engine vs transformers.
 
+`--quantize none,int8,q4` runs our engine once per weight format (each its own host-store
+copy, in this process), side by side in the same rounds, with each one's decode speed
+relative to the first listed.
+
 Each engine runs in its own process with its own defaults: ours in this one (c2cserve
 sets OMP_WAIT_POLICY=PASSIVE), transformers in a child (bench/engine_hf.py) without that
 setting, with the same torch thread count, loaded once. Measurements are interleaved:
@@ -39,8 +43,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--residency", choices=("host", "load"), default="host")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
-    parser.add_argument("--quantize", choices=("int8",), default=None,
-                        help="our weights int8 per-channel (C2C_QUANTIZE); transformers keeps the checkpoint's")
+    parser.add_argument("--quantize", default="none",
+                        help="our weight formats, comma-separated: none (the checkpoint's), int8 (per channel), "
+                             "q4 (4-bit groups of 32); e.g. none,int8,q4. Transformers keeps the checkpoint's")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=None, help="also write the report to this file")
 
@@ -54,33 +59,35 @@ def run(args) -> int:
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     if not batch_sizes or min(batch_sizes) < 1 or args.prompt_len < 1 or args.decode_tokens < 1 or args.rounds < 1:
         raise InvalidRequest("--batch-sizes, --prompt-len, --decode-tokens and --rounds must be positive")
+    modes = [None if m.strip() in ("", "none") else m.strip() for m in str(args.quantize).split(",")]
+    if any(m not in (None, "int8", "q4") for m in modes) or len(set(modes)) != len(modes):
+        raise InvalidRequest(f"--quantize {args.quantize!r}: distinct formats among none, int8, q4")
     load_start = round(os.getloadavg()[0], 2)
-    engine, model_id = _make_engine(args, max(batch_sizes))
+    engines = {_label(m): _make_engine(args, max(batch_sizes), m) for m in modes}  # label -> (engine, model id)
     threads = torch.get_num_threads()
+    engine, model_id = next(iter(engines.values()))
     vocab = min(engine.tokenizer(model_id).vocab_size, engine.runner.slots[model_id].config.vocab_size)
     prompts = _random_prompts(max(batch_sizes), args.prompt_len, vocab)
     peer = None if args.no_hf else HfPeer(args.model, args.hf_dtype, threads)
-    samples = {b: {"ours": [], "hf": []} for b in batch_sizes}
+    samples = {b: {label: [] for label in [*engines, "hf"]} for b in batch_sizes}
     try:
-        for batch in batch_sizes:  # warm-up on the same shapes first: compilation, per-shape autotune
-            _ours(engine, model_id, prompts[:batch], args.prompt_len, 2)
-            if peer is not None:
-                peer.run(prompts[:batch], 2)
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds + 1):  # round 0 warms up: compilation, per-shape autotune
             for batch in batch_sizes:
-                samples[batch]["ours"].append(_ours(engine, model_id, prompts[:batch], args.prompt_len,
-                                                    args.decode_tokens))
+                num_tokens = 2 if round_index == 0 else args.decode_tokens
+                for label, (engine, model_id) in engines.items():
+                    sample = _ours(engine, model_id, prompts[:batch], args.prompt_len, num_tokens)
+                    samples[batch][label] += [sample] if round_index else []
                 if peer is not None:
-                    samples[batch]["hf"].append(peer.run(prompts[:batch], args.decode_tokens))
+                    sample = peer.run(prompts[:batch], num_tokens)
+                    samples[batch]["hf"] += [sample] if round_index else []
     finally:
         if peer is not None:
             peer.close()
     read_gbps = measure_read_gbps()
-    weight_bytes = engine.runner.slots[model_id].model.read_bytes_per_step()
+    weight_bytes = {label: e.runner.slots[m].model.read_bytes_per_step() for label, (e, m) in engines.items()}
     config = engine.runner.slots[model_id].config
     report = {"model": str(args.model), "arch": config.arch, "dtype": config.dtype, "threads": threads,
-              "quantize": args.quantize,
-              "cpu_count": os.cpu_count(), "load_avg_1m_start": load_start,
+              "quantize": [m or "none" for m in modes], "cpu_count": os.cpu_count(), "load_avg_1m_start": load_start,
               "load_avg_1m": round(os.getloadavg()[0], 2), "rounds": args.rounds,
               "read_probe_gbps": round(read_gbps, 1), "weight_bytes": weight_bytes,
               "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
@@ -98,20 +105,35 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def _row(batch: int, samples: dict, weight_bytes: int, read_gbps: float) -> dict:
-    """Medians over the rounds; ratios of the medians; our decode's weight GB/s vs the probe."""
-    ours = {k: _median(samples["ours"], k) for k in samples["ours"][0]}
-    ours["prefill_all"] = [round(r["prefill_tokens_per_s"], 1) for r in samples["ours"]]
-    ours["decode_all"] = [round(r["decode_tokens_per_s"], 1) for r in samples["ours"]]
-    ours["weight_gbps"] = weight_bytes / (ours["decode_step_ms"] / 1000) / 1e9
-    ours["roofline_fraction"] = ours["weight_gbps"] / read_gbps
-    row = {"batch": batch, "ours": ours}
+def _label(mode: str | None) -> str:
+    return "ours" if mode is None else f"ours-{mode}"
+
+
+def _summary(rows: list[dict]) -> dict:
+    """Medians over the rounds, and every round's prefill and decode tokens/s."""
+    out = {k: _median(rows, k) for k in rows[0]}
+    out["prefill_all"] = [round(r["prefill_tokens_per_s"], 1) for r in rows]
+    out["decode_all"] = [round(r["decode_tokens_per_s"], 1) for r in rows]
+    return out
+
+
+def _row(batch: int, samples: dict, weight_bytes: dict, read_gbps: float) -> dict:
+    """Per engine: medians, decode weight GB/s vs the probe, decode vs the first of ours and
+    vs transformers (ratios of the medians). "ours" is the first of ours, for older readers."""
+    labels = [label for label in samples if label != "hf"]
+    variants = {label: _summary(samples[label]) for label in labels}
+    first = variants[labels[0]]
+    for label, ours in variants.items():
+        ours["weight_gbps"] = weight_bytes[label] / (ours["decode_step_ms"] / 1000) / 1e9
+        ours["roofline_fraction"] = ours["weight_gbps"] / read_gbps
+        ours["decode_vs_first"] = ours["decode_tokens_per_s"] / first["decode_tokens_per_s"]
+    row = {"batch": batch, "ours": first, "variants": variants}
     if samples["hf"]:
-        hf = {k: _median(samples["hf"], k) for k in samples["hf"][0]}
-        hf["prefill_all"] = [round(r["prefill_tokens_per_s"], 1) for r in samples["hf"]]
-        hf["decode_all"] = [round(r["decode_tokens_per_s"], 1) for r in samples["hf"]]
-        row.update(hf=hf, prefill_ratio=ours["prefill_tokens_per_s"] / hf["prefill_tokens_per_s"],
-                   decode_ratio=ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"])
+        hf = _summary(samples["hf"])
+        for ours in variants.values():
+            ours.update(prefill_vs_hf=ours["prefill_tokens_per_s"] / hf["prefill_tokens_per_s"],
+                        decode_vs_hf=ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"])
+        row.update(hf=hf, prefill_ratio=first["prefill_vs_hf"], decode_ratio=first["decode_vs_hf"])
     return row
 
 
@@ -141,13 +163,12 @@ class HfPeer:
         self.proc.wait(timeout=60)
 
 
-def _make_engine(args, max_batch: int):
+def _make_engine(args, max_batch: int, quantize: str | None):
     from worker.engine import Engine, EngineConfig
 
-    if args.quantize:
-        os.environ["C2C_QUANTIZE"] = args.quantize  # the runner reads it
     config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=max_batch * args.prompt_len,
-                          chunk_size=args.prompt_len, residency=args.residency, num_threads=args.threads)
+                          chunk_size=args.prompt_len, residency=args.residency, num_threads=args.threads,
+                          quantize=quantize or "")
     engine = Engine(config)
     model_id = Path(args.model).resolve().name
     engine.add_model(model_id, args.model, preload=True)
@@ -182,24 +203,27 @@ def _ours(engine, model_id: str, prompts, prompt_len: int, decode_tokens: int) -
 
 def _table(report: dict) -> str:
     nan = float("nan")
-    lines = [f"model {report['model']} ({report['arch']}, {report['dtype']}, ours {report['quantize'] or 'not'} "
-             f"quantized: {report['weight_bytes'] / 1e6:.0f} MB read per decode step), threads {report['threads']}, prompt {report['prompt_len']}, decode "
+    sizes = ", ".join(f"{label} {nbytes / 1e6:.0f} MB" for label, nbytes in report["weight_bytes"].items())
+    lines = [f"model {report['model']} ({report['arch']}, {report['dtype']}; weight bytes read per decode step: "
+             f"{sizes}), threads {report['threads']}, prompt {report['prompt_len']}, decode "
              f"{report['decode_tokens']}, transformers dtype {report['hf_dtype']} (own process, own defaults)",
              f"machine: {report['cpu_count']} cores, 1-minute load average {report['load_avg_1m_start']} at the "
              f"start, {report['load_avg_1m']} at the end; read probe {report['read_probe_gbps']} GB/s; "
              f"medians of {report['rounds']} interleaved rounds",
-             f"{'batch':>5} {'ours prefill':>13} {'hf prefill':>11} {'ratio':>6} "
-             f"{'ours decode':>12} {'hf decode':>10} {'ratio':>6} {'ours GB/s':>10} {'% probe':>8}  (tokens/s)"]
+             f"{'batch':>5} {'engine':<12} {'prefill':>9} {'vs hf':>6} {'decode':>8} {'vs hf':>6} "
+             f"{'vs first':>8} {'GB/s':>6} {'% probe':>8}  (tokens/s)"]
     for row in report["results"]:
-        ours, hf = row["ours"], row.get("hf")
-        lines.append(f"{row['batch']:>5} {ours['prefill_tokens_per_s']:>13.1f} "
-                     f"{hf['prefill_tokens_per_s'] if hf else nan:>11.1f} {row.get('prefill_ratio', nan):>6.2f} "
-                     f"{ours['decode_tokens_per_s']:>12.1f} {hf['decode_tokens_per_s'] if hf else nan:>10.1f} "
-                     f"{row.get('decode_ratio', nan):>6.2f} {ours['weight_gbps']:>10.1f} "
-                     f"{100 * ours['roofline_fraction']:>7.0f}%")
+        for label, ours in row["variants"].items():
+            lines.append(f"{row['batch']:>5} {label:<12} {ours['prefill_tokens_per_s']:>9.1f} "
+                         f"{ours.get('prefill_vs_hf', nan):>6.2f} {ours['decode_tokens_per_s']:>8.1f} "
+                         f"{ours.get('decode_vs_hf', nan):>6.2f} {ours['decode_vs_first']:>8.2f} "
+                         f"{ours['weight_gbps']:>6.1f} {100 * ours['roofline_fraction']:>7.0f}%")
+        if "hf" in row:
+            hf = row["hf"]
+            lines.append(f"{row['batch']:>5} {'transformers':<12} {hf['prefill_tokens_per_s']:>9.1f} {'':>6} "
+                         f"{hf['decode_tokens_per_s']:>8.1f}")
     lines.append("per round (prefill / decode tokens/s):")
     for row in report["results"]:
-        ours, hf = row["ours"], row.get("hf")
-        lines.append(f"  batch {row['batch']}: ours {ours['prefill_all']} / {ours['decode_all']}"
-                     + (f"; hf {hf['prefill_all']} / {hf['decode_all']}" if hf else ""))
+        for label, values in [*row["variants"].items(), *([("transformers", row["hf"])] if "hf" in row else [])]:
+            lines.append(f"  batch {row['batch']} {label}: {values['prefill_all']} / {values['decode_all']}")
     return "\n".join(lines)

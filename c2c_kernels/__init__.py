@@ -7,12 +7,14 @@
   (`cpu_gemv`), weights read once, widened in registers, fp32 accumulation;
 - bf16/fp16 weights, larger M: the prefill path (`cpu_gemm`), the fastest of a
   weight-stationary Numba kernel and torch, chosen per shape;
-- a weight object with a `hybrid_linear(x, bias)` method (the CUDA `HybridWeight`, or
-  `Int8Weight`, int8 per-channel quantized weights): delegated to it.
+- a weight object with a `hybrid_linear(x, bias)` method (the CUDA `HybridWeight`,
+  `Int8Weight`, int8 per-channel quantized weights, or `Q4Weight`, 4-bit groups of 32):
+  delegated to it.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import warnings
@@ -147,69 +149,137 @@ class Int8Weight:
         return self.q, self.scale
 
     def hybrid_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _quantized_linear(self, x, bias)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
         from c2c_kernels.cpu_int8 import prefill_int8
 
-        lead, k = x.shape[:-1], x.shape[-1]
-        if k != self.q.shape[1]:
-            raise ValueError(f"linear: x has K={k} but w has shape {tuple(self.q.shape)}")
-        x2 = x.detach().reshape(-1, k).to(torch.float32).contiguous()  # [M, K]
-        if x2.shape[0] == 0 or x2.shape[0] > _decode_threshold:
-            y = prefill_int8(x2, self.q, self.scale)  # [M, N]
-        else:
-            y = self._decode(x2)
-        if bias is not None:
-            y += bias
-        return y if len(lead) == 1 else y.reshape(*lead, self.q.shape[0])
+        return prefill_int8(x, self.q, self.scale)
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, num_threads: int) -> torch.Tensor:
         from c2c_kernels.cpu_int8 import gemv_int8, gemv_int8_serial
 
-        num_threads = _sync_threads()
         y = torch.empty(x.shape[0], self.q.shape[0], dtype=torch.float32)  # [M, N]
-        args = (x.numpy(), self.q.numpy(), self.scale.numpy(), y.numpy())
-        work, m = self.q.numel() * x.shape[0], x.shape[0]
-        if work < SERIAL_MAX_BYTES or num_threads == 1 or m > 1:  # the bf16 rules (_decode_linear)
-            if work < (SERIAL_MAX_BYTES if m == 1 else SKINNY_SERIAL_MAX_BYTES // 2) or num_threads == 1:
-                gemv_int8_serial(*args)
-            else:
-                with PARALLEL_LOCK:
-                    gemv_int8(*args, num_threads)
-            return y
-        key, is_serial = _WAYS.choose(2 * work)  # 2x: the size class of the bf16 read it replaces
-        start_s = time.perf_counter()
-        if is_serial:
-            gemv_int8_serial(*args)
-        else:
-            with PARALLEL_LOCK:
-                gemv_int8(*args, num_threads)
-        _WAYS.record(key, is_serial, time.perf_counter() - start_s, 2 * work)
+        _quantized_decode(gemv_int8_serial, gemv_int8, (x.numpy(), self.q.numpy(), self.scale.numpy(), y.numpy()),
+                          self.q.numel(), self.q.numel(), num_threads)
         return y
 
 
-def warmup_int8() -> None:
-    """Load (or compile, the first time on a machine) the int8 kernels; they stay out of
-    `warmup` so models without quantized weights pay no compile time for them."""
-    from c2c_kernels.cpu_int8 import quantize_int8
+@dataclass(frozen=True)
+class Q4Weight:
+    """A weight quantized to 4 bits in groups of 32 (`cpu_q4`, GGUF Q4_0 numbers).
 
-    q, scale = quantize_int8(torch.randn(2 * SERIAL_MAX_BYTES // 64 + 8, 64))
-    for is_read_only in (False, True):  # host-store views are read-only: another Numba type
+    qs [N, K/2] uint8 (two weights a byte) and scale [N, K/32] fp16, e.g. read-only views
+    of the host store or of a GGUF file's tensors. Decode reads the packed bytes; prefill
+    multiplies by the dequantized fp32 matrix a block of rows at a time.
+    """
+
+    qs: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.qs.shape[0], 2 * self.qs.shape[1]))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qs, self.scale
+
+    def hybrid_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _quantized_linear(self, x, bias)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+        from c2c_kernels.cpu_q4 import prefill_q4
+
+        return prefill_q4(x, self.qs, self.scale)
+
+    def _decode(self, x: torch.Tensor, num_threads: int) -> torch.Tensor:
+        from c2c_kernels import cpu_q4
+
+        y = torch.empty(x.shape[0], self.qs.shape[0], dtype=torch.float32)  # [M, N]
+        weight = (self.qs.numpy(), self.scale.view(torch.int16).numpy(), y.numpy())
+        nbytes = self.qs.numel() + 2 * self.scale.numel()
+        if cpu_q4.can_use_vnni(x.shape[1]):  # activations rounded to int8 per group (cpu_q4)
+            args = (*cpu_q4.vnni_activations(x.numpy()), *weight)
+            _quantized_decode(cpu_q4.gemv_q4_vnni_serial, cpu_q4.gemv_q4_vnni, args, nbytes, 2 * self.qs.numel(),
+                              num_threads)
+        else:
+            _quantized_decode(cpu_q4.gemv_q4_serial, cpu_q4.gemv_q4, (x.numpy(), *weight), nbytes,
+                              2 * self.qs.numel(), num_threads)
+        return y
+
+
+QUANTIZED = (Int8Weight, Q4Weight)
+
+
+def _quantized_linear(weight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`hybrid_linear` of a quantized weight: x [..., K] -> [..., N] fp32 (+ bias)."""
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x has K={x.shape[-1]} but w has shape {tuple(weight.shape)}")
+    x2 = x.detach().reshape(-1, k).to(torch.float32).contiguous()  # [M, K]
+    if x2.shape[0] == 0 or x2.shape[0] > _decode_threshold:
+        y = weight._prefill(x2)  # [M, N]
+    else:
+        y = weight._decode(x2, _sync_threads())
+    if bias is not None:
+        y += bias
+    return y if len(lead) == 1 else y.reshape(*lead, n)
+
+
+def _quantized_decode(serial, threaded, args: tuple, nbytes: int, num_elements: int, num_threads: int) -> None:
+    """Run a quantized decode kernel, args = (activations..., weight arrays..., y [M, N]),
+    serial or threaded by the bf16 rules (`_decode_linear`).
+
+    nbytes: the weight's stored bytes; the measured choice is keyed by the bf16 bytes of
+    the same matrix (2 * num_elements: the size class of the read it replaces).
+    """
+    m = args[-1].shape[0]
+    read_bytes, bf16_work = nbytes * m, 2 * num_elements * m
+    if read_bytes < SERIAL_MAX_BYTES or num_threads == 1 or m > 1:
+        if (read_bytes < SERIAL_MAX_BYTES if m == 1 else bf16_work < SKINNY_SERIAL_MAX_BYTES) or num_threads == 1:
+            serial(*args)
+        else:
+            with PARALLEL_LOCK:
+                threaded(*args, num_threads)
+        return
+    key, is_serial = _WAYS.choose(bf16_work)
+    start_s = time.perf_counter()
+    if is_serial:
+        serial(*args)
+    else:
+        with PARALLEL_LOCK:
+            threaded(*args, num_threads)
+    _WAYS.record(key, is_serial, time.perf_counter() - start_s, bf16_work)
+
+
+def warmup_quantized(mode: str) -> None:
+    """Load (or compile, the first time on a machine) the kernels of one quantize mode
+    ("int8" | "q4"); they stay out of `warmup` so models without quantized weights pay no
+    compile time for them."""
+    from c2c_kernels.cpu_int8 import quantize_int8
+    from c2c_kernels.cpu_q4 import quantize_q4
+
+    kind, quantize = {"int8": (Int8Weight, quantize_int8), "q4": (Q4Weight, quantize_q4)}[mode]
+    widths = (128, 96) if mode == "q4" else (64,)  # q4: the VNNI kernel (K % 128 == 0) and the fp32 one
+    for k, is_read_only in itertools.product(widths, (False, True)):  # host-store views are read-only:
+        parts = quantize(torch.randn(2 * SERIAL_MAX_BYTES // k + 8, k))  # another Numba type
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "non-writable" tensors: on purpose
-            weight = Int8Weight(torch.from_numpy(_read_only(q.numpy(), is_read_only)),
-                                torch.from_numpy(_read_only(scale.numpy(), is_read_only)))
-        for m in (1, 3):
-            for way in ("serial", "threaded"):
-                previous, serial_or_threaded.FORCED = serial_or_threaded.FORCED, way
-                try:
-                    weight.hybrid_linear(torch.randn(m, 64))
-                finally:
-                    serial_or_threaded.FORCED = previous
+            weight = kind(*(_read_only(p, is_read_only) for p in parts))
+        for m, way in itertools.product((1, 3), ("serial", "threaded")):
+            previous, serial_or_threaded.FORCED = serial_or_threaded.FORCED, way
+            try:
+                weight.hybrid_linear(torch.randn(m, k))
+            finally:
+                serial_or_threaded.FORCED = previous
 
 
-def _read_only(a: np.ndarray, is_read_only: bool) -> np.ndarray:
-    a = a.copy()
+def _read_only(t: torch.Tensor, is_read_only: bool) -> torch.Tensor:
+    """A copy of t over a numpy array that is read-only or not (as host-store views are)."""
+    a = t.contiguous().view(torch.uint8).numpy().copy()
     a.setflags(write=not is_read_only)
-    return a
+    return torch.from_numpy(a).view(t.dtype)
 
 
 def _is_plain_2d(x: torch.Tensor) -> bool:

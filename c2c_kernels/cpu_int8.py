@@ -94,10 +94,14 @@ def gemv_int8_serial(x, q, scale, y):
 
 def prefill_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y [M, N] fp32 = x [M, K] fp32 @ dequant(q, scale).T, dequantizing ~1 MiB of rows at a time."""
-    n, k = q.shape
+    return prefill_by_blocks(x, q.shape[0], q.shape[1], lambda n0, n1: dequantize_int8(q[n0:n1], scale[n0:n1]))
+
+
+def prefill_by_blocks(x: torch.Tensor, n: int, k: int, dequantize_rows) -> torch.Tensor:
+    """y [M, N] fp32 = x [M, K] @ W.T where dequantize_rows(n0, n1) gives W[n0:n1] [rows, K] fp32;
+    ~1 MiB of rows at a time, so a block is still in cache when sgemm reads it."""
     y = torch.empty(x.shape[0], n, dtype=torch.float32)  # [M, N]
     rows = max(16, (1 << 18) // max(1, k))
     for n0 in range(0, n, rows):
-        block = dequantize_int8(q[n0:n0 + rows], scale[n0:n0 + rows])  # [rows, K] fp32
-        torch.mm(x, block.T, out=y[:, n0:n0 + rows])
+        torch.mm(x, dequantize_rows(n0, min(n, n0 + rows)).T, out=y[:, n0:n0 + rows])
     return y

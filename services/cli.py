@@ -32,6 +32,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("controller",): ("controller.service", "run the feedback controller"),
     ("worker",): ("worker.service", "run workers, one per GPU or CPU slice"),
     ("models", "synth"): ("worker.synth", "write a random-initialized HF checkpoint"),
+    ("models", "gguf"): ("worker.gguf_checkpoint", "convert a .gguf model file into a cached checkpoint folder"),
     ("generate",): ("worker.generate", "run one request through the engine"),
     ("tenants", "check"): ("services.tenants", "validate a tenants file (keys, private models, limits)"),
     ("bench", "engine"): ("bench.engine", "engine prefill/decode tokens/s vs transformers"),

@@ -387,6 +387,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights from the host store (host), copied on cold start (load), or pinned (dedicated)")
     parser.add_argument("--tenants", default=None, metavar="FILE",
                         help="tenants file (API keys, private models, limits; JSON or YAML): docs/tenants.md")
+    parser.add_argument("--quantize", choices=("int8", "q4"), default=None,
+                        help="workers quantize the projection matrices into the host store: int8 per channel or "
+                             "q4 (4-bit groups of 32); sets C2C_QUANTIZE for them")
     parser.add_argument("--timeout", type=float, default=300,
                         help="seconds to wait for startup, first-run kernel compile included (default 300)")
 
@@ -411,8 +414,19 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def gguf_folder(path: Path) -> Path:
+    """The checkpoint folder a .gguf file converts into (once; `c2cserve models gguf` in a
+    child process, as for the demo catalog: the launcher imports no worker code)."""
+    _say(f"reading {path} (a GGUF file converts into a checkpoint folder once)...")
+    done = subprocess.run([sys.executable, "-m", "services.cli", "models", "gguf", str(path)], cwd=PROJECT_ROOT,
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise C2CError(f"--models {path}: cannot serve this GGUF file (exit {done.returncode}; its error is above)")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def run(args: argparse.Namespace) -> int:
-    model_dirs = [Path(m) for m in args.models] if args.models else None
+    model_dirs = [gguf_folder(Path(m)) if m.endswith(".gguf") else Path(m) for m in args.models or []] or None
     for model_dir in model_dirs or []:
         if not (model_dir / "config.json").is_file():
             raise C2CError(f"--models {model_dir}: not a checkpoint folder (no config.json)")
@@ -422,7 +436,8 @@ def run(args: argparse.Namespace) -> int:
         load_file(args.tenants)  # a bad file is refused before anything starts
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     cluster = LocalCluster(model_dirs, args.workers, args.port, args.residency, supervise=True,
-                           precompile=True, progress=_say, tenants_file=args.tenants)
+                           precompile=True, progress=_say, tenants_file=args.tenants,
+                           extra_env={"C2C_QUANTIZE": args.quantize} if args.quantize else None)
     try:
         cluster.start(timeout_s=args.timeout)
         for line in banner(cluster.url, cluster.model_ids, args.workers, args.residency,

@@ -297,10 +297,12 @@ def test_bench_engine_command_runs(qwen, capsys):
     from services.cli import main
 
     assert main(["bench", "engine", "--model", str(qwen), "--batch-sizes", "1,2", "--prompt-len", "8",
-                 "--decode-tokens", "3", "--no-hf", "--threads", "1", "--json"]) == 0
+                 "--decode-tokens", "3", "--no-hf", "--threads", "1", "--quantize", "none,q4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [row["batch"] for row in report["results"]] == [1, 2]
     assert all(row["ours"]["decode_tokens_per_s"] > 0 for row in report["results"])
+    assert all(list(row["variants"]) == ["ours", "ours-q4"] for row in report["results"])
+    assert report["weight_bytes"]["ours-q4"] < report["weight_bytes"]["ours"]
 
 
 def test_bench_coldstart_command_runs(tiny_model, tmp_path, capsys):

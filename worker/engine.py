@@ -73,6 +73,7 @@ class EngineConfig:
     device: str = "cpu"               # "cpu" | "cuda": the device engine (worker.device_runner) on the slice's GPU
     device_cache_bytes: int = 0       # "cuda": slice memory for cached weight tiles (knob rho)
     host_kv_bytes: int = 512 * MiB    # per model: the host KV tier rotation uses (0: recompute only)
+    quantize: str | None = None       # "int8" | "q4" weights (CPU); None = C2C_QUANTIZE, "" = none
 
 
 @dataclass
@@ -151,7 +152,8 @@ class Engine:
         else:
             self.runner = ModelRunner(config.block_size, config.kv_cache_bytes, config.residency,
                                       config.load_budget_bytes, config.host_store_root,
-                                      max_num_seqs=config.max_num_seqs, device=config.device)
+                                      max_num_seqs=config.max_num_seqs, device=config.device,
+                                      quantize=config.quantize)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []   # aborts, reported by the next step
@@ -174,8 +176,12 @@ class Engine:
         """Register a checkpoint folder; CheckpointError if it is unusable.
 
         Host mode makes it resident in the host store now and maps it on its first request
-        (or now, with preload=True); load mode copies it on its first request.
+        (or now, with preload=True); load mode copies it on its first request. A `.gguf`
+        file stands for the checkpoint folder it converts into (`worker.gguf_checkpoint`).
         """
+        from worker.gguf_checkpoint import checkpoint_dir
+
+        model_dir = checkpoint_dir(model_dir)
         config = load_config(model_dir)
         tokenizer = Tokenizer(model_dir)
         num_blocks = self.runner.register(model_id, Path(model_dir), config)

@@ -30,13 +30,17 @@ def add_arguments(parser) -> None:
                         help="cpu, or cuda: the device engine on the GPU (NUMBA_ENABLE_CUDASIM=1: simulated)")
     parser.add_argument("--rho", type=float, default=None,
                         help="cuda, host residency: fraction of weight bytes cached in device memory")
+    parser.add_argument("--quantize", choices=("int8", "q4"), default=None,
+                        help="quantize the projection matrices at registration: int8 per channel or q4 "
+                             "(4-bit groups of 32); default C2C_QUANTIZE, else none")
 
 
 def run(args) -> int:
     from worker.engine import Engine, EngineConfig, SamplingParams
 
     model_dir = Path(args.model)
-    engine = Engine(EngineConfig(residency=args.residency, num_threads=args.threads, device=args.device))
+    engine = Engine(EngineConfig(residency=args.residency, num_threads=args.threads, device=args.device,
+                                 quantize=args.quantize))
     model_id = model_dir.resolve().name
     load_start_s = time.perf_counter()
     engine.add_model(model_id, model_dir, preload=True)

@@ -7,11 +7,14 @@ Layout under the root (default `/dev/shm/c2cserve`, env `C2C_HOST_STORE`):
     models/<key>/manifest.json  key, source folder, nbytes, quantize, [name, dtype, shape, offset, nbytes]
                                 (HF names, plus fused q|k|v and gate|up views over them)
 
-Quantized copies (`make_resident(dir, quantize="int8")`, key suffix `-int8`): every
-projection matrix (`*_proj.weight`, Mixtral's `w1|w2|w3`, the LM head) is stored as int8
-[N, K] under its own name plus `<name>_scale` fp32 [N] (`c2c_kernels.cpu_int8`), so the
-mapped and streamed bytes halve; a tied LM head gets an int8 copy of the embedding as
-`lm_head.weight` (the embedding itself stays in the checkpoint dtype for lookups).
+Quantized copies (`make_resident(dir, quantize="int8" | "q4")`, key suffix `-int8` /
+`-q4`): every projection matrix (`*_proj.weight`, Mixtral's `w1|w2|w3`, the LM head) is
+stored under its own name plus `<name>_scale`: int8 [N, K] + fp32 [N] per channel
+(`c2c_kernels.cpu_int8`, half of bf16's bytes), or q4 = uint8 [N, K/2] two weights a
+byte + fp16 [N, K/32] per group of 32 (`c2c_kernels.cpu_q4`, GGUF Q4_0's numbers, 0.28x
+bf16's bytes; a matrix whose K is no multiple of 32 stays as it is). A tied LM head gets
+a quantized copy of the embedding as `lm_head.weight` (the embedding itself stays in the
+checkpoint dtype for lookups).
     models/<key>/config.json    (+ generation_config.json) copied from the checkpoint
     models/<key>/lock           a shared flock per process that has the model open
     models/<key>/last_used      its mtime orders the LRU
@@ -47,7 +50,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "/dev/shm/c2cserve"
 ALIGN_BYTES = 64
 _COPY_CHUNK_BYTES = 64 * 1024 * 1024
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "q4")
+_Q4_GROUP = 32  # c2c_kernels.cpu_q4.GROUP (not imported: the store loads no kernel code)
 _QUANTIZED_SUFFIXES = ("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight")
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                  "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
@@ -84,7 +88,7 @@ class HostStore:
     def make_resident(self, model_dir, quantize: str | None = None) -> str:
         """Copy a checkpoint's tensors into the store once; return its model key.
 
-        quantize="int8" stores the projection matrices as int8 per-channel (a separate key).
+        quantize="int8" | "q4" stores the projection matrices quantized (a separate key).
         Idempotent and safe when processes race (one copies, the others wait and reuse).
         Raises CheckpointError for a bad checkpoint, InvalidRequest for an unknown
         quantize mode, NoCapacity when evicting every unused model still leaves too
@@ -229,11 +233,25 @@ class HostStore:
 
 
 def _is_quantized(entry: TensorEntry, quantize: str | None) -> bool:
-    return quantize is not None and len(entry.shape) == 2 and entry.name.endswith(_QUANTIZED_SUFFIXES)
+    if quantize is None or len(entry.shape) != 2 or not entry.name.endswith(_QUANTIZED_SUFFIXES):
+        return False
+    return quantize != "q4" or entry.shape[1] % _Q4_GROUP == 0
+
+
+def _quantized_form(shape, quantize: str) -> tuple[tuple[str, list[int], int], tuple[str, list[int], int]]:
+    """(dtype, shape, nbytes) of a quantized matrix [N, K] as stored, and of its scales."""
+    n, k = shape
+    if quantize == "int8":
+        return ("int8", [n, k], n * k), ("float32", [n], 4 * n)
+    return ("uint8", [n, k // 2], n * k // 2), ("float16", [n, k // _Q4_GROUP], 2 * n * (k // _Q4_GROUP))
 
 
 def _stored_bytes(entry: TensorEntry, quantize: str | None) -> int:
-    return entry.shape[0] * entry.shape[1] if _is_quantized(entry, quantize) else entry.nbytes
+    return _quantized_form(entry.shape, quantize)[0][2] if _is_quantized(entry, quantize) else entry.nbytes
+
+
+def _scale_bytes(entry: TensorEntry, quantize: str | None) -> int:
+    return _quantized_form(entry.shape, quantize)[1][2] if _is_quantized(entry, quantize) else 0
 
 
 def _layout(entries: dict[str, TensorEntry], quantize: str | None = None
@@ -253,16 +271,18 @@ def _layout(entries: dict[str, TensorEntry], quantize: str | None = None
         is_q = _is_quantized(first, quantize)
         rows = sum(entries[p].shape[0] for p in parts)
         nbytes = sum(_stored_bytes(entries[p], quantize) for p in parts)
-        fused.append({"name": fused_name, "dtype": "int8" if is_q else first.dtype,
-                      "shape": [rows, *first.shape[1:]], "offset": offset, "nbytes": nbytes})
+        (dtype, shape, _), (scale_dtype, scale_shape, _) = (
+            _quantized_form(first.shape, quantize) if is_q else ((first.dtype, list(first.shape), 0), (None, [], 0)))
+        fused.append({"name": fused_name, "dtype": dtype, "shape": [rows, *shape[1:]], "offset": offset,
+                      "nbytes": nbytes})
         scale_offset = _align(offset + nbytes) if is_q else None
         if is_q:
-            fused.append({"name": fused_name + "_scale", "dtype": "float32", "shape": [rows],
-                          "offset": scale_offset, "nbytes": 4 * rows})
+            fused.append({"name": fused_name + "_scale", "dtype": scale_dtype, "shape": [rows, *scale_shape[1:]],
+                          "offset": scale_offset, "nbytes": sum(_scale_bytes(entries[p], quantize) for p in parts)})
         for part in parts:
             placed.append((entries[part], offset, scale_offset))
             offset += _stored_bytes(entries[part], quantize)
-            scale_offset = scale_offset + 4 * entries[part].shape[0] if is_q else None
+            scale_offset = scale_offset + _scale_bytes(entries[part], quantize) if is_q else None
         offset = offset if scale_offset is None else scale_offset
     grouped = {p for _, parts in groups for p in parts}
     for entry in sorted(entries.values(), key=lambda e: (str(e.path), e.start, e.name)):
@@ -270,7 +290,7 @@ def _layout(entries: dict[str, TensorEntry], quantize: str | None = None
             offset = _align(offset)
             scale_offset = _align(offset + _stored_bytes(entry, quantize)) if _is_quantized(entry, quantize) else None
             placed.append((entry, offset, scale_offset))
-            offset = offset + entry.nbytes if scale_offset is None else scale_offset + 4 * entry.shape[0]
+            offset = offset + entry.nbytes if scale_offset is None else scale_offset + _scale_bytes(entry, quantize)
     return placed, fused, _align(offset)
 
 
@@ -292,31 +312,32 @@ def _write_weights(dest: Path, entries: dict[str, TensorEntry], quantize: str | 
                     tensors.append({"name": entry.name, "dtype": entry.dtype, "shape": list(entry.shape),
                                     "offset": offset, "nbytes": entry.nbytes})
                 else:
-                    tensors += _write_quantized(src, entry, out, offset, scale_offset)
+                    tensors += _write_quantized(src, entry, out, offset, scale_offset, quantize)
         finally:
             for f in sources.values():
                 f.close()
     return {"nbytes": total, "tensors": tensors + fused}
 
 
-def _write_quantized(src, entry: TensorEntry, out, offset: int, scale_offset: int) -> list[dict]:
-    """Read one matrix, quantize it to int8 per row, write q at offset and scales at scale_offset."""
+def _write_quantized(src, entry: TensorEntry, out, offset: int, scale_offset: int, quantize: str) -> list[dict]:
+    """Read one matrix, quantize it (int8 per row or q4 per group), write it at offset and
+    its scales at scale_offset."""
     from c2c_kernels.cpu_int8 import quantize_int8
+    from c2c_kernels.cpu_q4 import quantize_q4
 
     src.seek(entry.start)
     raw = bytearray(src.read(entry.nbytes))
     if len(raw) != entry.nbytes:
         raise C2CError(f"{src.name}: file ended while copying into the host store")
     w = torch.frombuffer(raw, dtype=_TORCH_DTYPES[entry.dtype]).view(entry.shape)  # [N, K]
-    q, scale = quantize_int8(w)
+    q, scale = (quantize_int8 if quantize == "int8" else quantize_q4)(w)
     for data, at in ((q, offset), (scale, scale_offset)):
         out.seek(at)
-        out.write(data.numpy().tobytes())
-    rows = entry.shape[0]
-    return [{"name": entry.name, "dtype": "int8", "shape": list(entry.shape), "offset": offset,
-             "nbytes": q.numel()},
-            {"name": entry.name + "_scale", "dtype": "float32", "shape": [rows], "offset": scale_offset,
-             "nbytes": 4 * rows}]
+        out.write(data.contiguous().view(torch.uint8).numpy().tobytes())
+    (dtype, shape, nbytes), (scale_dtype, scale_shape, scale_nbytes) = _quantized_form(entry.shape, quantize)
+    return [{"name": entry.name, "dtype": dtype, "shape": shape, "offset": offset, "nbytes": nbytes},
+            {"name": entry.name + "_scale", "dtype": scale_dtype, "shape": scale_shape, "offset": scale_offset,
+             "nbytes": scale_nbytes}]
 
 
 def _copy_range(src, src_offset: int, out, dst_offset: int, nbytes: int) -> None:

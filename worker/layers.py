@@ -146,28 +146,39 @@ def without_fused_parts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {n: t for n, t in weights.items() if n not in parts}
 
 
-def with_int8_weights(weights: dict) -> dict:
-    """Each int8 matrix with its `<name>_scale` vector (host store, quantize="int8") as one
-    `kernels.Int8Weight` under the matrix's name; other tensors as they are."""
+def with_quantized_weights(weights: dict) -> dict:
+    """Each quantized matrix with its `<name>_scale` (host store, quantize="int8" | "q4") as
+    one weight object under the matrix's name: int8 [N, K] + fp32 [N] -> `kernels.Int8Weight`,
+    uint8 [N, K/2] + fp16 [N, K/32] -> `kernels.Q4Weight`; other tensors as they are."""
     out = {}
     for name, t in weights.items():
         scale = weights.get(name + "_scale")
         if name.endswith("_scale") and name[: -len("_scale")] in weights:
             continue
-        out[name] = kernels.Int8Weight(t, scale) if scale is not None and t.dtype == torch.int8 else t
+        if scale is not None and t.dtype == torch.int8:
+            t = kernels.Int8Weight(t, scale)
+        elif scale is not None and t.dtype == torch.uint8 and scale.dtype == torch.float16:
+            t = kernels.Q4Weight(t, scale)
+        out[name] = t
     return out
 
 
-def quantize_weights(weights: dict) -> dict:
-    """Quantize in memory what the host store would (the "load" residency's counterpart)."""
+def quantize_weights(weights: dict, mode: str = "int8") -> dict:
+    """Quantize in memory what the host store would (the "load" residency's counterpart);
+    mode "int8" | "q4" (q4 leaves a matrix whose K is no multiple of 32 as it is)."""
     from c2c_kernels.cpu_int8 import quantize_int8
+    from c2c_kernels.cpu_q4 import can_quantize_q4, quantize_q4
 
     out = dict(weights)
     if EMBED in weights and LM_HEAD not in weights:
-        out[LM_HEAD] = weights[EMBED]  # tied: the head gets an int8 copy, lookups keep the embedding
+        out[LM_HEAD] = weights[EMBED]  # tied: the head gets a quantized copy, lookups keep the embedding
     for name, t in list(out.items()):
-        if t.dim() == 2 and name.endswith(QUANTIZED_SUFFIXES):
+        if not (isinstance(t, torch.Tensor) and t.dim() == 2 and name.endswith(QUANTIZED_SUFFIXES)):
+            continue
+        if mode == "int8":
             out[name] = kernels.Int8Weight(*quantize_int8(t))
+        elif can_quantize_q4(t.shape):
+            out[name] = kernels.Q4Weight(*quantize_q4(t))
     return out
 
 

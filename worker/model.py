@@ -153,7 +153,7 @@ class CausalLM:
         """Bytes of distinct weight tensors this model reads (tied head counted once)."""
         seen, total = set(), 0
         for w in self._all_weights():
-            for t in (w.tensors() if isinstance(w, kernels.Int8Weight) else (w,)):
+            for t in (w.tensors() if isinstance(w, kernels.QUANTIZED) else (w,)):
                 if t is not None and t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     total += t.numel() * t.element_size()

@@ -11,9 +11,10 @@ Residency modes:
   checkpoint files into this process's memory; models no running request uses are
   evicted least-recently-used to stay under `load_budget_bytes`.
 
-Quantized weights: `quantize="int8"` (default from `C2C_QUANTIZE`, empty = none) keeps
-the projection matrices as int8 per-channel (`c2c_kernels.cpu_int8`): stored so in the
-host store (a copy of its own), or quantized after loading in "load" mode. CPU only.
+Quantized weights: `quantize="int8" | "q4"` (default from `C2C_QUANTIZE`, empty = none)
+keeps the projection matrices as int8 per-channel (`c2c_kernels.cpu_int8`) or 4-bit
+groups of 32 (`c2c_kernels.cpu_q4`): stored so in the host store (a copy of its own), or
+quantized after loading in "load" mode. CPU only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch
 import c2c_kernels as kernels
 from worker.checkpoint import ModelConfig, checkpoint_tensor_files
 from worker.forward_batch import ForwardBatch
-from worker.layers import quantize_weights, with_int8_weights
+from worker.hoststore import QUANTIZE_MODES
+from worker.layers import quantize_weights, with_quantized_weights
 from worker.model import CausalLM, KVCache, kv_bytes_per_token
 from worker.sampling import Sampler
 from worker.scheduler import ScheduledBatch
@@ -75,9 +77,10 @@ class ModelRunner:
             from c2c_kernels.cuda_backend import CudaWeightBackend
 
             self.weight_backend = CudaWeightBackend(device_cache_bytes)
-        self.quantize = quantize if quantize is not None else (os.environ.get("C2C_QUANTIZE", "").strip() or None)
-        if self.quantize not in (None, "int8") or (self.quantize and device != "cpu"):
-            raise ValueError(f"quantize must be 'int8' (CPU slices) or empty, got {self.quantize!r} on {device}")
+        self.quantize = (os.environ.get("C2C_QUANTIZE", "") if quantize is None else quantize).strip() or None
+        if self.quantize not in (None, *QUANTIZE_MODES) or (self.quantize and device != "cpu"):
+            raise ValueError(f"quantize must be one of {QUANTIZE_MODES} (CPU slices) or empty, "
+                             f"got {self.quantize!r} on {device}")
         self.block_size = block_size
         self.kv_cache_bytes = kv_cache_bytes
         self.residency = residency
@@ -132,16 +135,16 @@ class ModelRunner:
     def _load(self, slot: ModelSlot, is_busy) -> None:
         if self.residency == "host":
             slot.resident = self.host_store.open(slot.host_key)
-            weights = with_int8_weights(slot.resident.tensors())
+            weights = with_quantized_weights(slot.resident.tensors())
         else:
             self._evict_for(slot.model_id, _files_bytes(slot.model_dir), is_busy)
             weights = _load_private(slot.model_dir)
             if self.quantize:
-                weights = quantize_weights(weights)
+                weights = quantize_weights(weights, self.quantize)
             slot.private_bytes = sum(t.numel() * t.element_size() for w in weights.values()
-                                     for t in (w.tensors() if isinstance(w, kernels.Int8Weight) else (w,)))
+                                     for t in (w.tensors() if isinstance(w, kernels.QUANTIZED) else (w,)))
         if self.quantize:
-            kernels.warmup_int8()
+            kernels.warmup_quantized(self.quantize)
         need = slot.num_blocks * self.block_size * kv_bytes_per_token(slot.config, self.kv_dtype)
         slot.kv_buffer = self._take_kv_buffer(need)
         slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype,
