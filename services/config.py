@@ -116,6 +116,8 @@ class WorkerConfig(CommonConfig):
     num_threads: int = field(default=0, metadata=_help("torch threads (0: every core of the slice)"))
     telemetry_interval_s: float = field(default=0.1, metadata=_help("telemetry period"))
     heartbeat_ttl_s: int = field(default=3, metadata=_help("heartbeat key TTL"))
+    host_kv_bytes: int = field(default=512 << 20, metadata=_help(
+        "host KV tier per model: SLO-aware rotation of KV to host memory (0: recompute only)"))
 
     def validate(self) -> None:
         super().validate()
@@ -124,6 +126,7 @@ class WorkerConfig(CommonConfig):
         _check(self.max_num_seqs > 0 and self.max_num_batched_tokens > 0, "max_num_seqs", "must be > 0")
         _check(self.telemetry_interval_s > 0 and self.heartbeat_ttl_s > 0, "heartbeat_ttl_s", "must be > 0")
         _check(self.num_slices >= 0, "num_slices", "must be >= 0")
+        _check(self.host_kv_bytes >= 0, "host_kv_bytes", "must be >= 0")
 
     @property
     def pinned_models(self) -> list[str]:
