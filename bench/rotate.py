@@ -46,6 +46,7 @@ class Arrival:
     prompt_token_ids: list[int]
     max_tokens: int
     ttft_slo_s: float = NO_SLO_S
+    after_tokens: int = 0  # at_s counts from when every decode has generated this many tokens
 
 
 @dataclass
@@ -73,9 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burst", type=int, default=4, help="long prompts in the burst")
     parser.add_argument("--burst-prompt", type=int, default=512, help="their prompt tokens")
     parser.add_argument("--burst-tokens", type=int, default=16, help="their output tokens")
-    parser.add_argument("--burst-gap", type=float, default=1.0,
+    parser.add_argument("--burst-gap", type=float, default=3.0,
                         help="between two burst arrivals, in units of one burst prompt's TTFT alone")
-    parser.add_argument("--burst-after", type=int, default=40,
+    parser.add_argument("--burst-after", type=int, default=80,
                         help="the burst comes once the decodes are about this many tokens in")
     parser.add_argument("--kv-blocks", type=int, default=168, help=f"KV cache blocks of {BLOCK_SIZE} tokens")
     parser.add_argument("--host-kv-mib", type=int, default=512, help="rotation's host tier")
@@ -91,15 +92,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if min(args.decodes, args.burst, args.decode_tokens, args.burst_tokens, args.kv_blocks, args.rounds) < 1:
         raise InvalidRequest("--decodes, --burst, --*-tokens, --kv-blocks and --rounds must be at least 1")
+    if not 0 < args.burst_after < args.decode_tokens:
+        raise InvalidRequest("--burst-after must be in [1, --decode-tokens)", param="--burst-after")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else _synth_model(Path(tmp) / "llama", args.preset)
-        calibration = calibrate(model_dir, args)
-        rounds = [{mode: run_mode(model_dir, mode, args, calibration) for mode in MODES}
-                  for _ in range(args.rounds)]
+        rounds = []
+        for _ in range(args.rounds):  # this machine's speed drifts: SLOs measured again each round
+            calibration = calibrate(model_dir, args)
+            rounds.append({"slos": {"decode_ttft_s": round(args.ttft_factor * calibration.decode_ttft_s, 4),
+                                    "burst_ttft_s": round(args.ttft_factor * calibration.burst_ttft_s, 4),
+                                    "tpot_s": round(args.tpot_factor * calibration.decode_tpot_s, 5)}}
+                          | {mode: run_mode(model_dir, mode, args, calibration) for mode in MODES})
     result = {"command": command_line("rotate"),
-              "slos": {"decode_ttft_s": round(args.ttft_factor * calibration.decode_ttft_s, 4),
-                       "burst_ttft_s": round(args.ttft_factor * calibration.burst_ttft_s, 4),
-                       "tpot_s": round(args.tpot_factor * calibration.decode_tpot_s, 5)},
               "modes": {mode: _median_row([r[mode] for r in rounds]) for mode in MODES},
               "rounds": rounds}
     report = json.dumps(result, indent=1) + "\n" if args.json else _table(result)
@@ -127,7 +131,8 @@ def _engine(model_dir: Path, args, host_kv_bytes: int):
 
 
 def workload(args, vocab_size: int, calibration: Calibration | None) -> list[Arrival]:
-    """The decodes at 0, then the burst; with no calibration, no SLOs and the burst at 0."""
+    """The decodes at 0; the burst once they are `--burst-after` tokens in, one prompt
+    every `--burst-gap` prefill times. With no calibration: no SLOs, the burst at 0."""
     rng = random.Random(args.seed)
     c = calibration or Calibration(NO_SLO_S / args.ttft_factor, 0.0, NO_SLO_S / args.ttft_factor)
 
@@ -136,10 +141,9 @@ def workload(args, vocab_size: int, calibration: Calibration | None) -> list[Arr
 
     decodes = [Arrival(f"d{i}", 0.0, prompt(args.decode_prompt), args.decode_tokens,
                        args.ttft_factor * c.decode_ttft_s) for i in range(args.decodes)]
-    burst_at_s = c.decode_ttft_s + args.burst_after * c.decode_tpot_s if calibration else 0.0
-    burst_gap_s = args.burst_gap * c.burst_ttft_s if calibration else 0.0
-    return decodes + [Arrival(f"b{i}", burst_at_s + i * burst_gap_s, prompt(args.burst_prompt), args.burst_tokens,
-                              args.ttft_factor * c.burst_ttft_s) for i in range(args.burst)]
+    gap_s, after_tokens = (args.burst_gap * c.burst_ttft_s, args.burst_after) if calibration else (0.0, 0)
+    return decodes + [Arrival(f"b{i}", i * gap_s, prompt(args.burst_prompt), args.burst_tokens,
+                              args.ttft_factor * c.burst_ttft_s, after_tokens) for i in range(args.burst)]
 
 
 def calibrate(model_dir: Path, args) -> Calibration:
@@ -184,21 +188,28 @@ def run_mode(model_dir: Path, mode: str, args, calibration: Calibration) -> dict
 
 
 def drive(engine, arrivals: list[Arrival], tpot_slo_s: float) -> dict[str, Record]:
-    """Open loop: each request is added when its time comes; steps until all are done.
-    Records are in the order of `arrivals`."""
+    """Open loop: each request is added when its time comes (those with `after_tokens`
+    once the requests without have generated that many tokens each); steps until all
+    are done. Records are in the order of `arrivals`."""
     from worker.engine import SamplingParams
 
-    pending = sorted(arrivals, key=lambda a: a.at_s)
+    pending = sorted(arrivals, key=lambda a: (a.after_tokens, a.at_s))
     start_s = time.time()
-    records = {a.request_id: Record(start_s + a.at_s, a.ttft_slo_s) for a in arrivals}
+    records = {a.request_id: Record(0.0, a.ttft_slo_s) for a in arrivals}
+    first_wave = [records[a.request_id] for a in arrivals if not a.after_tokens]
+    onset_s: float | None = None  # when the first wave was `after_tokens` in
     while pending or engine.has_work():
-        while pending and start_s + pending[0].at_s <= time.time():
+        if onset_s is None and pending and all(r.num_generated >= pending[-1].after_tokens for r in first_wave):
+            onset_s = time.time()
+        while pending and (base_s := onset_s if pending[0].after_tokens else start_s) is not None \
+                and base_s + pending[0].at_s <= time.time():
             a = pending.pop(0)
+            records[a.request_id].arrival_s = base_s + a.at_s
             engine.add_request(a.request_id, "m", prompt_token_ids=a.prompt_token_ids,
                                params=SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True),
-                               arrival_s=start_s + a.at_s, ttft_slo_s=a.ttft_slo_s, tpot_slo_s=tpot_slo_s)
+                               arrival_s=base_s + a.at_s, ttft_slo_s=a.ttft_slo_s, tpot_slo_s=tpot_slo_s)
         if not engine.has_work():
-            time.sleep(max(0.0, start_s + pending[0].at_s - time.time()))
+            time.sleep(max(0.0, (onset_s or start_s) + pending[0].at_s - time.time()))
             continue
         for out in engine.step():
             if out.error:
@@ -222,7 +233,8 @@ def _median_row(rows: list[dict]) -> dict:
 
 
 def _table(result: dict) -> str:
-    lines = [f"# {result['command']}", f"SLOs: {result['slos']}; medians of {len(result['rounds'])} rounds",
+    lines = [f"# {result['command']}", f"medians of {len(result['rounds'])} rounds; SLOs of each: "
+             + "; ".join(str(r["slos"]) for r in result["rounds"]),
              f"{'mode':<10} {'ttft_att':>9} {'burst_att':>9} {'tpot_p99_s':>10} {'tpot_att':>8} "
              f"{'tok/s':>8} {'preempt':>7} {'swaps out/in':>12}"]
     for mode, row in result["modes"].items():

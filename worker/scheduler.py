@@ -317,7 +317,7 @@ class Scheduler:
 
     def model_stats(self, model_id: str) -> tuple[int, int, float]:
         """(num_running, num_waiting, kv_used_frac) of one model."""
-        num_running = sum(1 for s in self.running if s.model_id == model_id)
+        num_running = sum(1 for s in self.running + self._rotated() if s.model_id == model_id)
         num_waiting = sum(1 for s in self.waiting if s.model_id == model_id)
         return num_running, num_waiting, self.block_managers[model_id].used_frac
 
