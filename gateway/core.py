@@ -150,6 +150,7 @@ class GatewayCore:
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
         self.metrics.kv_usage.observe(telemetry.worker_id, telemetry.kv_free_frac)
+        self.metrics.kv_tiers.observe(telemetry)
 
     def open(self, req: ParsedRequest) -> RequestStream:
         return RequestStream(self, req)

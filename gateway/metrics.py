@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -39,6 +39,40 @@ class KvUsage:
             if now - seen_s < KV_STALE_S:
                 family.add_metric((worker_id,), used)
         yield family
+
+
+class KvTiers:
+    """KV rotation between a worker's KV cache and its host tier, from its telemetry:
+    c2c_kv_blocks{worker,tier} (blocks in use), c2c_kv_swaps_total{worker,direction},
+    c2c_kv_swap_bytes_total{worker,direction}, c2c_kv_rotation_stalls_total{worker}."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, tuple[object, float]] = {}  # worker -> (WorkerState, monotonic time)
+
+    def observe(self, state) -> None:
+        self.states[state.worker_id] = (state, time.monotonic())
+
+    def collect(self):
+        blocks = GaugeMetricFamily("c2c_kv_blocks", "KV blocks in use per tier (device: the KV cache; "
+                                   "host: sequences rotated out)", labels=("worker", "tier"))
+        swaps = CounterMetricFamily("c2c_kv_swaps", "KV rotations: copies out to the host tier and back in",
+                                    labels=("worker", "direction"))
+        moved = CounterMetricFamily("c2c_kv_swap_bytes", "KV bytes copied between the tiers",
+                                    labels=("worker", "direction"))
+        stalls = CounterMetricFamily("c2c_kv_rotation_stalls", "rotated sequences back later than their "
+                                     "TPOT slack allowed", labels=("worker",))
+        now = time.monotonic()
+        for worker_id, (s, seen_s) in sorted(self.states.items()):
+            if now - seen_s >= KV_STALE_S:
+                continue
+            blocks.add_metric((worker_id, "device"), s.kv_device_blocks_used)
+            blocks.add_metric((worker_id, "host"), s.kv_host_blocks_used)
+            for direction, num, num_bytes in (("out", s.kv_swaps_out, s.kv_swap_out_bytes),
+                                              ("in", s.kv_swaps_in, s.kv_swap_in_bytes)):
+                swaps.add_metric((worker_id, direction), num)
+                moved.add_metric((worker_id, direction), num_bytes)
+            stalls.add_metric((worker_id,), s.kv_rotation_stalls)
+        yield from (blocks, swaps, moved, stalls)
 
 
 class GatewayMetrics:
@@ -78,6 +112,8 @@ class GatewayMetrics:
                                           ("model",), buckets=(1, 2, 5, 10, 20, 50, 128), registry=self.registry)
         self.kv_usage = KvUsage()
         self.registry.register(self.kv_usage)
+        self.kv_tiers = KvTiers()
+        self.registry.register(self.kv_tiers)
 
         self._children: dict[tuple, object] = {}
 

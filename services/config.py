@@ -118,6 +118,8 @@ class WorkerConfig(CommonConfig):
     heartbeat_ttl_s: int = field(default=3, metadata=_help("heartbeat key TTL"))
     drain_timeout_s: float = field(default=5.0, metadata=_help(
         "on SIGTERM: time to move running requests to other workers with their KV (0: hand them back)"))
+    host_kv_bytes: int = field(default=512 << 20, metadata=_help(
+        "host KV tier per model: SLO-aware rotation of KV to host memory (0: recompute only)"))
 
     def validate(self) -> None:
         super().validate()
@@ -126,6 +128,7 @@ class WorkerConfig(CommonConfig):
         _check(self.max_num_seqs > 0 and self.max_num_batched_tokens > 0, "max_num_seqs", "must be > 0")
         _check(self.telemetry_interval_s > 0 and self.heartbeat_ttl_s > 0, "heartbeat_ttl_s", "must be > 0")
         _check(self.num_slices >= 0, "num_slices", "must be >= 0")
+        _check(self.host_kv_bytes >= 0, "host_kv_bytes", "must be >= 0")
 
     @property
     def pinned_models(self) -> list[str]:

@@ -193,6 +193,13 @@ class WorkerState(msgspec.Struct, **_HOT):
     ttft_slo_ms: float = 0.0  # the tightest TTFT target among its requests (services/slo.py; 0: none)
     tpot_slo_ms: float = 0.0  # the tightest TPOT target among its requests
     active_models: list[str] = []  # models with requests here now: each adds its step to every token's wait
+    kv_device_blocks_used: int = 0  # KV blocks in use in the KV cache (all models)
+    kv_host_blocks_used: int = 0  # and in the host tier: sequences rotated out (worker/rotation.py)
+    kv_swaps_out: int = 0  # rotations since the worker started: copies to the host tier
+    kv_swaps_in: int = 0  # and back
+    kv_swap_out_bytes: int = 0
+    kv_swap_in_bytes: int = 0
+    kv_rotation_stalls: int = 0  # rotated sequences back later than their TPOT slack allowed
 
 
 

@@ -428,6 +428,7 @@ class EngineLoop:
             ttft_slo_ms=min((i.ttft_slo_ms for i in self._inflight.values() if i.ttft_slo_ms > 0), default=0.0),
             tpot_slo_ms=min((i.tpot_slo_ms for i in self._inflight.values() if i.tpot_slo_ms > 0), default=0.0),
             active_models=with_work,
+            **{field: int(_stat(stats, name, 0)) for field, name in _KV_TIER_STATS},
         )
 
     def _oldest_wait_ms(self, now_s: float) -> float | None:
@@ -445,6 +446,14 @@ class EngineLoop:
             rate = num_tokens / step_s
             old = self._prefill_tokens_per_s
             self._prefill_tokens_per_s = rate if old == 0 else 0.7 * old + 0.3 * rate
+
+
+_KV_TIER_STATS = (  # WorkerState field <- EngineStats field
+    ("kv_device_blocks_used", "kv_device_blocks_used"), ("kv_host_blocks_used", "kv_host_blocks_used"),
+    ("kv_swaps_out", "num_swaps_out"), ("kv_swaps_in", "num_swaps_in"),
+    ("kv_swap_out_bytes", "swap_out_bytes"), ("kv_swap_in_bytes", "swap_in_bytes"),
+    ("kv_rotation_stalls", "num_rotation_stalls"),
+)
 
 
 def _stat(stats: Any, name: str, default: Any) -> Any:

@@ -1,8 +1,9 @@
 """The host KV tier: a second, block-granular KV cache in host memory per model, and the
 copies between it and the model's KV cache (DuplexKV in SuperInfer).
 
-On a CPU slice the tier is a host pool apart from the worker's KV budget (fresh anonymous
-pages, faulted in only as blocks are written); on a GPU slice it is pinned host memory.
+The tier is a host pool apart from the worker's KV budget: fresh anonymous pages, faulted
+in only as blocks are written; pinned host memory when the model's KV cache is on a GPU
+(today a GPU slice keeps its KV cache in host memory too, so the pool is the same).
 Copies run asynchronously on two threads, one per direction, so a swap-out and a swap-in
 run at once, and both overlap the engine's forward pass (torch releases the GIL while it
 copies). A `Transfer` tells when its copy is complete: the scheduler frees a swapped-out
@@ -79,18 +80,18 @@ class KVTier:
         """Queue a copy of blocks `src_ids` to `dst_ids` (same length): OUT from the model's
         KV cache to the tier, IN back. Returns at once."""
         slot = self.slots[model_id]
-        device, host = self.device_kv(model_id), self._host_kv(slot)
+        device = self.device_kv(model_id)
+        host = self._host_kv(slot, pinned=device.k.is_cuda)
         src, dst = (device, host) if direction == OUT else (host, device)
         transfer = Transfer(len(src_ids) * self.bytes_per_block(slot.config))
         self._queue(direction).put((transfer, direction, src, dst, src_ids, dst_ids))
         return transfer
 
-    def _host_kv(self, slot: _HostSlot) -> KVCache:
+    def _host_kv(self, slot: _HostSlot, pinned: bool) -> KVCache:
         if slot.kv is None:
             from worker.runner import zero_pages
 
             num_bytes = slot.num_blocks * self.bytes_per_block(slot.config)
-            pinned = torch.cuda.is_available() and torch.cuda.is_initialized()
             buffer = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True) if pinned else zero_pages(num_bytes)
             slot.kv = KVCache.allocate(slot.config, slot.num_blocks, self.block_size, self.kv_dtype, buffer=buffer)
         return slot.kv

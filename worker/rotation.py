@@ -57,6 +57,10 @@ class Rotator:
         self.num_stalls = 0  # sequences back later than their slack allowed
         self.stall_s = 0.0   # by how long, summed
         self.num_recomputes = 0  # victims preempted by recompute (tier full, or a failed copy)
+        # free blocks a running or waiting sequence waits for (swap-outs were started for
+        # it): rotations back in leave them alone, so blocks freed for one sequence do not
+        # go to another; set each step by whoever still waits
+        self.model_to_promised: dict[str, int] = {}
 
     def add_model(self, model_id: str, num_host_blocks: int, block_size: int) -> None:
         if num_host_blocks > 0:
@@ -88,7 +92,12 @@ class Rotator:
         self._complete(sched, now_s)
         for model_id, host_bm in self.host_block_managers.items():
             self._rotate_in(sched, model_id, now_s)
+            self.model_to_promised.pop(model_id, None)
             self._rotate_out(sched, model_id, host_bm, now_s)
+
+    def promise(self, model_id: str, num_blocks: int) -> None:
+        """Keep `num_blocks` free blocks of the model from rotations back in, next step."""
+        self.model_to_promised[model_id] = self.model_to_promised.get(model_id, 0) + num_blocks
 
     def drop(self, seq: Sequence, bm: BlockManager) -> None:
         """Forget a rotated sequence (abort, error): its copy is waited for (a swap-in
@@ -138,7 +147,8 @@ class Rotator:
                                    _slack_s(r.seq, now_s), _num_remaining(r.seq)) for r in out]
         num_waiting_blocks = sum(num_blocks_for(s.num_tokens + 1, bm.block_size)
                                  for s in sched.waiting if s.model_id == model_id)
-        for view in policy.pick_rotate_in(views, bm.num_free_blocks, num_waiting_blocks, sched.step_s, self.config):
+        num_free = bm.num_free_blocks - self.model_to_promised.get(model_id, 0)
+        for view in policy.pick_rotate_in(views, num_free, num_waiting_blocks, sched.step_s, self.config):
             rotation = by_id[view.request_id]
             bm.allocate(rotation.seq, rotation.seq.num_computed_tokens)
             rotation.seq.status = SequenceStatus.ROTATING_IN
@@ -151,8 +161,13 @@ class Rotator:
         if not waiting:
             return
         head = min(waiting, key=lambda s: s.arrival_s + s.ttft_slo_s)
-        num_needed = (num_blocks_for(head.num_tokens + 1, bm.block_size) - len(head.block_table)
-                      - bm.num_free_blocks - self.num_pending_free_blocks(model_id))
+        num_head_blocks = num_blocks_for(head.num_tokens + 1, bm.block_size) - len(head.block_table)
+        num_lacking = num_head_blocks - bm.num_free_blocks
+        num_pending = self.num_pending_free_blocks(model_id)
+        if num_lacking > 0 and num_pending >= num_lacking:  # its blocks are on their way
+            self.promise(model_id, num_head_blocks)
+            return
+        num_needed = num_lacking - num_pending
         num_prefill_steps = -(-head.num_uncomputed_tokens // max(1, sched.config.chunk_size))
         head_view = policy.WaitingView(head.request_id, num_needed, head.arrival_s + head.ttft_slo_s,
                                        num_prefill_steps)
@@ -168,19 +183,27 @@ class Rotator:
         by_id = {s.request_id: s for s in running}
         for view in victims:
             self._start_out(sched, by_id[view.request_id], host_bm)
+        if victims:
+            self.promise(model_id, num_head_blocks)
         for view in to_recompute:
             sched.running.remove(by_id[view.request_id])
             bm.free(by_id[view.request_id])
             self._recompute(sched, by_id[view.request_id])
 
-    def try_rotate_out(self, sched, seq: Sequence) -> bool:
-        """Start moving a running sequence's KV to the host tier instead of preempting it
-        by recompute; False when it has no KV yet or the tier cannot hold it."""
-        host_bm = self.host_block_managers.get(seq.model_id)
-        if host_bm is None or seq.num_computed_tokens == 0 or not host_bm.can_allocate(
-                Rotation(seq), seq.num_computed_tokens):
+    def rotate_out_victim(self, sched, victims: list[Sequence], now_s: float) -> bool:
+        """A running sequence must grow and `victims` could make room: start rotating out
+        the one with the most slack, if it can afford the time away and the host tier holds
+        it. False: none can (the scheduler preempts one by recompute instead)."""
+        host_bm = self.host_block_managers.get(victims[0].model_id) if victims else None
+        with_kv = [s for s in victims if s.num_computed_tokens > 0]
+        if host_bm is None or not with_kv:
             return False
-        self._start_out(sched, seq, host_bm)
+        views = [policy.DecodeView(s.request_id, num_blocks_for(s.num_computed_tokens, host_bm.block_size),
+                                   _slack_s(s, now_s), _num_remaining(s)) for s in with_kv]
+        chosen = policy.pick_rotate_out(views, 1, host_bm.num_free_blocks, sched.step_s, self.config)
+        if not chosen:
+            return False
+        self._start_out(sched, next(s for s in with_kv if s.request_id == chosen[0].request_id), host_bm)
         return True
 
     def _start_out(self, sched, seq: Sequence, host_bm: BlockManager) -> None:

@@ -235,26 +235,34 @@ class Scheduler:
 
     def _make_room(self, seq, num_new, candidates, batch, bm: BlockManager) -> bool:
         """Preempt the latest-deadline unscheduled sequences until `seq` fits; False if it was one.
-        With a host tier, a victim rotates out instead when the tier holds it; its blocks
-        free once the copy is done, so `seq` waits a step for them."""
+        With a host tier, the victim with the most slack rotates out instead, if it can
+        afford it and the tier holds it; its blocks free once the copy is done, so `seq`
+        waits a step for them (and waits rather than rotate itself out)."""
         while not bm.can_allocate(seq, seq.num_computed_tokens + num_new):
             if seq.status != SequenceStatus.RUNNING or self._is_room_coming(seq, num_new, bm):
                 return False
             victims = [s for s in candidates if s.status == SequenceStatus.RUNNING and s not in batch.seqs]
+            if self.rotator is not None:
+                others = [s for s in victims if s is not seq]
+                if self.rotator.rotate_out_victim(self, others, self.clock()):
+                    continue
+                if not others:
+                    return False  # no one to make room: wait a step, keeping its KV
             victim = self._pick_victim(victims)  # seq itself is always among them
-            if self.rotator is not None and self.rotator.try_rotate_out(self, victim):
-                continue
             self._preempt(victim, bm)
             if victim is seq:
                 return False
         return True
 
     def _is_room_coming(self, seq: Sequence, num_new: int, bm: BlockManager) -> bool:
-        """Swap-outs in flight free the blocks `seq` lacks."""
+        """Swap-outs in flight free the blocks `seq` lacks (then they are promised to it)."""
         if self.rotator is None:
             return False
-        num_lacking = bm.num_missing_blocks(seq, seq.num_computed_tokens + num_new) - bm.num_free_blocks
-        return self.rotator.num_pending_free_blocks(seq.model_id) >= num_lacking
+        num_missing = bm.num_missing_blocks(seq, seq.num_computed_tokens + num_new)
+        if self.rotator.num_pending_free_blocks(seq.model_id) < num_missing - bm.num_free_blocks:
+            return False
+        self.rotator.promise(seq.model_id, num_missing)
+        return True
 
     def _preempt(self, seq: Sequence, bm: BlockManager) -> None:
         bm.free(seq)
@@ -315,7 +323,7 @@ class Scheduler:
 
     def model_stats(self, model_id: str) -> tuple[int, int, float]:
         """(num_running, num_waiting, kv_used_frac) of one model."""
-        num_running = sum(1 for s in self.running if s.model_id == model_id)
+        num_running = sum(1 for s in self.running + self._rotated() if s.model_id == model_id)
         num_waiting = sum(1 for s in self.waiting if s.model_id == model_id)
         return num_running, num_waiting, self.block_managers[model_id].used_frac
 

@@ -91,6 +91,7 @@ class WorkerService:
             device=self.spec.backend,
             # the slice's memory beyond the KV cache holds cached weight tiles
             device_cache_bytes=max(0, self.spec.memory_bytes - c.kv_cache_bytes),
+            host_kv_bytes=c.host_kv_bytes,
         ))
 
     async def start(self) -> None:
