@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 
 from placer.policy import RequestView, choose_slice
 from placer.prewarm import Prewarmer
+from placer.rebalance import plan_moves
 from services import keys, natsutil, schemas, subjects
 from services.config import PlacerConfig, add_config_arguments, load_config
 from services.errors import ErrorCode
@@ -101,6 +102,8 @@ class Placer:
             self.prewarmer = Prewarmer(self.nc, self.redis, self.config.prewarm_budget_bytes)
             natsutil.spawn(self.prewarmer.run(self.config.prewarm_interval_s, self._live_views),
                            self._tasks, "prewarm")
+        if self.config.rebalance_interval_s > 0:
+            natsutil.spawn(self._rebalance_loop(), self._tasks, "rebalance")
         log.info("placer ready; %d workers known", len(self.views))
 
     async def stop(self) -> None:
@@ -279,6 +282,16 @@ class Placer:
                 self.fenced.setdefault(worker_id, {})[request_id] = epoch
             chunk = TokenChunk(request_id, worker_id, redispatch=True, epoch=epoch)
             await self.nc.publish(reply, schemas.encode(chunk))
+
+    async def _rebalance_loop(self) -> None:
+        """Every rebalance_interval_s: a hot slice hands a running request to an idle one
+        (`placer.rebalance`; the source picks the request and moves it with its KV)."""
+        while True:
+            await asyncio.sleep(self.config.rebalance_interval_s)
+            for move in plan_moves(self._live_views()):
+                log.info("rebalance: worker %s is hot, %s idle: moving a request", move.source_id, move.target_id)
+                command = schemas.MigrateCommand("", target_worker_id=move.target_id)
+                await self.nc.publish(subjects.worker_migrate(move.source_id), schemas.encode(command))
 
     def _live_views(self) -> list[WorkerState]:
         """The workers' records with the requests assigned since their last telemetry
