@@ -7,7 +7,8 @@ context window is widened to hold 8k tokens) serves greedy requests submitted st
 worker 0 by this process, acting as a gateway (it reads the chunks, follows the epoch
 handed over). Per context length: one request runs unmigrated (the reference output);
 then, per path, the same request is moved to worker 1 after `--migrate-after` tokens
-(`MigrateCommand`). Measured at this client:
+(`MigrateCommand`), `--repeats` times (medians; every downtime is listed). Measured at
+this client:
 - downtime_ms: the gap in the token stream, from the source's last chunk to the
   target's first (one decode step is part of it, as between any two chunks: itl_ms);
 - total_ms: from the command to the target's first chunk (offer, pre-copy while the
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paths", default="shm,net", help="shm (same node, shared memory) and/or net (NATS)")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens generated per request (default 48)")
     parser.add_argument("--migrate-after", type=int, default=16, help="tokens streamed before the move (default 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="migrations per (path, context): medians (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--out", default=str(RESULTS), help="results file (JSON, with the command)")
 
@@ -55,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--contexts: each in [1, {WINDOW_TOKENS - args.max_tokens}]", param="--contexts")
     if not paths or any(p not in ("shm", "net") for p in paths):
         raise InvalidRequest("--paths lists shm and/or net", param="--paths")
+    if args.repeats < 1:
+        raise InvalidRequest("--repeats must be at least 1", param="--repeats")
     if not 1 <= args.migrate_after < args.max_tokens - 1:
         raise InvalidRequest("--migrate-after must be in [1, max_tokens - 2]", param="--migrate-after")
     from services.launcher import LocalCluster
@@ -177,9 +181,12 @@ async def _measure(cluster, contexts: list[int], paths: list[str], args) -> list
                                            max_tokens=1)
             reprefill_ms = ((await _read(queue))[0][0] - start_s) * 1e3
             for path in paths:
-                row = await _migrated_run(client, source, target, prompt, path, args)
-                row.update(context_tokens=num_context, reprefill_ms=round(reprefill_ms, 2),
-                           output_matches=row.pop("tokens") == reference)
+                runs = [await _migrated_run(client, source, target, prompt, path, args) for _ in range(args.repeats)]
+                row = {"path": path, "context_tokens": num_context}
+                for name in ("downtime_ms", "total_ms", "stop_ms_at_source", "itl_ms"):
+                    row[name] = round(statistics.median(r[name] for r in runs), 2)
+                row.update(downtimes_ms=[round(r["downtime_ms"], 2) for r in runs], reprefill_ms=round(reprefill_ms, 2),
+                           output_matches=all(r["tokens"] == reference for r in runs))
                 rows.append(row)
                 print(f"  {path} {num_context}: {row}", flush=True)
     finally:
@@ -202,10 +209,9 @@ async def _migrated_run(client, source: str, target: str, prompt: list[int], pat
         raise RuntimeError(f"{path}: not moved: {result.error}")
     first_moved = next(i for i, (_, c) in enumerate(chunks) if c.worker_id == target)
     gaps_ms = [(b[0] - a[0]) * 1e3 for a, b in zip(chunks, chunks[1:], strict=False)]
-    return {"path": path, "downtime_ms": round(gaps_ms[first_moved - 1], 2),
-            "total_ms": round((chunks[first_moved][0] - command["sent_s"]) * 1e3, 2),
-            "stop_ms_at_source": round(result.stop_ms, 2),
-            "itl_ms": round(statistics.median(g for i, g in enumerate(gaps_ms) if i != first_moved - 1), 2),
+    return {"downtime_ms": gaps_ms[first_moved - 1], "total_ms": (chunks[first_moved][0] - command["sent_s"]) * 1e3,
+            "stop_ms_at_source": result.stop_ms,
+            "itl_ms": statistics.median(g for i, g in enumerate(gaps_ms) if i != first_moved - 1),
             "tokens": _tokens(chunks)}
 
 

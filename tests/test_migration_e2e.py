@@ -126,11 +126,11 @@ async def test_a_moved_request_whose_new_worker_dies_is_redispatched(cluster, mo
         responses = await _open_streams(session, cluster.url, model_dir.name)
         source = responses[0].headers["X-Worker-Id"]
         await bus.wait_tokens(source, 40)
-        request_id = next(c.request_id for c in bus.chunks if c.worker_id == source)
-        reply = await nc.request(subjects.worker_migrate(source), schemas.encode(MigrateCommand(request_id)),
-                                 timeout=WAIT_S)
+        reply = await nc.request(subjects.worker_migrate(source), schemas.encode(MigrateCommand("")),
+                                 timeout=WAIT_S)  # no request named: the source picks one (as rebalancing does)
         result = schemas.decode(MigrationResult, reply.data)
         assert result.is_moved, result.error
+        request_id = result.request_id
         async with _telemetry_of(cluster, result.target_worker_id) as telemetry:  # the placer hears it too
             await _wait_for(telemetry.get, lambda t: request_id in t.request_ids)
         os.kill(cluster.pid(result.target_worker_id), signal.SIGKILL)
