@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 
 from placer.policy import RequestView, choose_slice
 from placer.prewarm import Prewarmer
+from placer.rebalance import plan_moves
 from services import keys, natsutil, schemas, subjects
 from services.config import PlacerConfig, add_config_arguments, load_config
 from services.errors import ErrorCode
@@ -54,6 +55,7 @@ end
 return #KEYS
 """
 _SETTLE_S = 1.0  # a request shows up in its worker's telemetry within this
+_DEPARTED_KEEP_S = 30.0  # a moved request shows up on its new worker's telemetry within this
 
 
 def state_of_info(info: WorkerInfo) -> WorkerState:
@@ -77,6 +79,9 @@ class Placer:
         # worker declared dead -> request id -> the epoch fenced off (aborted if it comes back)
         self.fenced: dict[str, dict[str, int]] = {}
         self.incarnations: dict[str, str] = {}  # worker -> the process last heard from
+        # request id -> (its assignment, monotonic time it left its worker's telemetry): finished,
+        # or moved by a live migration (then adopted by the worker that reports it next)
+        self.departed: dict[str, tuple[tuple[str, float, int], float]] = {}
         self._tasks: set[asyncio.Task] = set()
         self.placer_id = uuid.uuid4().hex[:8]
         self._unrecorded: dict[str, tuple[str, ...]] = {}  # request id -> _RECORD_FIELDS, not yet in Redis
@@ -97,6 +102,8 @@ class Placer:
             self.prewarmer = Prewarmer(self.nc, self.redis, self.config.prewarm_budget_bytes)
             natsutil.spawn(self.prewarmer.run(self.config.prewarm_interval_s, self._live_views),
                            self._tasks, "prewarm")
+        if self.config.rebalance_interval_s > 0:
+            natsutil.spawn(self._rebalance_loop(), self._tasks, "rebalance")
         log.info("placer ready; %d workers known", len(self.views))
 
     async def stop(self) -> None:
@@ -132,7 +139,7 @@ class Placer:
         if t.is_stopping:  # its unfinished requests come back through their gateways
             log.info("worker %s is stopping; no longer routed to", t.worker_id)
             self._forget(t.worker_id)
-            self.inflight.pop(t.worker_id, None)
+            self._depart(self.inflight.pop(t.worker_id, {}))  # a draining worker moves some elsewhere
             return
         if t.worker_id in self.fenced:
             await self._abort_fenced(t)
@@ -146,11 +153,46 @@ class Placer:
         else:
             self.views[t.worker_id] = t  # the worker's own record: the policy's input as is
         self.assigned_since_telemetry.pop(t.worker_id, None)
+        self._adopt_moved(t)
         inflight = self.inflight.get(t.worker_id)
         if inflight:  # forget finished requests (ones too new to show up yet are kept)
             running = set(t.request_ids)
-            for request_id in [r for r, (_, at_s, _) in inflight.items() if r not in running and now_s - at_s > _SETTLE_S]:
-                del inflight[request_id]
+            gone = [r for r, (_, at_s, _) in inflight.items() if r not in running and now_s - at_s > _SETTLE_S]
+            self._depart({r: inflight.pop(r) for r in gone})
+
+    def _depart(self, assignments: dict[str, tuple[str, float, int]]) -> None:
+        now_s = time.monotonic()
+        for request_id, assignment in assignments.items():
+            self.departed[request_id] = (assignment, now_s)
+        while self.departed:  # oldest first: drop what left long ago
+            request_id, (_, left_s) = next(iter(self.departed.items()))
+            if now_s - left_s < _DEPARTED_KEEP_S:
+                break
+            del self.departed[request_id]
+
+    def _adopt_moved(self, t: WorkerState) -> None:
+        """A request this worker reports under an epoch assigned to another worker was moved
+        here (live migration): its re-dispatch, should this worker die, follows it."""
+        inflight = self.inflight.get(t.worker_id, {})
+        for request_id, epoch in zip(t.request_ids, t.request_epochs, strict=False):
+            if request_id in inflight:
+                continue
+            found = self._take_assignment(request_id, epoch, t.worker_id)
+            if found is not None:
+                log.info("[req=%s] now on worker %s (moved with its KV)", request_id, t.worker_id)
+                inflight = self.inflight.setdefault(t.worker_id, inflight)
+                inflight[request_id] = found
+
+    def _take_assignment(self, request_id: str, epoch: int, new_worker_id: str) -> tuple[str, float, int] | None:
+        """The assignment of this request and epoch that left its worker or is on another one."""
+        departed = self.departed.get(request_id)
+        if departed is not None and departed[0][2] == epoch:
+            return self.departed.pop(request_id)[0]
+        for worker_id, assignments in self.inflight.items():
+            found = assignments.get(request_id)
+            if worker_id != new_worker_id and found is not None and found[2] == epoch:
+                return assignments.pop(request_id)
+        return None
 
     async def _restarted(self, t: WorkerState) -> None:
         """The worker restarted under the same id before its heartbeat expired: what the
@@ -240,6 +282,16 @@ class Placer:
                 self.fenced.setdefault(worker_id, {})[request_id] = epoch
             chunk = TokenChunk(request_id, worker_id, redispatch=True, epoch=epoch)
             await self.nc.publish(reply, schemas.encode(chunk))
+
+    async def _rebalance_loop(self) -> None:
+        """Every rebalance_interval_s: a hot slice hands a running request to an idle one
+        (`placer.rebalance`; the source picks the request and moves it with its KV)."""
+        while True:
+            await asyncio.sleep(self.config.rebalance_interval_s)
+            for move in plan_moves(self._live_views()):
+                log.info("rebalance: worker %s is hot, %s idle: moving a request", move.source_id, move.target_id)
+                command = schemas.MigrateCommand("", target_worker_id=move.target_id)
+                await self.nc.publish(subjects.worker_migrate(move.source_id), schemas.encode(command))
 
     def _live_views(self) -> list[WorkerState]:
         """The workers' records with the requests assigned since their last telemetry

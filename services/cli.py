@@ -43,6 +43,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "faults"): ("bench.faults", "kill -9 and pause each process under load: wrong, failed, recovery"),
     ("bench", "soak"): ("bench.soak", "memory of every process over many requests"),
     ("bench", "rotate"): ("bench.rotate", "recompute preemption vs KV rotation to host memory, one burst"),
+    ("bench", "migrate"): ("bench.migrate", "live migration downtime vs context length, shm and network"),
     ("sim",): ("sim.cli", "discrete-event cluster simulation of the policies"),
 }
 

@@ -86,6 +86,8 @@ class PlacerConfig(CommonConfig):
     request_ttl_s: int = field(default=600, metadata=_help("TTL of c2c:req:<id> assignment records"))
     prewarm_interval_s: float = field(default=5.0, metadata=_help("forecast-driven prewarm period (0: off)"))
     prewarm_budget_bytes: int = field(default=4 << 30, metadata=_help("prewarmed bytes per slice when its KV is idle"))
+    rebalance_interval_s: float = field(default=0.0, metadata=_help(
+        "move a running request from a hot slice to an idle one (live migration) this often (0: off)"))
 
     def validate(self) -> None:
         super().validate()

@@ -266,7 +266,7 @@ class MigrateCommand(msgspec.Struct, omit_defaults=True):
     """placer / a draining worker -> the source worker (`c2c.worker.<id>.migrate`): move one
     running request, with its KV cache, to another worker (live migration)."""
 
-    request_id: str
+    request_id: str  # "": the source picks (the decoding request with the most tokens to go)
     target_worker_id: str = ""  # "": any live worker serving the model (same node first)
     transport: str = ""  # "shm" | "net" | "": shared memory when both are on one node
 

@@ -1,5 +1,6 @@
-"""Live migration against a real cluster (nats-server, Valkey, gateway, placer, three CPU
+"""Live migration against a real cluster (nats-server, Valkey, gateway, placer, four CPU
 workers): a migration whose target dies half-way leaves the request where it was; a
+request moved to a worker that then dies is re-dispatched from there (re-prefill); a
 worker drained with SIGTERM moves its streams with their KV to another worker. Outputs
 are greedy and compared with the engine's own; every chunk on the bus is counted, so a
 token served twice or re-prefilled would show. Every wait is on an event, with a ceiling.
@@ -15,7 +16,7 @@ import aiohttp
 import nats
 import pytest
 from sse import stream_text
-from test_faults_e2e import _metric, _wait_for
+from test_faults_e2e import _metric, _telemetry_of, _wait_for
 
 from services import keys, schemas, subjects
 from services.launcher import LocalCluster
@@ -34,7 +35,7 @@ def model_dir(tiny_model):
 @pytest.fixture(scope="module")
 def cluster(servers, model_dir):
     env = {"C2C_WORKER_EXPIRY_S": "2", "C2C_HEARTBEAT_TTL_S": "1", "C2C_PREWARM_INTERVAL_S": "0"}
-    with LocalCluster([model_dir], num_workers=3, nats_url=servers.nats_url, redis_url=servers.redis_url,
+    with LocalCluster([model_dir], num_workers=4, nats_url=servers.nats_url, redis_url=servers.redis_url,
                       extra_env=env) as running:
         yield running
 
@@ -114,6 +115,29 @@ async def test_a_migration_whose_target_dies_leaves_the_request_in_place(cluster
     redis = Redis.from_url(cluster.redis_url)
     await _wait_for(lambda: redis.exists(keys.worker(target)), lambda n: n == 0)  # gone: no target for the next test
     await redis.aclose()
+    await nc.close()
+
+
+async def test_a_moved_request_whose_new_worker_dies_is_redispatched(cluster, model_dir, expected):
+    before = await _metric(cluster.url, "c2c_redispatches_total")
+    nc = await nats.connect(cluster.nats_url)
+    bus = await _Bus(nc).start()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
+        responses = await _open_streams(session, cluster.url, model_dir.name)
+        source = responses[0].headers["X-Worker-Id"]
+        await bus.wait_tokens(source, 40)
+        reply = await nc.request(subjects.worker_migrate(source), schemas.encode(MigrateCommand("")),
+                                 timeout=WAIT_S)  # no request named: the source picks one (as rebalancing does)
+        result = schemas.decode(MigrationResult, reply.data)
+        assert result.is_moved, result.error
+        request_id = result.request_id
+        async with _telemetry_of(cluster, result.target_worker_id) as telemetry:  # the placer hears it too
+            await _wait_for(telemetry.get, lambda t: request_id in t.request_ids)
+        os.kill(cluster.pid(result.target_worker_id), signal.SIGKILL)
+        texts = await asyncio.gather(*[stream_text(r) for r in responses])
+    assert texts == [expected[p] for p in PROMPTS]
+    assert await _metric(cluster.url, "c2c_redispatches_total") > before  # the placer followed it
+    bus.assert_served_once()
     await nc.close()
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from controller.policy import SLO, Knobs, WorkerController
 from placer.policy import DemandForecaster, RequestView, choose_slice, plan_prewarm, route_score
+from placer.rebalance import plan_moves
 from services import subjects
 from services.launcher import LocalCluster
 from services.schemas import WorkerState, decoder
@@ -57,8 +58,8 @@ def _states() -> list[WorkerState]:
 
 
 def policy_fields() -> set[str]:
-    """The WorkerState fields the placer's routing and prewarm plan and the controller's
-    law read, over the branch-taking states above."""
+    """The WorkerState fields the placer's routing, prewarm and rebalance plans and the
+    controller's law read, over the branch-taking states above."""
     read: set[str] = set()
     forecaster = DemandForecaster()
     for t in range(20):
@@ -70,6 +71,8 @@ def policy_fields() -> set[str]:
                 choose_slice(req, [Recording(state, read)])
                 route_score(req, Recording(state, read))
         plan_prewarm(forecaster, [Recording(state, read)], {"m": 10**9, "m2": 10**9}, 20.0, {"w": 10**9})
+        idle = msgspec.structs.replace(state, worker_id="w2", num_running=0, num_waiting=0)
+        plan_moves([Recording(state, read), Recording(idle, read)])
         controller = WorkerController(SLO(), Knobs())
         for k in range(3):
             controller.update(Recording(msgspec.structs.replace(state, t_s=state.t_s + k), read))

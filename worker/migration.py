@@ -117,12 +117,15 @@ class Migrator:
         return sum(r.is_moved for r in results)
 
     async def migrate(self, request_id: str, target_id: str = "", transport: str = "") -> MigrationResult:
-        """Move one running request; never raises (the result says what happened)."""
+        """Move one running request ("": the one with the most tokens to go that a target can
+        take); never raises (the result says what happened)."""
         start_s = time.perf_counter()
         try:
+            workers = await natsutil.live_workers(self.redis)
+            request_id = request_id or await self._pick_request(workers, target_id)
             model_id, num_tokens, max_tokens, layout, block_size = await self.loop_thread.call(
                 lambda lt: _describe(lt.engine, request_id))
-            targets = await self._targets(model_id, target_id)
+            targets = self._targets(workers, model_id, target_id)
             errors = []
             for target in targets:
                 out = _Outgoing(uuid.uuid4().hex[:16], request_id, model_id, target.worker_id,
@@ -143,10 +146,16 @@ class Migrator:
             log.info("[req=%s] not moved: %s", request_id, exc)
             return MigrationResult(request_id, error=str(exc))
 
-    async def _targets(self, model_id: str, target_id: str) -> list:
-        workers = await natsutil.live_workers(self.redis)
+    def _targets(self, workers: list, model_id: str, target_id: str) -> list:
         ranked = rank_targets(workers, model_id, self.worker_id, self.node)
         return [w for w in ranked if w.worker_id == target_id] if target_id else ranked
+
+    async def _pick_request(self, workers: list, target_id: str) -> str:
+        movable = await self.loop_thread.call(_movable)
+        for request_id, model_id in movable:
+            if self._targets(workers, model_id, target_id):
+                return request_id
+        raise MigrationFailed(f"none of the {len(movable)} decoding requests here can go to {target_id or 'another worker'}")
 
     async def _migrate_to(self, out: _Outgoing, num_tokens: int, max_tokens: int) -> float:
         """Offer, pre-copy, stop-and-copy; the milliseconds the request was stopped."""
@@ -288,6 +297,18 @@ def _describe(engine, request_id: str) -> tuple[str, int, int, list[int], int]:
     max_tokens = seq.num_prompt_tokens + seq.params.max_tokens
     return (seq.model_id, seq.num_computed_tokens, max_tokens, engine.runner.kv_layout(seq.model_id),
             engine.config.block_size)
+
+
+def _movable(loop_thread) -> list[tuple[str, str]]:
+    """(request id, model) of the requests that can move now, the most tokens to go first."""
+    found = []
+    for request_id, _, _ in loop_thread.unfinished():
+        try:
+            seq = handover.check_movable(loop_thread.engine, request_id)
+        except handover.HandoverError:
+            continue
+        found.append((seq.params.max_tokens - seq.num_generated, request_id, seq.model_id))
+    return [(request_id, model_id) for _, request_id, model_id in sorted(found, reverse=True)]
 
 
 def _full_blocks(engine, out: _Outgoing) -> tuple[list[int], int]:
