@@ -23,6 +23,7 @@ from pathlib import Path
 import msgspec
 import torch
 
+import c2c_kernels as kernels
 from services import natsutil, subjects
 from services.logutil import setup_logging
 from services.stage_wire import PART_HEADER, PARTS_HEADER, StageCall, StageReply
@@ -46,6 +47,8 @@ class StageServer:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        """Compile/load the kernels first: a ping answered means the first forward is fast."""
+        await natsutil.in_daemon_thread(kernels.warmup)
         self._nc = await natsutil.connect_nats(self.nats_url, f"c2c-stage-{self.stage_id}")
         await self._nc.subscribe(subjects.stage(self.stage_id), cb=self._on_msg)
         natsutil.spawn(self._serve(), self._tasks, "stage compute loop")
