@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from placer.pipeline_policy import split_layers
 from worker.forward_batch import ForwardBatch
 from worker.model import CausalLM, KVCache
 
@@ -41,20 +42,6 @@ class StageSpec:
     end: int
     place: str = "driver"
     stage_id: str = ""      # "remote": the stage server's id
-
-
-def split_layers(num_layers: int, speeds: list[float]) -> list[tuple[int, int]]:
-    """Contiguous layer ranges, one per stage, sized in proportion to each stage's speed
-    (a faster slice gets more layers); every stage gets at least one layer."""
-    if not speeds or num_layers < len(speeds) or min(speeds) <= 0:
-        raise ValueError(f"cannot split {num_layers} layers over speeds {speeds}")
-    total, cuts, acc = sum(speeds), [0], 0.0
-    for i, speed in enumerate(speeds[:-1]):
-        acc += speed
-        lowest, highest = cuts[-1] + 1, num_layers - (len(speeds) - 1 - i)
-        cuts.append(min(highest, max(lowest, round(num_layers * acc / total))))
-    cuts.append(num_layers)
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def specs_for(num_layers: int, speeds: list[float], places: list[tuple[str, str]]) -> list[StageSpec]:
