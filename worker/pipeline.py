@@ -141,7 +141,7 @@ class Pipeline:
                  timeout_s: float = 60.0):
         self.stages = stages
         self.block_size = block_size
-        self.num_micro_batches = num_micro_batches or len(stages)
+        self.num_micro_batches = num_micro_batches  # None: per step (`_num_micro_batches`)
         self.timeout_s = timeout_s
         self.written_blocks: set[int] | None = None
 
@@ -157,8 +157,16 @@ class Pipeline:
             self.written_blocks.update((batch.slot_mapping // self.block_size).tolist())
         if len(self.stages) == 1 and isinstance(self.stages[0], LocalStage):
             return self.stages[0].host.forward(batch, None)
-        parts = [self._through_stages(mb) for mb in micro_batches(batch, self.num_micro_batches)]
+        parts = [self._through_stages(mb) for mb in micro_batches(batch, self._num_micro_batches(batch))]
         return torch.cat([wait(f, self.timeout_s, "a pipeline step") for f in parts])
+
+    def _num_micro_batches(self, batch: ForwardBatch) -> int:
+        """Two per stage when the step carries prefill chunks (a step of n stages and m
+        micro-batches takes (m + n - 1) / (n m) of one stage's time: more fill the bubble),
+        one per stage for decode (each micro-batch costs a hop, and decode steps are short)."""
+        if self.num_micro_batches:
+            return self.num_micro_batches
+        return len(self.stages) * (2 if batch.num_tokens > len(batch.query_lens) else 1)
 
     def _through_stages(self, batch: ForwardBatch) -> cf.Future:
         """A future of the last stage's output for one micro-batch, chained stage to stage."""
