@@ -162,7 +162,8 @@ def switch_row(switch: Switch, streams: list[Stream], steady_of: dict[int, dict]
             "copy_rounds": switch.num_rounds}
 
 
-def _model_dir(arch: str, preset: str) -> Path:
+def model_dir_of(arch: str, preset: str) -> Path:
+    """A synth checkpoint of the bench's own (made once, cached)."""
     path = Path(f"~/.cache/c2cserve/bench/reconfig-{arch}-{preset}").expanduser()
     if not (path / "config.json").is_file():
         from worker.synth import synth_model
@@ -171,37 +172,14 @@ def _model_dir(arch: str, preset: str) -> Path:
     return path
 
 
-def _start_stage_server(nats_url: str, core: int | None):
-    import subprocess
-    import sys
-
-    from services.stage_wire import StageCall
-    from worker.stage_client import StageClient
-
-    cmd = [sys.executable, "-m", "worker.stage_server", "--nats", nats_url, "--id", STAGE_ID, "--threads", "1"]
-    proc = subprocess.Popen(cmd + (["--cores", str(core)] if core is not None else []))
-    client = StageClient(nats_url)
-    try:
-        for _ in range(600):
-            try:
-                client.call(STAGE_ID, StageCall("ping")).result(timeout=5)
-                return proc
-            except Exception:  # not up yet
-                if proc.poll() is not None:
-                    raise RuntimeError("the stage server exited") from None
-                time.sleep(0.2)
-        raise RuntimeError("the stage server did not answer in 120 s")
-    finally:
-        client.close()
-
-
 def run(args: argparse.Namespace) -> int:
     from services.embedded import EmbeddedServers
+    from worker.stage_server import spawn
 
-    model_dir = _model_dir(args.arch, args.preset)
+    model_dir = model_dir_of(args.arch, args.preset)
     cores = sorted(os.sched_getaffinity(0))
     with EmbeddedServers() as servers:
-        proc = _start_stage_server(servers.nats_url, cores[1] if len(cores) > 1 else None)
+        proc = spawn(servers.nats_url, STAGE_ID, cores[1] if len(cores) > 1 else None)
         try:
             report = _measure(args, model_dir, servers.nats_url, cores[0])
         finally:

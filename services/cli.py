@@ -42,6 +42,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "faults"): ("bench.faults", "kill -9 and pause each process under load: wrong, failed, recovery"),
     ("bench", "soak"): ("bench.soak", "memory of every process over many requests"),
     ("bench", "reconfig"): ("bench.reconfig", "switch a model between 1 and 2 pipeline stages under load"),
+    ("bench", "pipeline-burst"): ("bench.pipeline_burst", "a burst on one model: pinned whole vs pipeline policy"),
     ("sim",): ("sim.cli", "discrete-event cluster simulation of the policies"),
 }
 

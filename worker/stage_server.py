@@ -129,6 +129,33 @@ class StageServer:
                  call.start, call.end, call.num_blocks)
 
 
+def spawn(nats_url: str, stage_id: str, core: int | None = None, threads: int = 1, timeout_s: float = 120.0):
+    """A stage server process (`python -m worker.stage_server`), returned once it answers
+    a ping (its kernels warm); it inherits this environment (host store, PYTHONPATH)."""
+    import subprocess
+    import sys
+    import time
+
+    from worker.stage_client import StageClient
+
+    cmd = [sys.executable, "-m", "worker.stage_server", "--nats", nats_url, "--id", stage_id, "--threads", str(threads)]
+    proc = subprocess.Popen(cmd + (["--cores", str(core)] if core is not None else []))
+    client = StageClient(nats_url)
+    deadline_s = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.call(stage_id, StageCall("ping")).result(timeout=5)
+                return proc
+            except Exception:  # not up yet: retried until the deadline
+                if time.monotonic() > deadline_s or proc.poll() is not None:
+                    proc.kill()
+                    raise
+                time.sleep(0.2)
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.stage_server", description=__doc__.splitlines()[0])
     parser.add_argument("--nats", required=True, help="NATS URL")
