@@ -96,16 +96,18 @@ def run_burst(cfg: BurstConfig, use_policy: bool) -> dict:
     plan, pending, changed_s, next_policy_s, now_s = whole("driver", spec.num_layers), None, -1e9, 0.0, 0.0
     idle = [WorkerState(f"idle{i}") for i in range(cfg.num_idle_slices)]
     speed = cfg.chunk_tokens / stage_step_s(cfg, cfg.chunk_tokens, 0.0, 1)
-    changes = []
+    changes, rates, since = [], {}, (0.0, 0)   # rates: stages -> measured prefill tokens/s
     while waiting or decoding:
         if pending is not None and now_s >= pending[0]:
-            plan, pending = pending[1], None
+            plan, pending, since = pending[1], None, (now_s, _prefilled(cfg, left))
             changes.append((round(now_s, 3), plan.num_stages))
         if use_policy and pending is None and now_s >= next_policy_s:
             next_policy_s = now_s + cfg.period_s
+            if now_s > since[0] and _prefilled(cfg, left) > since[1]:
+                rates[plan.num_stages] = (_prefilled(cfg, left) - since[1]) / (now_s - since[0])
             driver = WorkerState("driver", num_running=len(decoding), num_waiting=len(waiting),
                                  queued_prefill_tokens=sum(left[r] for r in waiting), prefill_tokens_per_s=speed)
-            new = plan_pipeline(spec.num_layers, driver, idle, plan, now_s, changed_s, cfg.policy)
+            new = plan_pipeline(spec.num_layers, driver, idle, plan, now_s, changed_s, cfg.policy, rates)
             if new != plan:
                 in_kv = sum(cfg.prompt_tokens - left[r] for r in waiting) + cfg.prompt_tokens * len(decoding)
                 pending, changed_s = (now_s + switch_s(cfg, plan, new, in_kv), new), now_s
@@ -113,6 +115,10 @@ def run_burst(cfg: BurstConfig, use_policy: bool) -> dict:
     ttfts = sorted(ttft.values())
     return {"ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_p99_s": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
             "done_s": now_s, "changes": changes}
+
+
+def _prefilled(cfg: BurstConfig, left: list[int]) -> int:
+    return cfg.prompt_tokens * len(left) - sum(left)
 
 
 def _step(cfg: BurstConfig, plan: PipelinePlan, waiting: deque, left: list[int], decoding: dict[int, int],

@@ -34,3 +34,15 @@ def test_hysteresis_and_shrink():
 def test_light_load_stays_whole():
     plan = whole("d", 4)
     assert plan_pipeline(4, state("d", queued=10, running=1), [state("x")], plan, 9.0, 0.0, POLICY) == plan
+
+
+def test_measured_rates_stop_a_growth_that_did_not_pay():
+    driver = state("d", queued=5000, running=8, waiting=8)
+    two = PipelinePlan(("d", "x"), ((0, 12), (12, 24)))
+    others = [state("x"), state("y")]
+    slower = {1: 1000.0, 2: 800.0}
+    assert plan_pipeline(24, driver, others, two, 9.0, 0.0, POLICY, slower) == whole("d", 24)  # back, backlog or not
+    assert plan_pipeline(24, driver, others, whole("d", 24), 9.0, 0.0, POLICY, slower) == whole("d", 24)  # no regrow
+    faster = {1: 1000.0, 2: 1900.0}
+    grown = plan_pipeline(24, driver, others, two, 9.0, 0.0, POLICY, faster)
+    assert grown.num_stages == 3 and grown.layer_ranges == ((0, 8), (8, 16), (16, 24))
