@@ -69,6 +69,8 @@ class PolicyStep:
         self.num_layers = engine.runner.slots["m"].config.num_layers
         self.plan, self.changed_s, self.changes = whole("driver", self.num_layers), -1e9, []
         self.policy = PipelinePolicy(cooldown_s=cooldown_s)
+        self.rates: dict[int, float] = {}   # stages -> measured prefill tokens/s
+        self._since: tuple[float, int] | None = None
 
     def __call__(self, now_s: float) -> None:
         from placer.pipeline_policy import plan_pipeline
@@ -76,12 +78,18 @@ class PolicyStep:
         from worker.pipeline import StageSpec
 
         if self.engine.is_reconfiguring("m"):
+            self._since = None
             return
         stats = self.engine.stats()
+        if self._since is None:
+            self._since = (now_s, stats.num_prefill_tokens)
+        elif stats.num_prefill_tokens > self._since[1]:
+            self.rates[self.plan.num_stages] = (stats.num_prefill_tokens - self._since[1]) / (now_s - self._since[0])
         driver = WorkerState("driver", num_running=stats.num_running, num_waiting=stats.num_waiting,
                              queued_prefill_tokens=stats.num_queued_prefill_tokens, prefill_tokens_per_s=self.speed)
         others = [WorkerState(STAGE_ID, prefill_tokens_per_s=self.speed)]
-        plan = plan_pipeline(self.num_layers, driver, others, self.plan, now_s, self.changed_s, self.policy)
+        plan = plan_pipeline(self.num_layers, driver, others, self.plan, now_s, self.changed_s, self.policy,
+                             self.rates)
         if plan != self.plan:
             specs = [StageSpec(a, b, "driver") if s == "driver" else StageSpec(a, b, "remote", s)
                      for s, (a, b) in zip(plan.slice_ids, plan.layer_ranges, strict=True)]
@@ -143,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             proc.terminate()
             proc.wait(30)
     report["command"], report["two_core_scaling"] = command_line("pipeline-burst"), scaling
+    report["simulated"] = simulated()
     Path(args.out).with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     publish(_text(report), args.out)
@@ -168,12 +177,30 @@ def _measure(args, model_dir: Path, nats_url: str, core: int) -> dict:
             ttfts, outputs[mode] = burst(engine, prompts, args.max_tokens, step)
             engine.close_pipelines()
             results[mode].append({"ttft_p50_ms": 1e3 * _quantile(ttfts, 0.5), "ttft_p99_ms": 1e3 * _quantile(ttfts, 0.99),
-                                  "changes": step.changes if step else []})
+                                  "changes": step.changes if step else [],
+                                  "rates": {n: round(r) for n, r in step.rates.items()} if step else {}})
     best = {mode: min(rows, key=lambda r: r["ttft_p99_ms"]) for mode, rows in results.items()}
     return {"model": f"{args.arch}/{args.preset}", "requests": args.requests, "prompt_tokens": args.prompt_tokens,
             "slice_prefill_tokens_per_s": round(speed), "rounds": results, "best": best,
             "p99_gain": best["pinned"]["ttft_p99_ms"] / best["policy"]["ttft_p99_ms"],
             "outputs_equal": outputs["pinned"] == outputs["policy"], "load_average_1m": os.getloadavg()[0]}
+
+
+SIM_BURSTS = (("dense-1b", "1g.12gb", 64), ("dense-8b", "1g.12gb", 64), ("dense-13b", "1g.12gb", 64),
+              ("moe-8x7b", "2g.24gb", 32), ("dense-70b", "2g.24gb", 32))
+
+
+def simulated() -> list[dict]:
+    """The same comparison in the simulator at cluster scale (sim/pipeline_burst.py)."""
+    from sim.pipeline_burst import BurstConfig, compare
+
+    rows = []
+    for family, profile, num_requests in SIM_BURSTS:
+        r = compare(BurstConfig(family=family, profile=profile, num_requests=num_requests))
+        rows.append({"family": family, "profile": profile, "requests": num_requests,
+                     "pinned_p99_s": round(r["pinned"]["ttft_p99_s"], 2), "policy_p99_s": round(r["policy"]["ttft_p99_s"], 2),
+                     "p99_gain": round(r["p99_gain"], 2), "max_stages": max([1] + [n for _, n in r["policy"]["changes"]])})
+    return rows
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -191,8 +218,14 @@ def _text(report: dict) -> str:
     for mode, rows in report["rounds"].items():
         for i, r in enumerate(rows):
             lines.append(f"{mode:7s} round {i}: TTFT p50 {r['ttft_p50_ms']:.0f} ms, p99 {r['ttft_p99_ms']:.0f} ms"
-                         + (f", pipeline changes (s, stages) {r['changes']}" if r["changes"] else ""))
+                         + (f", pipeline changes (s, stages) {r['changes']}, measured prefill tokens/s by "
+                            f"stages {r['rates']}" if r["changes"] else ""))
     lines += ["", f"TTFT p99, best round: pinned {report['best']['pinned']['ttft_p99_ms']:.0f} ms, policy "
               f"{report['best']['policy']['ttft_p99_ms']:.0f} ms: {report['p99_gain']:.2f}x; "
-              f"outputs equal: {report['outputs_equal']}"]
+              f"outputs equal: {report['outputs_equal']}", "",
+              "simulated cluster (sim/pipeline_burst.py; up to 7 idle slices on other GPUs, requests x 1024 "
+              "prompt tokens at once, 32 output tokens):"]
+    for r in report["simulated"]:
+        lines.append(f"  {r['family']:10s} on {r['profile']}, {r['requests']} requests: TTFT p99 pinned "
+                     f"{r['pinned_p99_s']} s, policy {r['policy_p99_s']} s: {r['p99_gain']}x (up to {r['max_stages']} stages)")
     return "\n".join(lines) + "\n"

@@ -46,3 +46,13 @@ def test_measured_rates_stop_a_growth_that_did_not_pay():
     faster = {1: 1000.0, 2: 1900.0}
     grown = plan_pipeline(24, driver, others, two, 9.0, 0.0, POLICY, faster)
     assert grown.num_stages == 3 and grown.layer_ranges == ((0, 8), (8, 16), (16, 24))
+
+
+def test_the_simulator_spreads_a_burst_of_a_big_model_and_backs_off_a_small_one():
+    from sim.pipeline_burst import BurstConfig, compare
+
+    big = compare(BurstConfig(family="dense-70b", profile="2g.24gb", num_requests=32))
+    assert big["policy"]["ttft_p99_s"] < big["pinned"]["ttft_p99_s"]
+    assert max(n for _, n in big["policy"]["changes"]) > 2 and big["policy"]["changes"][-1][1] == 1
+    small = compare(BurstConfig(family="dense-1b"))
+    assert max(n for _, n in small["policy"]["changes"]) < 8   # measured: more stages did not pay
