@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cycles", type=int, default=2, help="1 -> 2 -> 1 stage cycles (default 2)")
     parser.add_argument("--settle-s", type=float, default=0.5, help="after a switch, still its window (default 0.5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with a row per switch")
-    parser.add_argument("--out", default=str(RESULTS), help="results file (the JSON one: .json beside it)")
+    parser.add_argument("--out", default=str(RESULTS), help="results file (text; the JSON one .json beside it)")
 
 
 @dataclass
@@ -185,11 +185,15 @@ def run(args: argparse.Namespace) -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-    if args.json:
+    report = {"command": command_line("reconfig"), **report}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:  # stdout: the one JSON object; the text report goes to the file only
         print(json.dumps(report))
-        Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        out.write_text(_text(report))
     else:
-        publish(_text(report, command_line("reconfig")), args.out)
+        publish(_text(report), out)
     return 0
 
 
@@ -217,8 +221,8 @@ def _measure(args, model_dir: Path, nats_url: str, core: int) -> dict:
             "load_average_1m": os.getloadavg()[0]}
 
 
-def _text(report: dict, command: str) -> str:
-    lines = [command, "", f"model {report['model']}, {report['streams']} streams x {report['max_tokens']} tokens, "
+def _text(report: dict) -> str:
+    lines = [report["command"], "", f"model {report['model']}, {report['streams']} streams x {report['max_tokens']} tokens, "
              f"2-stage split {report['split']}, load average {report['load_average_1m']:.2f}", ""]
     for stages, s in report["steady"].items():
         lines.append(f"steady {stages} stage(s), outside the switches: TTFT {s['ttft_ms']:.1f} ms, "
