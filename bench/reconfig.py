@@ -1,7 +1,7 @@
 """`c2cserve bench reconfig`: switch a running model between 1 and 2 pipeline stages.
 
-One run: a closed-loop load (`--streams` clients, each sending its next request when
-the last one ends) while the model switches 1 -> 2 -> 1 stages online, `--cycles` times,
+One run: a closed-loop load (`--streams` clients, each sending its next request a
+random 0..0.2 s after the last one ends) while the model switches 1 -> 2 -> 1 stages online, `--cycles` times,
 `--phase-s` apart. 1 stage: the model whole on the driver (one core); 2 stages: layers
 split between the driver and a stage server process on the other core, over NATS.
 
@@ -9,7 +9,8 @@ Per switch: `downtime_ms`, the longest gap in any client's token stream that ove
 the switch (from the reconfigure call until the new pipeline runs); `ttft_overhead` and
 `tpot_overhead`, the TTFT of requests whose first token came, and the inter-token gaps
 that ended, from the call to `--settle-s` after the switch, against the steady values of
-the configuration each ran on, measured in the same run outside every switch's window
+the configuration each ran on, measured in the same run just before the call (the old
+one) and just after the window (the new one), so a shared machine's drifts cancel
 (fractions: 0.1 = 10% slower); `output_matches`, every request of the run equal to its
 greedy answer alone (unreconfigured). `--json` prints one JSON object, a row per switch.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -64,12 +66,18 @@ class Switch:
 
 
 def drive(engine, num_streams: int, max_tokens: int, duration_s: float, plan=(),
-          nats_url: str | None = None) -> tuple[list[Stream], list[Switch]]:
-    """Closed-loop load for duration_s; plan: [(at_s, specs)] reconfigurations."""
+          nats_url: str | None = None, think_s: float = 0.2) -> tuple[list[Stream], list[Switch]]:
+    """Closed-loop load for duration_s, each client waiting a random 0..think_s between its
+    requests (clients in lockstep would make a window's TTFTs depend on its phase);
+    plan: [(at_s, specs)] reconfigurations."""
+    import random
+
     from worker.engine import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    rng = random.Random(0)
     start_s, streams, live, switches, pending = time.perf_counter(), [], {}, [], list(plan)
+    due = sorted((start_s + i * think_s / num_streams, i) for i in range(num_streams))  # (send at, client)
     counter = iter(range(1 << 30))
 
     def send(client: int) -> None:
@@ -79,9 +87,9 @@ def drive(engine, num_streams: int, max_tokens: int, duration_s: float, plan=(),
         live[f"c{client}-{n}"] = (client, stream)
         streams.append(stream)
 
-    for client in range(num_streams):
-        send(client)
-    while live:
+    while live or due:
+        while due and time.perf_counter() >= due[0][0]:
+            send(due.pop(0)[1])
         now_s = time.perf_counter() - start_s
         if pending and now_s >= pending[0][0]:
             specs = pending.pop(0)[1]
@@ -94,7 +102,7 @@ def drive(engine, num_streams: int, max_tokens: int, duration_s: float, plan=(),
             if out.finished:
                 del live[out.request_id]
                 if time.perf_counter() - start_s < duration_s:
-                    send(client)
+                    due = sorted(due + [(time.perf_counter() + rng.uniform(0, think_s), client)])
         for switch, record in switches:
             if not record.done_s and not engine.is_reconfiguring("m"):
                 record.done_s, record.tail_blocks, record.num_rounds, record.pause_ms = (
@@ -136,30 +144,50 @@ def steady_outside(streams: list[Stream], switches: list[Switch], settle_s: floa
             for stages, g in sorted(gaps.items())}
 
 
-def switch_row(switch: Switch, streams: list[Stream], steady_of: dict[int, dict], settle_s: float,
+def local_steady(streams: list[Stream], t0_s: float, t1_s: float) -> tuple[float, float]:
+    """(mean TTFT, mean inter-token gap) in seconds of what happened in [t0_s, t1_s)."""
+    gaps = [b - a for s in streams for a, b in zip(s.token_s, s.token_s[1:], strict=False) if t0_s <= b < t1_s]
+    ttfts = [s.token_s[0] - s.sent_s for s in streams if s.token_s and t0_s <= s.token_s[0] < t1_s]
+    return (statistics.fmean(ttfts) if ttfts else math.nan, statistics.fmean(gaps) if gaps else math.nan)
+
+
+def switch_row(switch: Switch, streams: list[Stream], settle_s: float, baseline_s: float,
                reference: dict[str, list[int]]) -> dict:
-    """One switch's downtime and overheads (see the module docstring)."""
+    """One switch's downtime and overheads (see the module docstring); the steady values
+    are those of the same run just before the call (the old configuration) and just
+    after the window (the new one), `baseline_s` each: slow drifts of a shared machine cancel."""
     end_s = switch.done_s + settle_s
+    before = local_steady(streams, switch.called_s - baseline_s, switch.called_s)
+    after = local_steady(streams, end_s, end_s + baseline_s)
+    base_at = lambda t: after if t > switch.done_s else before  # noqa: E731
     downtime_s, gap_sum, gap_base, ttft_sum, ttft_base = 0.0, 0.0, 0.0, 0.0, 0.0
-    stages_at = lambda t: switch.to_stages if t > switch.done_s else switch.from_stages  # noqa: E731
     for s in streams:
         for a, b in zip(s.token_s, s.token_s[1:], strict=False):
             if b >= switch.called_s and a <= switch.done_s:
                 downtime_s = max(downtime_s, b - a)
             if switch.called_s <= b <= end_s:
-                gap_sum += b - a
-                gap_base += steady_of[stages_at(b)]["tpot_ms"] / 1e3
+                gap_sum, gap_base = gap_sum + b - a, gap_base + base_at(b)[1]
         if s.token_s and switch.called_s <= s.token_s[0] <= end_s:
-            ttft_sum += s.token_s[0] - s.sent_s
-            ttft_base += steady_of[stages_at(s.token_s[0])]["ttft_ms"] / 1e3
+            ttft_sum, ttft_base = ttft_sum + s.token_s[0] - s.sent_s, ttft_base + base_at(s.token_s[0])[0]
     return {"from_stages": switch.from_stages, "to_stages": switch.to_stages,
             "downtime_ms": round(downtime_s * 1e3, 2),
-            "ttft_overhead": round(ttft_sum / ttft_base - 1, 4) if ttft_base else None,
-            "tpot_overhead": round(gap_sum / gap_base - 1, 4) if gap_base else None,
+            "ttft_overhead": _overhead(ttft_sum, ttft_base), "tpot_overhead": _overhead(gap_sum, gap_base),
             "output_matches": all(s.tokens == reference[s.prompt] for s in streams),
             "switch_ms": round((switch.done_s - switch.called_s) * 1e3, 1),
             "pause_ms": round(switch.pause_ms, 2), "tail_blocks": switch.tail_blocks,
             "copy_rounds": switch.num_rounds}
+
+
+def summary(rows: list[dict]) -> dict:
+    """Worst downtime, mean overheads over the switches, all outputs exact."""
+    mean = lambda key: round(statistics.fmean(r[key] for r in rows if r[key] is not None), 4)  # noqa: E731
+    return {"max_downtime_ms": max(r["downtime_ms"] for r in rows), "mean_ttft_overhead": mean("ttft_overhead"),
+            "mean_tpot_overhead": mean("tpot_overhead"), "max_pause_ms": max(r["pause_ms"] for r in rows),
+            "all_outputs_match": all(r["output_matches"] for r in rows)}
+
+
+def _overhead(measured: float, baseline: float) -> float | None:
+    return round(measured / baseline - 1, 4) if baseline > 0 and not math.isnan(baseline) else None
 
 
 def model_dir_of(arch: str, preset: str) -> Path:
@@ -215,9 +243,10 @@ def _measure(args, model_dir: Path, nats_url: str, core: int) -> dict:
                               nats_url)
     engine.close_pipelines()
     steady_of = steady_outside(streams, switches, args.settle_s, args.phase_s / 4)
-    rows = [switch_row(s, streams, steady_of, args.settle_s, reference) for s in switches]
+    baseline_s = (args.phase_s - args.settle_s) / 2
+    rows = [switch_row(s, streams, args.settle_s, baseline_s, reference) for s in switches]
     return {"model": f"{args.arch}/{args.preset}", "streams": args.streams, "max_tokens": args.max_tokens,
-            "split": [[s.start, s.end] for s in two], "steady": steady_of, "switches": rows,
+            "split": [[s.start, s.end] for s in two], "steady": steady_of, "switches": rows, "summary": summary(rows),
             "load_average_1m": os.getloadavg()[0]}
 
 
@@ -235,4 +264,5 @@ def _text(report: dict) -> str:
                      f"outputs match {r['output_matches']} (switch took {r['switch_ms']} ms, "
                      f"its step-boundary pause {r['pause_ms']} ms, "
                      f"{r['copy_rounds']} background round(s), tail {r['tail_blocks']} blocks)")
+    lines += ["", f"summary: {report['summary']}"]
     return "\n".join(lines) + "\n"
