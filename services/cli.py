@@ -44,6 +44,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "soak"): ("bench.soak", "memory of every process over many requests"),
     ("bench", "rotate"): ("bench.rotate", "recompute preemption vs KV rotation to host memory, one burst"),
     ("bench", "migrate"): ("bench.migrate", "live migration downtime vs context length, shm and network"),
+    ("bench", "reconfig"): ("bench.reconfig", "switch a model between 1 and 2 pipeline stages under load"),
+    ("bench", "pipeline-burst"): ("bench.pipeline_burst", "a burst on one model: pinned whole vs pipeline policy"),
     ("sim",): ("sim.cli", "discrete-event cluster simulation of the policies"),
 }
 

@@ -62,30 +62,3 @@ def run_streams(engine: Engine, prompts=PROMPTS, params=GREEDY, at_step=None, ma
     assert finished == set(tokens), f"unfinished: {set(tokens) - finished}"
     return tokens
 
-
-def start_stage_server(nats_url: str, stage_id: str, timeout_s: float = 60.0):
-    """A stage server process (`python -m worker.stage_server`) that answers pings."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from services.stage_wire import StageCall
-    from worker.stage_client import StageClient
-
-    proc = subprocess.Popen([sys.executable, "-m", "worker.stage_server", "--nats", nats_url, "--id", stage_id,
-                             "--threads", "1"], env=dict(os.environ))
-    client = StageClient(nats_url)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                client.call(stage_id, StageCall("ping")).result(timeout=5)
-                return proc
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    raise
-                time.sleep(0.2)
-    finally:
-        client.close()

@@ -5,9 +5,10 @@ import pytest
 import torch
 from pipeline_helpers import deep_tiny, make_engine, run_streams, switch_now
 
+from placer.pipeline_policy import split_layers
 from services.stage_wire import StageCall
 from worker.forward_batch import ForwardBatch
-from worker.pipeline import StageSpec, micro_batches, specs_for, split_layers
+from worker.pipeline import StageSpec, micro_batches, specs_for
 from worker.stage_frames import batch_of_call, decode_frame, encode_frame, forward_call, split_parts
 
 

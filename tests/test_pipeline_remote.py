@@ -3,9 +3,10 @@ online switch 1 -> 2 -> 1 stages mid-stream, and a stage that dies (the engine s
 model whole again and recomputes: every stream exact, nothing repeated)."""
 
 import pytest
-from pipeline_helpers import deep_tiny, make_engine, run_streams, start_stage_server, switch_now
+from pipeline_helpers import deep_tiny, make_engine, run_streams, switch_now
 
 from worker.pipeline import StageSpec
+from worker.stage_server import spawn as start_stage_server
 
 
 @pytest.fixture(scope="module")

@@ -203,9 +203,10 @@ class Engine:
         return self.runner.ensure_loaded(model_id, self.scheduler.is_model_busy)
 
     def evict(self, model_id) -> bool:
-        """Drop the model's weights and KV cache; False (kept) while a request of it runs."""
+        """Drop the model's weights and KV cache; False (kept) while a request of it runs or it is
+        being reconfigured."""
         self._check_model(model_id)
-        if self.scheduler.is_model_busy(model_id):
+        if self.scheduler.is_model_busy(model_id) or model_id in self._switches:
             return False
         self.runner.unload(model_id)
         return True

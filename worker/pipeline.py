@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from placer.pipeline_policy import split_layers
 from worker.forward_batch import ForwardBatch
 from worker.model import CausalLM, KVCache
 
@@ -41,20 +42,6 @@ class StageSpec:
     end: int
     place: str = "driver"
     stage_id: str = ""      # "remote": the stage server's id
-
-
-def split_layers(num_layers: int, speeds: list[float]) -> list[tuple[int, int]]:
-    """Contiguous layer ranges, one per stage, sized in proportion to each stage's speed
-    (a faster slice gets more layers); every stage gets at least one layer."""
-    if not speeds or num_layers < len(speeds) or min(speeds) <= 0:
-        raise ValueError(f"cannot split {num_layers} layers over speeds {speeds}")
-    total, cuts, acc = sum(speeds), [0], 0.0
-    for i, speed in enumerate(speeds[:-1]):
-        acc += speed
-        lowest, highest = cuts[-1] + 1, num_layers - (len(speeds) - 1 - i)
-        cuts.append(min(highest, max(lowest, round(num_layers * acc / total))))
-    cuts.append(num_layers)
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def specs_for(num_layers: int, speeds: list[float], places: list[tuple[str, str]]) -> list[StageSpec]:
@@ -154,7 +141,7 @@ class Pipeline:
                  timeout_s: float = 60.0):
         self.stages = stages
         self.block_size = block_size
-        self.num_micro_batches = num_micro_batches or len(stages)
+        self.num_micro_batches = num_micro_batches  # None: per step (`_num_micro_batches`)
         self.timeout_s = timeout_s
         self.written_blocks: set[int] | None = None
 
@@ -170,8 +157,16 @@ class Pipeline:
             self.written_blocks.update((batch.slot_mapping // self.block_size).tolist())
         if len(self.stages) == 1 and isinstance(self.stages[0], LocalStage):
             return self.stages[0].host.forward(batch, None)
-        parts = [self._through_stages(mb) for mb in micro_batches(batch, self.num_micro_batches)]
+        parts = [self._through_stages(mb) for mb in micro_batches(batch, self._num_micro_batches(batch))]
         return torch.cat([wait(f, self.timeout_s, "a pipeline step") for f in parts])
+
+    def _num_micro_batches(self, batch: ForwardBatch) -> int:
+        """Two per stage when the step carries prefill chunks (a step of n stages and m
+        micro-batches takes (m + n - 1) / (n m) of one stage's time: more fill the bubble),
+        one per stage for decode (each micro-batch costs a hop, and decode steps are short)."""
+        if self.num_micro_batches:
+            return self.num_micro_batches
+        return len(self.stages) * (2 if batch.num_tokens > len(batch.query_lens) else 1)
 
     def _through_stages(self, batch: ForwardBatch) -> cf.Future:
         """A future of the last stage's output for one micro-batch, chained stage to stage."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -110,7 +111,8 @@ class PipelineSwitch:
         self._held_block_ids = held_block_ids
         self.timeout_s = timeout_s
         self.num_rounds = 0
-        self.tail_blocks = 0          # blocks copied at the switch (the pause)
+        self.tail_blocks = 0          # blocks copied at the switch
+        self.pause_s = 0.0            # the switch's step boundary: the tail copy (steps wait)
         self.error: BaseException | None = None
         self._jobs: list = []
         self._busy = self._background(lambda: setattr(self, "new", build()))
@@ -144,6 +146,7 @@ class PipelineSwitch:
         written = sorted(self.old.written_blocks)
         if len(written) > TAIL_MAX_BLOCKS and self.num_rounds < MAX_ROUNDS:
             return self._start_round(written)
+        start_s = time.perf_counter()
         try:
             with torch.inference_mode():
                 copy_kv(self._jobs, written, self.timeout_s)
@@ -151,7 +154,7 @@ class PipelineSwitch:
             logger.error("pipeline reconfiguration failed at the switch: %s", exc)
             self.error = exc
             return self._abandon()
-        self.tail_blocks = len(written)
+        self.tail_blocks, self.pause_s = len(written), time.perf_counter() - start_s
         self.old.written_blocks = None
         self.old.close()
         return self.new

@@ -23,6 +23,7 @@ from pathlib import Path
 import msgspec
 import torch
 
+import c2c_kernels as kernels
 from services import natsutil, subjects
 from services.logutil import setup_logging
 from services.stage_wire import PART_HEADER, PARTS_HEADER, StageCall, StageReply
@@ -46,6 +47,8 @@ class StageServer:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        """Compile/load the kernels first: a ping answered means the first forward is fast."""
+        await natsutil.in_daemon_thread(kernels.warmup)
         self._nc = await natsutil.connect_nats(self.nats_url, f"c2c-stage-{self.stage_id}")
         await self._nc.subscribe(subjects.stage(self.stage_id), cb=self._on_msg)
         natsutil.spawn(self._serve(), self._tasks, "stage compute loop")
@@ -124,6 +127,33 @@ class StageServer:
         self._hosts[call.slot_id] = (runner, StageHost(slot.model, slot.kv, call.start, call.end))
         log.info("stage %s: %s layers [%d, %d), %d KV blocks", self.stage_id, call.slot_id,
                  call.start, call.end, call.num_blocks)
+
+
+def spawn(nats_url: str, stage_id: str, core: int | None = None, threads: int = 1, timeout_s: float = 120.0):
+    """A stage server process (`python -m worker.stage_server`), returned once it answers
+    a ping (its kernels warm); it inherits this environment (host store, PYTHONPATH)."""
+    import subprocess
+    import sys
+    import time
+
+    from worker.stage_client import StageClient
+
+    cmd = [sys.executable, "-m", "worker.stage_server", "--nats", nats_url, "--id", stage_id, "--threads", str(threads)]
+    proc = subprocess.Popen(cmd + (["--cores", str(core)] if core is not None else []))
+    client = StageClient(nats_url)
+    deadline_s = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.call(stage_id, StageCall("ping")).result(timeout=5)
+                return proc
+            except Exception:  # not up yet: retried until the deadline
+                if time.monotonic() > deadline_s or proc.poll() is not None:
+                    proc.kill()
+                    raise
+                time.sleep(0.2)
+    finally:
+        client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
