@@ -1,4 +1,4 @@
-"""The device engine (EngineConfig.device="cuda") under Numba's CUDA simulator.
+"""The device engine (EngineConfig.device="cuda") under Numba's CUDA simulator (or on a GPU).
 
 The whole forward pass runs on (simulated) device arrays: logits equal the CPU engine's,
 greedy tokens equal for a dense and a mixture-of-experts model, prefill in chunks equals
@@ -19,7 +19,16 @@ import pytest
 import torch
 
 IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-in_sim = pytest.mark.skipif(not IN_SIM, reason="runs inside test_simulator_subprocess")
+
+
+def _has_gpu() -> bool:
+    from c2c_kernels.cuda_backend import gpu_available
+
+    return not IN_SIM and gpu_available()
+
+
+ON_DEVICE = IN_SIM or _has_gpu()  # the tests below run in this process (else in a simulator's)
+on_device = pytest.mark.skipif(not ON_DEVICE, reason="runs inside test_simulator_subprocess")
 PROMPT = "hello world"
 CACHE_BYTES = 1 << 20
 
@@ -67,12 +76,12 @@ def _greedy(engine):
     return engine.generate("m", PROMPT, params).new_token_ids
 
 
-@pytest.mark.skipif(IN_SIM, reason="this is the simulator subprocess itself")
+@pytest.mark.skipif(ON_DEVICE, reason="this is the simulator subprocess itself, or a GPU runs them")
 def test_simulator_subprocess(run_in_cuda_simulator):
     assert "7 passed" in run_in_cuda_simulator(__file__)
 
 
-@in_sim
+@on_device
 def test_logits_equal_cpu_and_chunked_prefill_equals_one_shot(micro):
     from worker.device_model import pack_step
     from worker.forward_batch import ForwardBatch
@@ -101,7 +110,7 @@ def test_logits_equal_cpu_and_chunked_prefill_equals_one_shot(micro):
     torch.testing.assert_close(chunked, one_shot, rtol=1e-4, atol=1e-4)
 
 
-@in_sim
+@on_device
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_greedy_tokens_equal_cpu_engine(micro, arch):
     model_dir = micro(arch)
@@ -112,7 +121,7 @@ def test_greedy_tokens_equal_cpu_engine(micro, arch):
     assert dev.stats().cached_fraction == {"m": 1.0}
 
 
-@in_sim
+@on_device
 def test_rho_changes_nothing_but_where_weights_are_read(micro):
     model_dir = micro("qwen2")  # fused q|k|v with bias
     expected = _greedy(_engine(model_dir))
@@ -123,7 +132,7 @@ def test_rho_changes_nothing_but_where_weights_are_read(micro):
         assert _greedy(dev) == expected, rho
 
 
-@in_sim
+@on_device
 def test_a_step_moves_ids_in_and_ids_out_only(micro, monkeypatch):
     from numba import cuda
 
@@ -148,7 +157,7 @@ def test_a_step_moves_ids_in_and_ids_out_only(micro, monkeypatch):
     assert moved == [("in", packed_bytes), ("out", 4 * num_seqs)]
 
 
-@in_sim
+@on_device
 def test_sampled_and_logprobs_requests_are_sampled_on_the_host_alike(micro):
     from worker.engine import SamplingParams
 
@@ -163,7 +172,7 @@ def test_sampled_and_logprobs_requests_are_sampled_on_the_host_alike(micro):
     assert dev.runner.copies.bytes_to_host >= 272 * 4   # a logits row came back
 
 
-@in_sim
+@on_device
 def test_load_residency_copies_the_whole_model_to_the_device(micro):
     model_dir = micro("mistral")  # sliding window
     expected = _greedy(_engine(model_dir, residency="load"))
