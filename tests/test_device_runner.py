@@ -143,18 +143,22 @@ def test_a_step_moves_ids_in_and_ids_out_only(micro, monkeypatch):
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     for i in range(2):
         dev.add_request(f"r{i}", "m", prompt=PROMPT, params=params)
-    dev.step()                                           # prefill both (warms the workspace)
     moved = []                                           # every copy numba makes, not only the runner's
     to_device, array_type = cuda.to_device, type(cuda.device_array(1))
     to_host = array_type.copy_to_host
     monkeypatch.setattr(cuda, "to_device", lambda a, *args, **kw: moved.append(("in", a.nbytes)) or to_device(a, *args, **kw))
     monkeypatch.setattr(array_type, "copy_to_host",
                         lambda self, *args, **kw: moved.append(("out", self.nbytes)) or to_host(self, *args, **kw))
-    outputs = dev.step()                                 # decode: one token of each
-    assert len(outputs) == 2
-    num_tokens, num_seqs, max_blocks = 2, 2, 1
-    packed_bytes = 4 * (4 * num_tokens + num_seqs + num_seqs * max_blocks)  # ids, pos, slots, seq, rows, tables
-    assert moved == [("in", packed_bytes), ("out", 4 * num_seqs)]
+
+    def packed_bytes(num_tokens, num_seqs=2, max_blocks=1):  # ids, positions, slots, seq of each, rows, tables
+        return 4 * (4 * num_tokens + num_seqs + num_seqs * max_blocks)
+
+    num_prompt = len(dev.tokenize_request("m", PROMPT))
+    assert len(dev.step()) == 2                          # prefill both prompts in one step
+    assert moved == [("in", packed_bytes(2 * num_prompt)), ("out", 4 * 2)]
+    moved.clear()
+    assert len(dev.step()) == 2                          # decode: one token of each
+    assert moved == [("in", packed_bytes(2)), ("out", 4 * 2)]
 
 
 @on_device
