@@ -74,7 +74,7 @@ def make_add_rms_norm(threads: int = THREADS):
                 partial[tid] += partial[tid + stride]
             cuda.syncthreads()
             stride //= 2
-        scale = float32(1.0) / math.sqrt(partial[0] / x.shape[1] + eps)
+        scale = float32(1.0) / math.sqrt(partial[0] / float32(x.shape[1]) + eps)
         for i in range(tid, x.shape[1], threads):
             out[t, i] = w[i] * (x[t, i] * scale)
 

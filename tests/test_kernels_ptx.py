@@ -78,3 +78,4 @@ def test_device_op_compiles_to_sm90_ptx_without_spills(name):
     ptx, _ = cuda.compile_ptx(fn, DEVICE_OP_SIGNATURES[name], cc=(9, 0))
     assert ".target sm_90" in ptx and ".entry" in ptx
     assert ".local" not in ptx  # no per-thread arrays spilled to local memory
+    assert ".f64" not in ptx    # fp32 maths throughout: no stray double-precision conversions
