@@ -78,7 +78,7 @@ def _greedy(engine):
 
 @pytest.mark.skipif(ON_DEVICE, reason="this is the simulator subprocess itself, or a GPU runs them")
 def test_simulator_subprocess(run_in_cuda_simulator):
-    assert "8 passed" in run_in_cuda_simulator(__file__)
+    assert "9 passed" in run_in_cuda_simulator(__file__)
 
 
 @on_device
@@ -174,6 +174,14 @@ def test_sampled_and_logprobs_requests_are_sampled_on_the_host_alike(micro):
     assert [p.top_token_ids for p in got.logprobs] == [p.top_token_ids for p in expected.logprobs]
     assert [p.logprob for p in got.logprobs] == pytest.approx([p.logprob for p in expected.logprobs], abs=1e-3)
     assert dev.runner.copies.bytes_to_host >= 272 * 4   # a logits row came back
+
+
+@on_device
+def test_warmup_runs_every_kernel_once():
+    """What a GPU worker's warmup does (compile); in the simulator warmup itself skips it."""
+    from worker.device_runner import compile_kernels
+
+    compile_kernels(block_size=16)
 
 
 @on_device
