@@ -68,12 +68,12 @@ def _engine(model_dir, **config):
     return engine
 
 
-def _greedy(engine):
+def _greedy(engine, prompt=PROMPT):
     """Two greedy tokens: a prefill and a decode step."""
     from worker.engine import SamplingParams
 
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    return engine.generate("m", PROMPT, params).new_token_ids
+    return engine.generate("m", prompt, params).new_token_ids
 
 
 @pytest.mark.skipif(ON_DEVICE, reason="this is the simulator subprocess itself, or a GPU runs them")
@@ -186,10 +186,12 @@ def test_warmup_runs_every_kernel_once():
 
 @on_device
 def test_load_residency_copies_the_whole_model_to_the_device(micro):
-    model_dir = micro("mistral")  # sliding window
-    expected = _greedy(_engine(model_dir, residency="load"))
+    model_dir = micro("mistral")  # a 16-token sliding window, which this prompt outgrows
+    prompt = " ".join([PROMPT] * 4)
+    expected = _greedy(_engine(model_dir, residency="load"), prompt)
     dev = _engine(model_dir, device="cuda", residency="load")   # no tile cache: ρ is 1 anyway
-    assert _greedy(dev) == expected
+    assert len(dev.tokenize_request("m", prompt)) > 16
+    assert _greedy(dev, prompt) == expected
     assert dev.stats().cached_fraction == {"m": 1.0}
     assert dev.stats().private_weight_bytes > 0
     dev.set_control(rho=0.0)
