@@ -86,12 +86,9 @@ class DeviceModelRunner(ModelRunner):
                 slot.model_id, without_fused_parts(tensors), is_streamed=is_streamed_matrix)}
         else:
             self._evict_for(slot.model_id, _files_bytes(slot.model_dir), is_busy)
-            weights = self._copy_to_device(_load_private(slot.model_dir))
+            weights = copy_to_device(_load_private(slot.model_dir), self.weight_backend.num_blocks)
             slot.private_bytes = sum(w.nbytes for w in weights.values() if isinstance(w, HybridWeight))
         slot.model = DeviceModel(slot.config, weights, slot.num_blocks, self.block_size, self.copies.to_device)
-
-    def _copy_to_device(self, weights: dict) -> dict:
-        return copy_to_device(weights, self.weight_backend.num_blocks)
 
     def warmup(self) -> None:
         """Compile the kernels before the first request (numba compiles at a kernel's first
@@ -110,10 +107,7 @@ class DeviceModelRunner(ModelRunner):
         """Forward the batch on the device; one sampled token (or a failed sample's
         exception) per sequence with a sample flag."""
         slot, seqs = self.slots[batch.model_id], batch.seqs
-        forward_batch = ForwardBatch.build(
-            [s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]
-             for s, n in zip(seqs, batch.num_new_tokens, strict=True)],
-            [s.num_computed_tokens for s in seqs], [s.block_table for s in seqs], self.block_size)
+        forward_batch = ForwardBatch.of_scheduled(batch, self.block_size)
         sample_rows = [i for i, flag in enumerate(batch.sample_flags) if flag]
         packed, layout = pack_step(forward_batch, sample_rows)
         logits = slot.model.forward(self.copies.to_device(packed), layout)   # [R, V] on the device
