@@ -78,7 +78,7 @@ def _greedy(engine, prompt=PROMPT):
 
 @pytest.mark.skipif(ON_DEVICE, reason="this is the simulator subprocess itself, or a GPU runs them")
 def test_simulator_subprocess(run_in_cuda_simulator):
-    assert "9 passed" in run_in_cuda_simulator(__file__)
+    assert "10 passed" in run_in_cuda_simulator(__file__)
 
 
 @on_device
@@ -174,6 +174,24 @@ def test_sampled_and_logprobs_requests_are_sampled_on_the_host_alike(micro):
     assert [p.top_token_ids for p in got.logprobs] == [p.top_token_ids for p in expected.logprobs]
     assert [p.logprob for p in got.logprobs] == pytest.approx([p.logprob for p in expected.logprobs], abs=1e-3)
     assert dev.runner.copies.bytes_to_host >= 272 * 4   # a logits row came back
+
+
+@on_device
+def test_an_expert_no_token_was_routed_to_reads_nothing():
+    import numpy as np
+    from numba import cuda
+
+    from c2c_kernels.cuda_backend import HybridWeight
+
+    w = torch.randn(8, 16).to(torch.bfloat16)
+    hybrid = HybridWeight(w, name="expert")
+    x = torch.randn(1, 16)
+    active = cuda.to_device(np.array([[0.0, 2.0]], dtype=np.float32))      # [1, E] tokens per expert
+    y = cuda.to_device(np.full((1, 8), 7.0, dtype=np.float32))
+    hybrid.matmul_device(cuda.to_device(x.numpy()), y, gate=(active, 0))
+    assert (y.copy_to_host() == 7.0).all()                                   # skipped: y untouched
+    hybrid.matmul_device(cuda.to_device(x.numpy()), y, gate=(active, 1))
+    torch.testing.assert_close(torch.from_numpy(y.copy_to_host()), x @ w.float().T, rtol=1e-4, atol=1e-4)
 
 
 @on_device
