@@ -126,7 +126,7 @@ def test_rho_changes_nothing_but_where_weights_are_read(micro):
     model_dir = micro("qwen2")  # fused q|k|v with bias
     expected = _greedy(_engine(model_dir))
     dev = _engine(model_dir, device="cuda", device_cache_bytes=CACHE_BYTES)
-    for rho in (0.0, 0.5, 1.0):
+    for rho in (0.0, 0.5):  # 1.0: test_greedy_tokens_equal_cpu_engine
         dev.set_control(rho=rho)
         assert dev.stats().cached_fraction["m"] == pytest.approx(rho, abs=0.05)
         assert _greedy(dev) == expected, rho
