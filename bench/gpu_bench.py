@@ -55,9 +55,9 @@ def gemm_rows(size: dict, link_gbps: float, dev_gbps: float) -> list[dict]:
     return rows
 
 
-def engine_rows(size: dict, model_dir: Path) -> list[dict]:
+def engine_rows(size: dict, model_dir: Path, rows: list[dict]) -> None:
+    """Appends one row per mode as it finishes (a later failure keeps the earlier rows)."""
     _decode_tok_s(_engine(model_dir, "host", 0.0), 2, 2)  # compiles every kernel before any timing
-    rows = []
     for name, residency, rho in MODES:
         engine = _engine(model_dir, residency, rho)
         cold_s = _ttft_s(engine)   # maps (host) or copies (load) the model; dedicated did at add_model
@@ -69,7 +69,6 @@ def engine_rows(size: dict, model_dir: Path) -> list[dict]:
         rows.append(row)
         del engine
         gc.collect()  # the model's device memory back before the next mode sizes its tile cache
-    return rows
 
 
 def _engine(model_dir: Path, residency: str, rho: float | None):
@@ -117,6 +116,10 @@ def render(result: dict) -> str:
     lines += [f"{r['rho']:>6.3f}{r['us']:>10.1f}{r['gbps']:>9.1f}{r['gbps'] / target:>12.0%}" for r in result["gemm"]]
     best = max(r["gbps"] for r in result["gemm"])
     lines.append(f"best {best:.1f} GB/s = {best / target:.0%} of dev + link {target:.1f} GB/s (target >= 85%)")
+    if "engine_error" in result:
+        lines.append(f"\ndevice engine FAILED: {result['engine_error']}")
+    if not result.get("engine"):
+        return "\n".join(lines)
     batches = [k for k in result["engine"][0] if k.startswith("decode_tok_s")]
     lines.append(f"\ndevice engine, synth llama {result['preset']}: decode tokens/s and cold-start added latency")
     lines.append(f"{'mode':<12}{'cached':>8}" + "".join(f"{k.removeprefix('decode_tok_s_'):>10}" for k in batches)
@@ -125,10 +128,18 @@ def render(result: dict) -> str:
         lines.append(f"{r['mode']:<12}{r['cached_fraction']:>8.2f}" + "".join(f"{r[k]:>10.1f}" for k in batches)
                      + f"{r['cold_start_added_s']:>9.3f}")
     by_mode = {r["mode"]: r for r in result["engine"]}
-    for k in batches:
+    for k in batches if {"host rho=1", "dedicated"} <= set(by_mode) else []:
         ratio = by_mode["host rho=1"][k] / by_mode["dedicated"][k]
         lines.append(f"host rho=1 / dedicated, {k}: {ratio:.2f} (target >= 0.90)")
     return "\n".join(lines)
+
+
+def _write(out: Path, command: str, result: dict) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_bench.json").write_text(json.dumps({"command": command, **result}, indent=2))
+    text = render(result)
+    (out / "gpu_bench.txt").write_text(f"$ {command}\n{text}\n")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,21 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": str(getattr(device, "name", "simulator")), "copy": copy, "link_gbps": link_gbps,
               "device_gbps": device_gbps, "gemm_shape": list(size["gemm"]), "preset": size["preset"]}
     result["gemm"] = gemm_rows(size, link_gbps, device_gbps)
-    shm = Path("/dev/shm")  # the host store in shared memory, as a worker has it
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as store:
-        os.environ["C2C_HOST_STORE"] = store
-        start_s = time.perf_counter()
-        model_dir = synth_model("llama", size["preset"], Path(tmp) / "model")
-        result["synth_s"] = time.perf_counter() - start_s
-        result["engine"] = engine_rows(size, model_dir)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.gpu_bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    (out / "gpu_bench.json").write_text(json.dumps({"command": command, **result}, indent=2))
-    text = render(result)
-    (out / "gpu_bench.txt").write_text(f"$ {command}\n{text}\n")
-    print(text)
-    return 0
+    _write(out, command, result)  # the bandwidth numbers survive a failure below
+    result["engine"], status = [], 0
+    shm = Path("/dev/shm")  # the host store in shared memory, as a worker has it
+    try:
+        with (tempfile.TemporaryDirectory() as tmp,
+              tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as store):
+            os.environ["C2C_HOST_STORE"] = store
+            start_s = time.perf_counter()
+            model_dir = synth_model("llama", size["preset"], Path(tmp) / "model")
+            result["synth_s"] = time.perf_counter() - start_s
+            engine_rows(size, model_dir, result["engine"])
+    except Exception as exc:  # one prepared GPU run: keep what was measured, and why it stopped
+        result["engine_error"] = f"{type(exc).__name__}: {exc}"
+        status = 1
+    print(_write(out, command, result))
+    return status
 
 
 if __name__ == "__main__":
