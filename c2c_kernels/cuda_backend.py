@@ -150,9 +150,11 @@ class HybridWeight:
             dy.copy_to_host(y.numpy())
         return y
 
-    def matmul_device(self, x, y) -> None:
+    def matmul_device(self, x, y, gate=None) -> None:
         """y = x @ W.T on device arrays, no host round trip: x [M, K4] f32, y [M, N] f32
-        (a column range of a wider array is fine). Raises ValueError on other shapes."""
+        (a column range of a wider array is fine). gate=(active [1, E] f32 device, index):
+        on the output-stationary path, skip the work (y keeps what it held) when
+        active[0, index] == 0. Raises ValueError on other shapes."""
         m = x.shape[0]
         if x.shape[1] != self.k_padded or tuple(y.shape) != (m, self.shape[0]):
             raise ValueError(f"matmul_device: x {tuple(x.shape)}, y {tuple(y.shape)} for {self.name!r} "
@@ -161,10 +163,11 @@ class HybridWeight:
         step = cuda_kernels.OS_CONFIG["max_m"] if path == "os" else m
         w_dev, w_host = self.parts()
         for m0 in range(0, m, step):
-            cuda_kernels.launch(
-                path, x[m0 : m0 + step], w_dev, w_host, self.n_dev, y[m0 : m0 + step],
-                num_blocks=self.num_blocks,
-            )  # fmt: skip
+            x_part, y_part = x[m0 : m0 + step], y[m0 : m0 + step]
+            if gate is not None and path == "os":
+                cuda_kernels.launch_gated(*gate, x_part, w_dev, w_host, self.n_dev, y_part, self.num_blocks)
+            else:
+                cuda_kernels.launch(path, x_part, w_dev, w_host, self.n_dev, y_part, num_blocks=self.num_blocks)
 
 
 class DeviceTileCache:

@@ -193,6 +193,20 @@ else:
     WS_CONFIG = {"tm": 128, "tn": 32, "tk": 32}
 KERNEL_SIGNATURE = "void(float32[:, ::1], uint64[:, ::1], uint64[:, ::1], int64, float32[:, ::1])"
 
+def make_gated_os_kernel(threads: int = 256, max_m: int = 16):
+    """The output-stationary kernel behind a device-side switch: (active [1, E] f32,
+    index, x, w_dev, w_host, n_dev, y) computes y only when active[0, index] != 0, so an
+    expert no token was routed to reads none of its weights and the host never learns
+    which experts were picked. Every thread of a block takes the same branch."""
+    os_body = cuda.jit(device=True, inline=True)(make_os_kernel(threads, max_m))
+
+    def gated_os_kernel(active, index, x, w_dev, w_host, n_dev, y):
+        if active[0, index] != 0:
+            os_body(x, w_dev, w_host, n_dev, y)
+
+    return gated_os_kernel
+
+
 _compiled: dict[tuple, object] = {}
 
 
@@ -202,6 +216,8 @@ def get_kernel(path: str, **config):
     if key not in _compiled:
         if path == "os":
             fn = make_os_kernel(**(config or OS_CONFIG))
+        elif path == "os_gated":
+            fn = make_gated_os_kernel(**(config or OS_CONFIG))
         elif path == "ws":
             fn = make_ws_kernel(**(config or WS_CONFIG))
         else:
@@ -237,6 +253,14 @@ def launch(path, x, w_dev, w_host, n_dev, y, num_blocks=None, stream=0, **config
     kernel = get_kernel(path, **config)
     blocks = num_blocks or default_num_blocks(path, y.shape[1], **config)
     kernel[blocks, block_threads(path, **config), stream](x, w_dev, w_host, n_dev, y)
+
+
+def launch_gated(active, index, x, w_dev, w_host, n_dev, y, num_blocks=None, stream=0):
+    """`launch("os", ...)` that runs only when active[0, index] != 0 (a device value)."""
+    if x.shape[0] > OS_CONFIG["max_m"]:
+        raise ValueError(f"launch_gated: the os path takes M <= {OS_CONFIG['max_m']}")
+    blocks = num_blocks or default_num_blocks("os", y.shape[1])
+    get_kernel("os_gated")[blocks, OS_CONFIG["threads"], stream](active, index, x, w_dev, w_host, n_dev, y)
 
 
 def as_words(bits: np.ndarray) -> np.ndarray:

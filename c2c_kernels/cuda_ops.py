@@ -74,7 +74,7 @@ def make_add_rms_norm(threads: int = THREADS):
                 partial[tid] += partial[tid + stride]
             cuda.syncthreads()
             stride //= 2
-        scale = float32(1.0) / math.sqrt(partial[0] / x.shape[1] + eps)
+        scale = float32(1.0) / math.sqrt(partial[0] / float32(x.shape[1]) + eps)
         for i in range(tid, x.shape[1], threads):
             out[t, i] = w[i] * (x[t, i] * scale)
 
@@ -266,10 +266,10 @@ def make_argmax(threads: int = THREADS):
 
 def make_moe_route(threads: int = THREADS):
     """weights[t, e] = routing weight of expert e for token t: softmax over router_logits
-    [T, E], the top_k kept (renormalized to sum 1 when asked), every other entry 0.
-    One thread per token."""
+    [T, E], the top_k kept (renormalized to sum 1 when asked), every other entry 0; adds
+    1 to counts[0, e] (zeroed by the caller) per token routed to e. One thread per token."""
 
-    def moe_route(router_logits, top_k, renormalize, weights):
+    def moe_route(router_logits, top_k, renormalize, weights, counts):
         num_experts = router_logits.shape[1]
         for t in range(cuda.grid(1), router_logits.shape[0], cuda.gridsize(1)):
             top = float32(-math.inf)
@@ -288,6 +288,7 @@ def make_moe_route(threads: int = THREADS):
                 prob = math.exp(best - top) / total
                 weights[t, best_e] = prob
                 kept += prob
+                cuda.atomic.add(counts, (0, best_e), float32(1.0))
             for e in range(num_experts):
                 w = weights[t, e]
                 if w < 0:

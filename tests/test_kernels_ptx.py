@@ -25,18 +25,22 @@ def _nvvm_or_skip():
         pytest.skip(f"libNVVM not found ({type(exc).__name__}: {exc}); install numba-cuda[cu12]")
 
 
-@pytest.mark.parametrize("path", ["os", "ws"])
+@pytest.mark.parametrize("path", ["os", "ws", "os_gated"])
 def test_kernel_compiles_to_sm90_ptx(path):
     _nvvm_or_skip()
     from numba import cuda
 
     from c2c_kernels import cuda_kernels
 
+    signature = cuda_kernels.KERNEL_SIGNATURE
     if path == "os":
         fn = cuda_kernels.make_os_kernel(**cuda_kernels.OS_CONFIG)
-    else:
+    elif path == "ws":
         fn = cuda_kernels.make_ws_kernel(**cuda_kernels.WS_CONFIG)
-    ptx, _ = cuda.compile_ptx(fn, cuda_kernels.KERNEL_SIGNATURE, cc=(9, 0))
+    else:  # the MoE expert switch in front: (active [1, E] f32, index, ...)
+        fn = cuda_kernels.make_gated_os_kernel(**cuda_kernels.OS_CONFIG)
+        signature = signature.replace("void(", "void(float32[:, ::1], int64, ")
+    ptx, _ = cuda.compile_ptx(fn, signature, cc=(9, 0))
     assert ".target sm_90" in ptx
     assert ".entry" in ptx
     # fp32 FMAs on widened weights; accumulators stay in registers (no local memory).
@@ -58,7 +62,7 @@ DEVICE_OP_SIGNATURES = {  # the argument types the device engine launches them w
     "fill": f"void({_F2}, float32)",
     "gather_rows": f"void({_F2}, {_I1}, {_F2})",
     "argmax": f"void({_F2}, {_I1})",
-    "moe_route": f"void({_F2}, int64, boolean, {_F2})",
+    "moe_route": f"void({_F2}, int64, boolean, {_F2}, {_F2})",
     "add_weighted": f"void({_F2}, {_F2}, {_F2}, int64)",
     "add_sigmoid_gated": f"void({_F2}, {_F2}, {_F2})",
 }
@@ -78,3 +82,4 @@ def test_device_op_compiles_to_sm90_ptx_without_spills(name):
     ptx, _ = cuda.compile_ptx(fn, DEVICE_OP_SIGNATURES[name], cc=(9, 0))
     assert ".target sm_90" in ptx and ".entry" in ptx
     assert ".local" not in ptx  # no per-thread arrays spilled to local memory
+    assert ".f64" not in ptx    # fp32 maths throughout: no stray double-precision conversions

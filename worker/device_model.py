@@ -7,9 +7,11 @@ mapped host memory); norms and biases are small fp32 device copies made at load.
 step's integer inputs arrive as one packed int32 device array (`pack_step`).
 
 Architectures: what `worker.model` builds from a checkpoint (Llama, Qwen2 with q|k|v
-bias, Mistral's sliding window, Mixtral and Qwen2-MoE). MoE runs every expert over the
-whole batch and adds each token's routed share (weight 0 elsewhere): no host round trip
-to learn which experts were picked, at the price of reading every expert's weights.
+bias, Mistral's sliding window, Mixtral and Qwen2-MoE). MoE runs each expert over the
+whole batch and adds each token's routed share (weight 0 elsewhere), with no host round
+trip to learn which experts were picked: in decode (output-stationary GEMMs) a device-side
+count switches off the experts no token was routed to, so their weights are not read; a
+prefill chunk (weight-stationary) runs them all.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class Workspace:
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape[0] < rows:
             buffer = cuda.device_array((max(rows, 1), cols), dtype=dtype)
+            if dtype == np.float32:  # finite from the start: a skipped expert's buffers are read
+                cuda_ops.launch("fill", cuda_ops.grid_for(buffer.size), buffer, np.float32(0.0))
             self._buffers[key] = buffer
         return buffer[:rows]
 
@@ -217,11 +221,13 @@ class DeviceModel:
         router = ws.get("router", n, moe.router.shape[0])               # [T, E]
         moe.router.matmul_device(h, router)
         routed = ws.get("routed", n, moe.router.shape[0])               # [T, E] weights, 0 = not picked
-        cuda_ops.launch("moe_route", cuda_ops.grid_for(n), router, moe.top_k, moe.renormalize, routed)
+        counts = ws.get("expert_counts", 1, moe.router.shape[0])        # [1, E] tokens per expert
+        cuda_ops.launch("fill", 1, counts, np.float32(0.0))
+        cuda_ops.launch("moe_route", cuda_ops.grid_for(n), router, moe.top_k, moe.renormalize, routed, counts)
         cuda_ops.launch("fill", cuda_ops.grid_for(out.size), out, np.float32(0.0))
         y = ws.get("expert_out", n, out.shape[1])                       # [T, H]
         for e, expert in enumerate(moe.experts):
-            self._swiglu(expert, h, y)
+            self._swiglu(expert, h, y, gate=(counts, e))   # decode: an expert with no token reads nothing
             cuda_ops.launch("add_weighted", cuda_ops.grid_for(y.size), out, y, routed, e)
         if moe.shared is not None:
             self._swiglu(moe.shared, h, y)
@@ -229,21 +235,21 @@ class DeviceModel:
             moe.shared_gate.matmul_device(h, gate)
             cuda_ops.launch("add_sigmoid_gated", cuda_ops.grid_for(y.size), out, y, gate)
 
-    def _swiglu(self, mlp: DeviceMLP, h, out) -> None:
+    def _swiglu(self, mlp: DeviceMLP, h, out, gate=None) -> None:
         ws, n, inter = self.workspace, h.shape[0], mlp.down.shape[1]
         gate_up = ws.get("gate_up", n, 2 * inter)                       # [T, 2I]
-        _linear(mlp.gate_up, [None] * len(mlp.gate_up), h, gate_up)
+        _linear(mlp.gate_up, [None] * len(mlp.gate_up), h, gate_up, gate)
         act = ws.get("act", n, inter)                                   # [T, I]
         cuda_ops.launch("silu_mul", cuda_ops.grid_for(act.size), gate_up, act)
-        mlp.down.matmul_device(act, out)
+        mlp.down.matmul_device(act, out, gate)
 
 
-def _linear(matrices: list[HybridWeight], biases: list, x, out) -> None:
+def _linear(matrices: list[HybridWeight], biases: list, x, out, gate=None) -> None:
     """out = x @ [W_0 | W_1 | ...].T (+ biases): each matrix fills its own column range."""
     col = 0
     for w, bias in zip(matrices, biases, strict=True):
         part = out[:, col:col + w.shape[0]]
-        w.matmul_device(x, part)
+        w.matmul_device(x, part, gate)
         if bias is not None:
             cuda_ops.launch("add_bias", cuda_ops.grid_for(part.size), part, bias)
         col += w.shape[0]

@@ -86,24 +86,15 @@ class DeviceModelRunner(ModelRunner):
                 slot.model_id, without_fused_parts(tensors), is_streamed=is_streamed_matrix)}
         else:
             self._evict_for(slot.model_id, _files_bytes(slot.model_dir), is_busy)
-            weights = self._copy_to_device(_load_private(slot.model_dir))
+            weights = copy_to_device(_load_private(slot.model_dir), self.weight_backend.num_blocks)
             slot.private_bytes = sum(w.nbytes for w in weights.values() if isinstance(w, HybridWeight))
         slot.model = DeviceModel(slot.config, weights, slot.num_blocks, self.block_size, self.copies.to_device)
 
-    def _copy_to_device(self, weights: dict) -> dict:
-        """"load": every matrix wholly in device memory, outside the tile cache (ρ stays 1)."""
-        out = {}
-        for name, t in weights.items():
-            if is_streamed_matrix(name, t):
-                w = HybridWeight(t, name=name, is_mapped=False)
-                w.num_blocks = self.weight_backend.num_blocks
-                w.set_cached_rows(w.shape[0])
-                t = w
-            out[name] = t
-        return out
-
     def warmup(self) -> None:
-        """Nothing to pool: the KV cache is allocated with the model on the device."""
+        """Compile the kernels before the first request (numba compiles at a kernel's first
+        launch: seconds a cold start would otherwise pay). Nothing to do in the simulator."""
+        if not IS_SIMULATOR:
+            compile_kernels(self.block_size)
 
     def cached_fractions(self) -> dict[str, float]:
         if self.residency == "load":
@@ -116,10 +107,7 @@ class DeviceModelRunner(ModelRunner):
         """Forward the batch on the device; one sampled token (or a failed sample's
         exception) per sequence with a sample flag."""
         slot, seqs = self.slots[batch.model_id], batch.seqs
-        forward_batch = ForwardBatch.build(
-            [s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]
-             for s, n in zip(seqs, batch.num_new_tokens, strict=True)],
-            [s.num_computed_tokens for s in seqs], [s.block_table for s in seqs], self.block_size)
+        forward_batch = ForwardBatch.of_scheduled(batch, self.block_size)
         sample_rows = [i for i, flag in enumerate(batch.sample_flags) if flag]
         packed, layout = pack_step(forward_batch, sample_rows)
         logits = slot.model.forward(self.copies.to_device(packed), layout)   # [R, V] on the device
@@ -130,6 +118,42 @@ class DeviceModelRunner(ModelRunner):
             return self.copies.to_host(slot.model.argmax(logits)).tolist()
         rows = torch.from_numpy(self.copies.to_host(logits))                 # [R, V] f32
         return self.sampler.sample(rows, [s.params for s in sampled], [s.request_id for s in sampled])
+
+
+def copy_to_device(weights: dict, num_blocks: int | None = None) -> dict:
+    """"load": every matrix wholly in device memory, outside the tile cache (ρ stays 1)."""
+    out = {}
+    for name, t in weights.items():
+        if is_streamed_matrix(name, t):
+            w = HybridWeight(t, name=name, is_mapped=False)
+            w.num_blocks = num_blocks
+            w.set_cached_rows(w.shape[0])
+            t = w
+        out[name] = t
+    return out
+
+
+def compile_kernels(block_size: int) -> None:
+    """A prefill (weight-stationary HybridGEMM) and a decode step (output-stationary) of a
+    made-up micro Qwen2-MoE (q|k|v bias, routed and shared experts, a dense layer): every
+    kernel of the device engine runs once, with the argument types a real model's have."""
+    import tempfile
+
+    import c2c_kernels as kernels
+    from worker.checkpoint import load_config
+    from worker.synth import synth_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = synth_model("qwen2_moe", "micro", tmp)
+        weights = copy_to_device(_load_private(model_dir), SIM_NUM_BLOCKS if IS_SIMULATOR else None)
+        config = load_config(model_dir)
+    num_prefill = kernels.decode_threshold() + 1
+    num_blocks = -(-(num_prefill + 1) // block_size)
+    model = DeviceModel(config, weights, num_blocks, block_size, cuda.to_device)
+    for tokens, num_cached in ((list(range(num_prefill)), 0), ([1], num_prefill)):
+        batch = ForwardBatch.build([tokens], [num_cached], [list(range(num_blocks))], block_size)
+        packed, layout = pack_step(batch, [0])
+        model.argmax(model.forward(cuda.to_device(packed), layout)).copy_to_host()
 
 
 def _free_device_bytes(kv_cache_bytes: int) -> int:

@@ -26,6 +26,14 @@ class ForwardBatch:
         return int(self.input_ids.shape[0])
 
     @classmethod
+    def of_scheduled(cls, batch, block_size: int) -> ForwardBatch:
+        """The batch of a `ScheduledBatch`: each sequence's next `num_new_tokens` tokens."""
+        seqs = batch.seqs
+        return cls.build([s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]
+                          for s, n in zip(seqs, batch.num_new_tokens, strict=True)],
+                         [s.num_computed_tokens for s in seqs], [s.block_table for s in seqs], block_size)
+
+    @classmethod
     def build(cls, new_tokens: list[list[int]], num_cached: list[int],
               block_tables: list[list[int]], block_size: int,
               logits: str = "last") -> ForwardBatch:

@@ -234,11 +234,7 @@ class ModelRunner:
         or the exception of a sample that failed (`Sampler.sample`: that request alone)."""
         slot = self.slots[batch.model_id]
         seqs = batch.seqs
-        forward_batch = ForwardBatch.build(
-            [s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n]
-             for s, n in zip(seqs, batch.num_new_tokens, strict=True)],
-            [s.num_computed_tokens for s in seqs],
-            [s.block_table for s in seqs], self.block_size)
+        forward_batch = ForwardBatch.of_scheduled(batch, self.block_size)
         sample_rows = [i for i, flag in enumerate(batch.sample_flags) if flag]
         if len(sample_rows) < len(seqs):  # mid-prefill chunks need no logits: skip their LM head rows
             forward_batch.logits_indices = forward_batch.logits_indices[sample_rows]

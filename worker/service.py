@@ -86,7 +86,9 @@ class WorkerService:
         return Engine(EngineConfig(
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             chunk_size=c.chunk_size, kv_cache_bytes=c.kv_cache_bytes,
-            residency="load" if c.residency == "load" else "host",
+            # dedicated: pinned models; on a GPU slice they are copied into it whole (load)
+            residency="load" if c.residency == "load" or (c.residency == "dedicated" and self.spec.backend == "cuda")
+            else "host",
             load_budget_bytes=c.load_budget_bytes or None, num_threads=c.num_threads or None,
             device=self.spec.backend,
             # the slice's memory beyond the KV cache holds cached weight tiles
