@@ -231,14 +231,6 @@ def vnni_activations(x: np.ndarray) -> tuple[np.ndarray, ...]:
     return parts
 
 
-def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as the VNNI path sees it: int8 per group of 32 times its scale (fp32)."""
-    xlo, xhi, dx4, _ = vnni_activations(x.numpy())
-    m, k = x.shape
-    xq = torch.cat((torch.from_numpy(xlo).view(m, -1, HALF), torch.from_numpy(xhi).view(m, -1, HALF)), dim=-1)
-    return (xq.to(torch.float32) * torch.from_numpy(dx4[:, ::4])[..., None]).reshape(m, k)
-
-
 def prefill_q4(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y [M, N] fp32 = x [M, K] fp32 @ dequant(qs, scale).T, ~1 MiB of dequantized rows at a time."""
     return prefill_by_blocks(x, qs.shape[0], 2 * qs.shape[1],
