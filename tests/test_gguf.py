@@ -10,9 +10,9 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_files import Q, gguf_arrays, gguf_name, write_gguf
 from test_quant_int8 import _logits
 
+from bench.gguf_export import Q, gguf_arrays, gguf_name, write_gguf
 from services.errors import CheckpointError
 from worker.checkpoint import load_checkpoint, load_config
 from worker.gguf_checkpoint import checkpoint_dir
@@ -51,7 +51,7 @@ def _reference(model_dir, qtype_of) -> dict[str, torch.Tensor]:
 
 
 def test_rope_row_permutation_round_trips():
-    from gguf_files import permute_rope_rows
+    from bench.gguf_export import permute_rope_rows
 
     w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
     assert np.array_equal(unpermute_rope_rows(permute_rope_rows(w, 8), 8), w)
