@@ -171,3 +171,11 @@ def test_unsupported_files_are_refused_by_name(tiny_model, tmp_path):
         checkpoint_dir(bare)
     assert gguf_name("model.layers.3.mlp.down_proj.weight") == "blk.3.ffn_down.weight"
     assert hf_name("blk.3.attn_k.bias") == "model.layers.3.self_attn.k_proj.bias" and hf_name("x.weight") is None
+
+
+def test_up_converts_a_gguf_models_argument_in_a_child_process(tiny_model, tmp_path):
+    from services.launcher import gguf_folder
+
+    path = write_gguf(tiny_model("qwen2"), tmp_path / "up.gguf", _mixed)
+    folder = gguf_folder(path)
+    assert (folder / "config.json").is_file() and folder == checkpoint_dir(path)  # converted once, found again
