@@ -191,14 +191,31 @@ def vnni_activations(x: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def prefill_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y [M, N] fp32 = x [M, K] fp32 @ dequant(q, scale).T, dequantizing ~1 MiB of rows at a time."""
-    return prefill_by_blocks(x, q.shape[0], q.shape[1], lambda n0, n1: dequantize_int8(q[n0:n1], scale[n0:n1]))
+    q_np, scale_np = q.numpy(), scale.numpy()
+    return prefill_by_blocks(x, q.shape[0], q.shape[1], lambda n0, out: dequantize_rows_int8(q_np, scale_np, n0, out))
 
 
-def prefill_by_blocks(x: torch.Tensor, n: int, k: int, dequantize_rows) -> torch.Tensor:
-    """y [M, N] fp32 = x [M, K] @ W.T where dequantize_rows(n0, n1) gives W[n0:n1] [rows, K] fp32;
-    ~1 MiB of rows at a time, so a block is still in cache when sgemm reads it."""
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def dequantize_rows_int8(q, scale, n0, out):
+    """out [R, K] f32 = q[n0:n0+R] * scale[n0:n0+R] (one pass, rows in parallel)."""
+    for r in nb.prange(out.shape[0]):
+        s = scale[n0 + r]
+        for k in range(out.shape[1]):
+            out[r, k] = np.float32(q[n0 + r, k]) * s
+
+
+def prefill_by_blocks(x: torch.Tensor, n: int, k: int, dequantize_into) -> torch.Tensor:
+    """y [M, N] fp32 = x [M, K] @ W.T where dequantize_into(n0, out) writes W[n0:n0+R] into
+    out [R, K] fp32 (a numpy view of one reused buffer); ~1 MiB of rows at a time, so a
+    block is still in cache when sgemm reads it."""
+    from c2c_kernels.cpu_gemv import PARALLEL_LOCK
+
     y = torch.empty(x.shape[0], n, dtype=torch.float32)  # [M, N]
-    rows = max(16, (1 << 18) // max(1, k))
+    rows = min(n, max(16, (1 << 18) // max(1, k)))
+    block = torch.empty(rows, k, dtype=torch.float32)  # [rows, K]
     for n0 in range(0, n, rows):
-        torch.mm(x, dequantize_rows(n0, min(n, n0 + rows)).T, out=y[:, n0:n0 + rows])
+        part = block[:min(rows, n - n0)]
+        with PARALLEL_LOCK:
+            dequantize_into(n0, part.numpy())
+        torch.mm(x, part.T, out=y[:, n0:n0 + part.shape[0]])
     return y
