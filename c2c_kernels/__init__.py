@@ -273,7 +273,7 @@ def warmup_quantized(mode: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "non-writable" tensors: on purpose
             weight = kind(*(_read_only(p, is_read_only) for p in parts))
-        for m, way in itertools.product((1, 3), ("serial", "threaded")):
+        for m, way in itertools.product((1, 3, _decode_threshold + 1), ("serial", "threaded")):  # + prefill
             previous, serial_or_threaded.FORCED = serial_or_threaded.FORCED, way
             try:
                 weight.hybrid_linear(torch.randn(m, k))
