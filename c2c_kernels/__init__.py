@@ -161,7 +161,7 @@ class Int8Weight:
 
         y = torch.empty(x.shape[0], self.q.shape[0], dtype=torch.float32)  # [M, N]
         weight = (self.q.numpy(), self.scale.numpy(), y.numpy())
-        if cpu_int8.can_use_vnni(x.shape[1]):  # activations rounded to int8 per group (cpu_int8)
+        if cpu_int8.uses_vnni(*x.shape):  # activations rounded to int8 per group (cpu_int8)
             args = (*cpu_int8.vnni_activations(x.numpy()), *weight)
             _quantized_decode(cpu_int8.gemv_int8_vnni_serial, cpu_int8.gemv_int8_vnni, args, self.q.numel(),
                               self.q.numel(), num_threads)

@@ -6,7 +6,7 @@ even, as torch.round). Activations stay fp32; a product is exact fp32 arithmetic
 dequantized weights: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k].
 
 Decode (M <= the decode threshold) reads the int8 bytes once (half of bf16's):
-- with AVX512-VNNI and K a multiple of 64 (`gemv_int8_vnni`, `cpu_vnni`), as llama.cpp's
+- with AVX512-VNNI, K a multiple of 64 and M <= 4 (`gemv_int8_vnni`, `cpu_vnni`), as llama.cpp's
   Q8_0 x Q8_0: each row of x is rounded to int8 per group of 32, and 64 weights at a
   time go through one `vpdpbusd` (the weights offset to unsigned, q + 128, whose extra
   128 * sum(xq) per group is subtracted), scaled by dx per group and scale[n] per row.
@@ -118,8 +118,13 @@ VNNI_BLOCK = 64  # weights per vpdpbusd: two groups of 32
 _LANES = 8  # vpdpbusd lanes per group of 32
 
 
-def can_use_vnni(k: int) -> bool:
-    return HAS_VNNI and k % VNNI_BLOCK == 0
+VNNI_MAX_ROWS = 4  # larger batches: the fp32 kernel's 4x4 register blocks do less work per weight
+
+
+def uses_vnni(m: int, k: int) -> bool:
+    """Whether a decode of M rows over K columns takes the VNNI kernel (measured on the
+    2-core Xeon: at M <= 4 VNNI is as fast or faster, at M = 8 the fp32 kernel wins)."""
+    return HAS_VNNI and k % VNNI_BLOCK == 0 and m <= VNNI_MAX_ROWS
 
 
 @intrinsic

@@ -47,7 +47,7 @@ def test_int8_linear_matches_float64_on_the_dequantized_weights(m, k, way, monke
     weight = kernels.Int8Weight(*quantize_int8(w))
     y = kernels.linear(x, weight, bias)
     deq = dequantize_int8(weight.q, weight.scale).to(torch.float64)
-    is_int8_x = m <= kernels.decode_threshold() and cpu_int8.can_use_vnni(k)
+    is_int8_x = m <= kernels.decode_threshold() and cpu_int8.uses_vnni(m, k)
     x_seen = dequantize_activations(x) if is_int8_x else x  # the VNNI path's int8 activations
     ref = x_seen.to(torch.float64) @ deq.T + bias
     bound = x_seen.abs().to(torch.float64) @ deq.abs().T
