@@ -1,4 +1,5 @@
-"""`c2cserve bench engine`: prefill and decode tokens/s of our engine vs transformers.
+"""`c2cserve bench engine`: prefill and decode tokens/s of our engine vs transformers and
+(when llama-cpp-python is there) llama.cpp, each peer in its own process (bench/engine_peers.py).
 
 `--quantize none,int8,q4` runs our engine once per weight format (each its own host-store
 copy, in this process), side by side in the same rounds, with each one's decode speed
@@ -26,10 +27,11 @@ import os
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.engine_peers import start_peers
 
 
 def add_arguments(parser) -> None:
@@ -46,6 +48,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quantize", default="none",
                         help="our weight formats, comma-separated: none (the checkpoint's), int8 (per channel), "
                              "q4 (4-bit groups of 32); e.g. none,int8,q4. Transformers keeps the checkpoint's")
+    parser.add_argument("--llamacpp-python", default=None, metavar="PYTHON",
+                        help="an interpreter with llama-cpp-python (e.g. its own venv's): adds llama.cpp on GGUF "
+                             "copies of the same weights, one per format of ours (default: this one, if it has it)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=None, help="also write the report to this file")
 
@@ -66,10 +71,11 @@ def run(args) -> int:
     engines = {_label(m): _make_engine(args, max(batch_sizes), m) for m in modes}  # label -> (engine, model id)
     threads = torch.get_num_threads()
     engine, model_id = next(iter(engines.values()))
-    vocab = min(engine.tokenizer(model_id).vocab_size, engine.runner.slots[model_id].config.vocab_size)
+    config = engine.runner.slots[model_id].config
+    vocab = min(engine.tokenizer(model_id).vocab_size, config.vocab_size)
     prompts = _random_prompts(max(batch_sizes), args.prompt_len, vocab)
-    peer = None if args.no_hf else HfPeer(args.model, args.hf_dtype, threads)
-    samples = {b: {label: [] for label in [*engines, "hf"]} for b in batch_sizes}
+    peers, same_format = start_peers(args, modes, config.dtype, threads)
+    samples = {b: {label: [] for label in [*engines, *peers]} for b in batch_sizes}
     try:
         for round_index in range(args.rounds + 1):  # round 0 warms up: compilation, per-shape autotune
             for batch in batch_sizes:
@@ -77,22 +83,23 @@ def run(args) -> int:
                 for label, (engine, model_id) in engines.items():
                     sample = _ours(engine, model_id, prompts[:batch], args.prompt_len, num_tokens)
                     samples[batch][label] += [sample] if round_index else []
-                if peer is not None:
+                for label, peer in peers.items():
                     sample = peer.run(prompts[:batch], num_tokens)
-                    samples[batch]["hf"] += [sample] if round_index else []
+                    samples[batch][label] += [sample] if round_index and "skipped" not in sample else []
     finally:
-        if peer is not None:
+        for peer in peers.values():
             peer.close()
     read_gbps = measure_read_gbps()
     weight_bytes = {label: e.runner.slots[m].model.read_bytes_per_step() for label, (e, m) in engines.items()}
-    config = engine.runner.slots[model_id].config
     report = {"model": str(args.model), "arch": config.arch, "dtype": config.dtype, "threads": threads,
               "quantize": [m or "none" for m in modes], "cpu_count": os.cpu_count(), "load_avg_1m_start": load_start,
               "load_avg_1m": round(os.getloadavg()[0], 2), "rounds": args.rounds,
               "read_probe_gbps": round(read_gbps, 1), "weight_bytes": weight_bytes,
               "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
               "hf_dtype": None if args.no_hf else args.hf_dtype,
-              "results": [_row(b, samples[b], weight_bytes, read_gbps) for b in batch_sizes]}
+              "peers": list(peers),
+              "results": [_row(b, samples[b], weight_bytes, read_gbps,
+                               {_label(m): peer for m, peer in same_format.items()}) for b in batch_sizes]}
     text = json.dumps(report) if args.json else _table(report)
     print(text)
     if args.out:
@@ -117,50 +124,30 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
-def _row(batch: int, samples: dict, weight_bytes: dict, read_gbps: float) -> dict:
-    """Per engine: medians, decode weight GB/s vs the probe, decode vs the first of ours and
-    vs transformers (ratios of the medians). "ours" is the first of ours, for older readers."""
-    labels = [label for label in samples if label != "hf"]
+def _row(batch: int, samples: dict, weight_bytes: dict, read_gbps: float, same_format: dict[str, str]) -> dict:
+    """Per engine: medians, decode weight GB/s vs the probe, decode vs the first of ours, vs
+    transformers and vs llama.cpp at the same format (ratios of the medians). "ours" is the
+    first of ours and "hf" transformers, for older readers."""
+    labels = [label for label in samples if label in weight_bytes]
     variants = {label: _summary(samples[label]) for label in labels}
+    peers = {label: _summary(rows) for label, rows in samples.items() if label not in weight_bytes and rows}
     first = variants[labels[0]]
     for label, ours in variants.items():
         ours["weight_gbps"] = weight_bytes[label] / (ours["decode_step_ms"] / 1000) / 1e9
         ours["roofline_fraction"] = ours["weight_gbps"] / read_gbps
         ours["decode_vs_first"] = ours["decode_tokens_per_s"] / first["decode_tokens_per_s"]
-    row = {"batch": batch, "ours": first, "variants": variants}
-    if samples["hf"]:
-        hf = _summary(samples["hf"])
-        for ours in variants.values():
+        hf = peers.get("transformers")
+        if hf:
             ours.update(prefill_vs_hf=ours["prefill_tokens_per_s"] / hf["prefill_tokens_per_s"],
                         decode_vs_hf=ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"])
-        row.update(hf=hf, prefill_ratio=first["prefill_vs_hf"], decode_ratio=first["decode_vs_hf"])
+        llamacpp = peers.get(same_format.get(label))
+        if llamacpp:
+            ours.update(prefill_vs_llamacpp=ours["prefill_tokens_per_s"] / llamacpp["prefill_tokens_per_s"],
+                        decode_vs_llamacpp=ours["decode_tokens_per_s"] / llamacpp["decode_tokens_per_s"])
+    row = {"batch": batch, "ours": first, "variants": variants, "peers": peers}
+    if "transformers" in peers:
+        row.update(hf=peers["transformers"], prefill_ratio=first["prefill_vs_hf"], decode_ratio=first["decode_vs_hf"])
     return row
-
-
-class HfPeer:
-    """transformers in a child process with its own defaults (bench/engine_hf.py)."""
-
-    def __init__(self, model_dir, dtype: str, threads: int):
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.engine_hf", str(model_dir), dtype, str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=str(Path(__file__).resolve().parent.parent))
-        self._read()  # {"ready": true} once the model is loaded
-
-    def run(self, prompts, decode_tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "decode_tokens": decode_tokens}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the transformers peer exited (code {self.proc.wait()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 def _make_engine(args, max_batch: int, quantize: str | None):
@@ -206,24 +193,25 @@ def _table(report: dict) -> str:
     sizes = ", ".join(f"{label} {nbytes / 1e6:.0f} MB" for label, nbytes in report["weight_bytes"].items())
     lines = [f"model {report['model']} ({report['arch']}, {report['dtype']}; weight bytes read per decode step: "
              f"{sizes}), threads {report['threads']}, prompt {report['prompt_len']}, decode "
-             f"{report['decode_tokens']}, transformers dtype {report['hf_dtype']} (own process, own defaults)",
+             f"{report['decode_tokens']}; peers {', '.join(report['peers']) or 'none'} (each its own process, own "
+             f"defaults; transformers dtype {report['hf_dtype']})",
              f"machine: {report['cpu_count']} cores, 1-minute load average {report['load_avg_1m_start']} at the "
              f"start, {report['load_avg_1m']} at the end; read probe {report['read_probe_gbps']} GB/s; "
              f"medians of {report['rounds']} interleaved rounds",
-             f"{'batch':>5} {'engine':<12} {'prefill':>9} {'vs hf':>6} {'decode':>8} {'vs hf':>6} "
-             f"{'vs first':>8} {'GB/s':>6} {'% probe':>8}  (tokens/s)"]
+             f"{'batch':>5} {'engine':<15} {'prefill':>9} {'vs hf':>6} {'decode':>8} {'vs hf':>6} {'vs l.cpp':>8} "
+             f"{'vs first':>8} {'GB/s':>6} {'% probe':>8}  (tokens/s; vs l.cpp: llama.cpp on the same format)"]
     for row in report["results"]:
         for label, ours in row["variants"].items():
-            lines.append(f"{row['batch']:>5} {label:<12} {ours['prefill_tokens_per_s']:>9.1f} "
+            lines.append(f"{row['batch']:>5} {label:<15} {ours['prefill_tokens_per_s']:>9.1f} "
                          f"{ours.get('prefill_vs_hf', nan):>6.2f} {ours['decode_tokens_per_s']:>8.1f} "
-                         f"{ours.get('decode_vs_hf', nan):>6.2f} {ours['decode_vs_first']:>8.2f} "
-                         f"{ours['weight_gbps']:>6.1f} {100 * ours['roofline_fraction']:>7.0f}%")
-        if "hf" in row:
-            hf = row["hf"]
-            lines.append(f"{row['batch']:>5} {'transformers':<12} {hf['prefill_tokens_per_s']:>9.1f} {'':>6} "
-                         f"{hf['decode_tokens_per_s']:>8.1f}")
+                         f"{ours.get('decode_vs_hf', nan):>6.2f} {ours.get('decode_vs_llamacpp', nan):>8.2f} "
+                         f"{ours['decode_vs_first']:>8.2f} {ours['weight_gbps']:>6.1f} "
+                         f"{100 * ours['roofline_fraction']:>7.0f}%")
+        for label, peer in row["peers"].items():
+            lines.append(f"{row['batch']:>5} {label:<15} {peer['prefill_tokens_per_s']:>9.1f} {'':>6} "
+                         f"{peer['decode_tokens_per_s']:>8.1f}")
     lines.append("per round (prefill / decode tokens/s):")
     for row in report["results"]:
-        for label, values in [*row["variants"].items(), *([("transformers", row["hf"])] if "hf" in row else [])]:
+        for label, values in [*row["variants"].items(), *row["peers"].items()]:
             lines.append(f"  batch {row['batch']} {label}: {values['prefill_all']} / {values['decode_all']}")
     return "\n".join(lines)

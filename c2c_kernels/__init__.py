@@ -157,11 +157,17 @@ class Int8Weight:
         return prefill_int8(x, self.q, self.scale)
 
     def _decode(self, x: torch.Tensor, num_threads: int) -> torch.Tensor:
-        from c2c_kernels.cpu_int8 import gemv_int8, gemv_int8_serial
+        from c2c_kernels import cpu_int8
 
         y = torch.empty(x.shape[0], self.q.shape[0], dtype=torch.float32)  # [M, N]
-        _quantized_decode(gemv_int8_serial, gemv_int8, (x.numpy(), self.q.numpy(), self.scale.numpy(), y.numpy()),
-                          self.q.numel(), self.q.numel(), num_threads)
+        weight = (self.q.numpy(), self.scale.numpy(), y.numpy())
+        if cpu_int8.uses_vnni(*x.shape):  # activations rounded to int8 per group (cpu_int8)
+            args = (*cpu_int8.vnni_activations(x.numpy()), *weight)
+            _quantized_decode(cpu_int8.gemv_int8_vnni_serial, cpu_int8.gemv_int8_vnni, args, self.q.numel(),
+                              self.q.numel(), num_threads)
+        else:
+            _quantized_decode(cpu_int8.gemv_int8_serial, cpu_int8.gemv_int8, (x.numpy(), *weight), self.q.numel(),
+                              self.q.numel(), num_threads)
         return y
 
 
@@ -261,13 +267,13 @@ def warmup_quantized(mode: str) -> None:
     from c2c_kernels.cpu_q4 import quantize_q4
 
     kind, quantize = {"int8": (Int8Weight, quantize_int8), "q4": (Q4Weight, quantize_q4)}[mode]
-    widths = (128, 96) if mode == "q4" else (64,)  # q4: the VNNI kernel (K % 128 == 0) and the fp32 one
+    widths = (128, 96) if mode == "q4" else (64, 48)  # the VNNI kernel (K % 128 or 64 == 0) and the fp32 one
     for k, is_read_only in itertools.product(widths, (False, True)):  # host-store views are read-only:
         parts = quantize(torch.randn(2 * SERIAL_MAX_BYTES // k + 8, k))  # another Numba type
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "non-writable" tensors: on purpose
             weight = kind(*(_read_only(p, is_read_only) for p in parts))
-        for m, way in itertools.product((1, 3), ("serial", "threaded")):
+        for m, way in itertools.product((1, 3, _decode_threshold + 1), ("serial", "threaded")):  # + prefill
             previous, serial_or_threaded.FORCED = serial_or_threaded.FORCED, way
             try:
                 weight.hybrid_linear(torch.randn(m, k))

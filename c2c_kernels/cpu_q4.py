@@ -114,6 +114,17 @@ _lo, _hi = _nibble(0), _nibble(4)
 
 
 @nb.njit(fastmath=True, inline="always")
+def _dequant_row(qrow, srow, out):
+    """out [K] f32 = d * (q - 8) of one packed row."""
+    for g in range(srow.shape[0]):
+        d = _widen(srow[g])
+        for j in range(HALF):
+            b = qrow[g * HALF + j]
+            out[g * GROUP + j] = d * _lo(b)
+            out[g * GROUP + HALF + j] = d * _hi(b)
+
+
+@nb.njit(fastmath=True, inline="always")
 def _rows(x, qs, scale, y, n0, n1):
     """y[:, n0:n1] = x @ dequant(qs, scale)[n0:n1].T in fp32; each packed row is read once.
 
@@ -231,15 +242,15 @@ def vnni_activations(x: np.ndarray) -> tuple[np.ndarray, ...]:
     return parts
 
 
-def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as the VNNI path sees it: int8 per group of 32 times its scale (fp32)."""
-    xlo, xhi, dx4, _ = vnni_activations(x.numpy())
-    m, k = x.shape
-    xq = torch.cat((torch.from_numpy(xlo).view(m, -1, HALF), torch.from_numpy(xhi).view(m, -1, HALF)), dim=-1)
-    return (xq.to(torch.float32) * torch.from_numpy(dx4[:, ::4])[..., None]).reshape(m, k)
-
-
 def prefill_q4(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y [M, N] fp32 = x [M, K] fp32 @ dequant(qs, scale).T, ~1 MiB of dequantized rows at a time."""
+    qs_np, scale_np = qs.numpy(), scale.view(torch.int16).numpy()
     return prefill_by_blocks(x, qs.shape[0], 2 * qs.shape[1],
-                             lambda n0, n1: dequantize_q4(qs[n0:n1], scale[n0:n1]))
+                             lambda n0, out: dequantize_rows_q4(qs_np, scale_np, n0, out))
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def dequantize_rows_q4(qs, scale, n0, out):
+    """out [R, K] f32 = dequant(qs, scale)[n0:n0+R] (scale: fp16 bits as int16; rows in parallel)."""
+    for r in nb.prange(out.shape[0]):
+        _dequant_row(qs[n0 + r], scale[n0 + r], out[r])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+import torch
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
@@ -79,3 +80,11 @@ def quantize_activations(x, xq_a, xq_b, dx_lanes, offset_lanes, is_split, offset
             for r in range(lanes):
                 dx_lanes[m, lanes * g + r] = dx
                 offset_lanes[m, lanes * g + r] = np.float32(offset_per_lane) * dx * np.float32(total)
+
+
+def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] f32 as the VNNI kernels see it: int8 per group of 32 times its scale (fp32)."""
+    m, k = x.shape
+    xq, dx = np.empty((m, k), np.int8), np.empty((m, k // GROUP), np.float32)
+    quantize_activations(x.numpy(), xq, xq, dx, np.empty_like(dx), False, np.float32(0.0))
+    return (torch.from_numpy(xq).view(m, -1, GROUP).to(torch.float32) * torch.from_numpy(dx)[..., None]).reshape(m, k)

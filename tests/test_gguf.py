@@ -10,9 +10,9 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_files import Q, gguf_arrays, gguf_name, write_gguf
 from test_quant_int8 import _logits
 
+from bench.gguf_export import Q, gguf_arrays, gguf_name, write_gguf
 from services.errors import CheckpointError
 from worker.checkpoint import load_checkpoint, load_config
 from worker.gguf_checkpoint import checkpoint_dir
@@ -51,7 +51,7 @@ def _reference(model_dir, qtype_of) -> dict[str, torch.Tensor]:
 
 
 def test_rope_row_permutation_round_trips():
-    from gguf_files import permute_rope_rows
+    from bench.gguf_export import permute_rope_rows
 
     w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
     assert np.array_equal(unpermute_rope_rows(permute_rope_rows(w, 8), 8), w)
@@ -171,3 +171,11 @@ def test_unsupported_files_are_refused_by_name(tiny_model, tmp_path):
         checkpoint_dir(bare)
     assert gguf_name("model.layers.3.mlp.down_proj.weight") == "blk.3.ffn_down.weight"
     assert hf_name("blk.3.attn_k.bias") == "model.layers.3.self_attn.k_proj.bias" and hf_name("x.weight") is None
+
+
+def test_up_converts_a_gguf_models_argument_in_a_child_process(tiny_model, tmp_path):
+    from services.launcher import gguf_folder
+
+    path = write_gguf(tiny_model("qwen2"), tmp_path / "up.gguf", _mixed)
+    folder = gguf_folder(path)
+    assert (folder / "config.json").is_file() and folder == checkpoint_dir(path)  # converted once, found again

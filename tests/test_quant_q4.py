@@ -12,7 +12,8 @@ import torch
 
 import c2c_kernels as kernels
 from c2c_kernels import cpu_q4, serial_or_threaded
-from c2c_kernels.cpu_q4 import dequantize_activations, dequantize_q4, quantize_q4
+from c2c_kernels.cpu_q4 import dequantize_q4, quantize_q4
+from c2c_kernels.cpu_vnni import dequantize_activations
 from worker.checkpoint import load_checkpoint
 from worker.hoststore import HostStore
 from worker.layers import EMBED, LM_HEAD

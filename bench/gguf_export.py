@@ -1,5 +1,7 @@
 """Write a GGUF file from an HF checkpoint folder the way llama.cpp's converter lays it out
-(names, metadata, permuted q/k rows for llama, rope_freqs for llama3 scaling, tokenizer)."""
+(names, metadata, permuted q/k rows for llama, rope_freqs for llama3 scaling, tokenizer):
+the llama.cpp peer of `bench engine` runs the same weights from it, and tests/test_gguf.py
+reads such files back."""
 
 from __future__ import annotations
 
