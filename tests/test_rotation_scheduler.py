@@ -161,3 +161,12 @@ def test_abort_of_a_rotated_sequence_frees_both_tiers():
         sched.finish(seq, "abort")
     assert not sched.has_work()
     _assert_no_blocks_held(sched)
+
+
+def test_without_a_host_tier_the_policy_preempts_by_recompute():
+    sched, clock, copier = _make()
+    sched.rotator = Rotator(copier=None)  # the policy alone (bench rotate's recompute_slo)
+    a, b = _two_decodes(sched, clock)
+    w = _urgent_arrival(sched, clock)
+    batch = _step(sched, clock)
+    assert sched.num_preemptions == 1 and w in batch.seqs and not copier.started
