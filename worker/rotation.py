@@ -214,6 +214,7 @@ class Rotator:
         host_bm.allocate(rotation, seq.num_computed_tokens)
         sched.running.remove(seq)
         seq.status = SequenceStatus.ROTATING_OUT
+        seq.num_preemptions += 1  # its blocks will be reused: a migration's pre-copy of them is stale
         num_blocks = len(rotation.block_table)  # the blocks of its computed tokens
         rotation.transfer = self.copier.start(seq.model_id, "out", seq.block_table[:num_blocks],
                                               list(rotation.block_table))
