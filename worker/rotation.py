@@ -165,8 +165,10 @@ class Rotator:
         head = min(waiting, key=lambda s: s.arrival_s + s.ttft_slo_s)
         num_head_blocks = num_blocks_for(head.num_tokens + 1, bm.block_size) - len(head.block_table)
         num_lacking = num_head_blocks - bm.num_free_blocks
+        if num_lacking <= 0:  # it fits (or waits for a batch slot, not for KV)
+            return
         num_pending = self.num_pending_free_blocks(model_id)
-        if num_lacking > 0 and num_pending >= num_lacking:  # its blocks are on their way
+        if num_pending >= num_lacking:  # its blocks are on their way
             self.promise(model_id, num_head_blocks)
             return
         num_needed = num_lacking - num_pending
