@@ -7,6 +7,8 @@ every `--burst-gap` prefill times, each larger than the KV blocks the decodes le
 (`--kv-blocks`). Modes:
 - recompute: no host tier (`host_kv_bytes=0`): a waiting request starts when blocks free
   up; a sequence that cannot grow preempts another by recompute (the engine as before).
+- recompute_slo: the rotation policy without a host tier: the decodes it would rotate out
+  are preempted by recompute instead (what the policy alone buys).
 - rotation: a host tier of `--host-kv-mib`: decodes with TPOT slack rotate their KV out so
   the burst starts in time, and rotate back in before their slack runs out.
 SLOs come from a calibration run alone (no host tier): each request's TTFT SLO is
@@ -15,13 +17,14 @@ TPOT SLO `--tpot-factor` x the decodes' time per token alone. Per mode, the medi
 `--rounds` interleaved rounds of: ttft_attainment (share of all requests within their TTFT
 SLO), tpot_p99_s (p99 over requests of the mean time per output token),
 output_tokens_per_s (generated tokens / makespan); and the rotation and preemption counts.
-`--json` prints one JSON object (a row per mode, and every round's values).
+`--json` prints one JSON object (a row per mode, every round's values, the load average).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -35,7 +38,7 @@ from services.errors import InvalidRequest
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rotate.json"
 BLOCK_SIZE = 16
-MODES = ("recompute", "rotation")
+MODES = ("recompute", "recompute_slo", "rotation")
 NO_SLO_S = 1e9
 
 
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                           | {mode: run_mode(model_dir, mode, args, calibration) for mode in MODES})
     result = {"command": command_line("rotate"),
               "modes": {mode: _median_row([r[mode] for r in rounds]) for mode in MODES},
-              "rounds": rounds}
+              "rounds": rounds, "loadavg": [round(x, 2) for x in os.getloadavg()]}
     report = json.dumps(result, indent=1) + "\n" if args.json else _table(result)
     publish(report, args.out)
     return 0
@@ -165,6 +168,10 @@ def calibrate(model_dir: Path, args) -> Calibration:
 
 def run_mode(model_dir: Path, mode: str, args, calibration: Calibration) -> dict:
     engine = _engine(model_dir, args, args.host_kv_mib << 20 if mode == "rotation" else 0)
+    if mode == "recompute_slo":
+        from worker.rotation import Rotator
+
+        engine.scheduler.rotator = Rotator(copier=None)  # the rotation policy, no host tier: recompute
     arrivals = workload(args, engine.runner.slots["m"].config.vocab_size, calibration)
     tpot_slo_s = args.tpot_factor * calibration.decode_tpot_s
     start_s = time.time()

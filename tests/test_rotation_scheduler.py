@@ -97,6 +97,8 @@ def test_a_request_at_risk_starts_once_a_decode_rotated_out():
     victim = a if a.status == SequenceStatus.ROTATING_OUT else b
     assert direction == "out" and src_ids == victim.block_table and len(host_ids) == 3
     assert victim not in batch.seqs and w.status == SequenceStatus.WAITING  # blocks not free before the copy is
+    assert victim.num_preemptions == 1 and sched.num_preemptions == 0  # its blocks go (a live migration's
+    # pre-copy of them is stale), its KV stays
     _step(sched, clock)
     assert w.status == SequenceStatus.WAITING and victim.block_table == src_ids
     copier.complete_all()
@@ -161,3 +163,12 @@ def test_abort_of_a_rotated_sequence_frees_both_tiers():
         sched.finish(seq, "abort")
     assert not sched.has_work()
     _assert_no_blocks_held(sched)
+
+
+def test_without_a_host_tier_the_policy_preempts_by_recompute():
+    sched, clock, copier = _make()
+    sched.rotator = Rotator(copier=None)  # the policy alone (bench rotate's recompute_slo)
+    a, b = _two_decodes(sched, clock)
+    w = _urgent_arrival(sched, clock)
+    batch = _step(sched, clock)
+    assert sched.num_preemptions == 1 and w in batch.seqs and not copier.started

@@ -534,7 +534,7 @@ class Engine:
         """EngineStats' KV tier fields, in order."""
         sched, rotator, tier = self.scheduler, self.scheduler.rotator, self.kv_tier
         num_device = sum(bm.num_blocks - bm.num_free_blocks for bm in sched.block_managers.values())
-        if rotator is None:
+        if tier is None:
             return (num_device,)
         return (num_device, rotator.num_host_blocks_used(), rotator.num_swaps_out, rotator.num_swaps_in,
                 tier.num_bytes_out, tier.num_bytes_in, rotator.num_stalls, rotator.stall_s)

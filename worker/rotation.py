@@ -11,7 +11,9 @@ A sequence in flight either way is in no batch, so the forward pass never writes
 blocks a copy reads, and a swapped-out sequence's blocks are reused only once their copy
 is complete (a step later: the copy overlaps the step's compute). Its host blocks come
 from a `BlockManager` of the tier's size. Recompute stays the fallback: victims the host
-tier cannot hold are preempted as before, and so is a sequence whose copy failed.
+tier cannot hold are preempted as before, and so is a sequence whose copy failed. A model
+without a host tier (no `add_model`) gets the same policy with recompute only (the
+baseline `bench rotate` calls recompute_slo).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Rotation:
 
 
 class Rotator:
-    def __init__(self, copier: Copier, config: policy.RotationConfig = policy.RotationConfig()):
+    def __init__(self, copier: Copier | None, config: policy.RotationConfig = policy.RotationConfig()):
         self.copier = copier
         self.config = config
         self.host_block_managers: dict[str, BlockManager] = {}
@@ -90,10 +92,10 @@ class Rotator:
         """Apply completed copies, then rotate in and out by slack; `sched` is the
         `worker.scheduler.Scheduler` whose queues and block managers change."""
         self._complete(sched, now_s)
-        for model_id, host_bm in self.host_block_managers.items():
+        for model_id in sched.block_managers:
             self._rotate_in(sched, model_id, now_s)
             self.model_to_promised.pop(model_id, None)
-            self._rotate_out(sched, model_id, host_bm, now_s)
+            self._rotate_out(sched, model_id, self.host_block_managers.get(model_id), now_s)
 
     def promise(self, model_id: str, num_blocks: int) -> None:
         """Keep `num_blocks` free blocks of the model from rotations back in, next step."""
@@ -155,7 +157,7 @@ class Rotator:
             rotation.transfer = self.copier.start(model_id, "in", list(rotation.block_table),
                                                   list(rotation.seq.block_table))
 
-    def _rotate_out(self, sched, model_id: str, host_bm: BlockManager, now_s: float) -> None:
+    def _rotate_out(self, sched, model_id: str, host_bm: BlockManager | None, now_s: float) -> None:
         bm = sched.block_managers[model_id]
         waiting = [s for s in sched.waiting if s.model_id == model_id]
         if not waiting:
@@ -163,8 +165,10 @@ class Rotator:
         head = min(waiting, key=lambda s: s.arrival_s + s.ttft_slo_s)
         num_head_blocks = num_blocks_for(head.num_tokens + 1, bm.block_size) - len(head.block_table)
         num_lacking = num_head_blocks - bm.num_free_blocks
+        if num_lacking <= 0:  # it fits (or waits for a batch slot, not for KV)
+            return
         num_pending = self.num_pending_free_blocks(model_id)
-        if num_lacking > 0 and num_pending >= num_lacking:  # its blocks are on their way
+        if num_pending >= num_lacking:  # its blocks are on their way
             self.promise(model_id, num_head_blocks)
             return
         num_needed = num_lacking - num_pending
@@ -177,7 +181,8 @@ class Rotator:
         if not policy.ttft_at_risk(head_view, views, sched.step_s, now_s):
             return
         decodes = [v for v, s in zip(views, running, strict=True) if _is_decoding(s)]
-        victims = policy.pick_rotate_out(decodes, num_needed, host_bm.num_free_blocks, sched.step_s, self.config)
+        num_free_host = host_bm.num_free_blocks if host_bm is not None else 0
+        victims = policy.pick_rotate_out(decodes, num_needed, num_free_host, sched.step_s, self.config)
         to_recompute = [] if victims else policy.pick_rotate_out(decodes, num_needed, _NO_HOST_LIMIT,
                                                                  sched.step_s, self.config)
         by_id = {s.request_id: s for s in running}
@@ -211,6 +216,7 @@ class Rotator:
         host_bm.allocate(rotation, seq.num_computed_tokens)
         sched.running.remove(seq)
         seq.status = SequenceStatus.ROTATING_OUT
+        seq.num_preemptions += 1  # its blocks will be reused: a migration's pre-copy of them is stale
         num_blocks = len(rotation.block_table)  # the blocks of its computed tokens
         rotation.transfer = self.copier.start(seq.model_id, "out", seq.block_table[:num_blocks],
                                               list(rotation.block_table))
@@ -222,6 +228,7 @@ class Rotator:
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         sched.waiting.append(seq)
+        sched.num_preemptions += 1
         self.num_recomputes += 1
 
 

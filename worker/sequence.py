@@ -42,7 +42,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     first_token_s: float | None = None
     last_token_s: float | None = None
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # times its KV left its blocks (recompute, or rotation to the host tier)
     finish_reason: str | None = None
     tenant: str = ""  # the caller's tenant: the scheduler shares batch slots fairly between tenants
 
