@@ -43,7 +43,7 @@ WAIT_S = 600.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default="512,1024,2048,4096,8192", help="prompt lengths in tokens")
     parser.add_argument("--paths", default="shm,net", help="shm (same node, shared memory) and/or net (NATS)")
-    parser.add_argument("--max-tokens", type=int, default=48, help="tokens generated per request (default 48)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     parser.add_argument("--migrate-after", type=int, default=16, help="tokens streamed before the move (default 16)")
     parser.add_argument("--repeats", type=int, default=3, help="migrations per (path, context): medians (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -13,7 +13,10 @@ Source (`migrate`, on `c2c.worker.<id>.migrate` or while draining):
     then does the source free the blocks. A refusal or no answer: the source cancels the
     reservation (`migrate_cancel`) and runs the request on as if nothing happened.
 One worker serves a request at a time; a killed source leaves its requests to the
-placer's re-dispatch. A target frees a reservation nobody talks to for `_STALE_S`.
+placer's re-dispatch. A target frees a reservation nobody talks to for `_STALE_S`. Should
+a commit's answer be lost after the target resumed, both workers stream the same epoch:
+the gateway takes the one in sequence and drops the other, or re-dispatches on a gap, so
+nothing reaches the client twice.
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ class Migrator:
             try:
                 await self._precopy(out)
                 return await self._stop_and_copy(out)
-            except MigrationFailed:
+            except (MigrationFailed, handover.HandoverError):  # (the request may have ended meanwhile)
                 await self.nc.publish(subjects.worker_migrate(out.target_id, "cancel"),
                                       schemas.encode(MigrationCancel(out.migration_id)))
                 raise
