@@ -43,7 +43,7 @@ WAIT_S = 600.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default="512,1024,2048,4096,8192", help="prompt lengths in tokens")
     parser.add_argument("--paths", default="shm,net", help="shm (same node, shared memory) and/or net (NATS)")
-    parser.add_argument("--max-tokens", type=int, default=48, help="tokens generated per request (default 48)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     parser.add_argument("--migrate-after", type=int, default=16, help="tokens streamed before the move (default 16)")
     parser.add_argument("--repeats", type=int, default=3, help="migrations per (path, context): medians (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -185,6 +185,8 @@ async def _measure(cluster, contexts: list[int], paths: list[str], args) -> list
                 row = {"path": path, "context_tokens": num_context}
                 for name in ("downtime_ms", "total_ms", "stop_ms_at_source", "itl_ms"):
                     row[name] = round(statistics.median(r[name] for r in runs), 2)
+                row["phases_ms"] = {name: round(statistics.median(r["phases_ms"][name] for r in runs), 2)
+                                    for name in runs[0]["phases_ms"]}
                 row.update(downtimes_ms=[round(r["downtime_ms"], 2) for r in runs], reprefill_ms=round(reprefill_ms, 2),
                            output_matches=all(r["tokens"] == reference for r in runs))
                 rows.append(row)
@@ -210,7 +212,7 @@ async def _migrated_run(client, source: str, target: str, prompt: list[int], pat
     first_moved = next(i for i, (_, c) in enumerate(chunks) if c.worker_id == target)
     gaps_ms = [(b[0] - a[0]) * 1e3 for a, b in zip(chunks, chunks[1:], strict=False)]
     return {"downtime_ms": gaps_ms[first_moved - 1], "total_ms": (chunks[first_moved][0] - command["sent_s"]) * 1e3,
-            "stop_ms_at_source": result.stop_ms,
+            "stop_ms_at_source": result.stop_ms, "phases_ms": result.phases_ms,
             "itl_ms": statistics.median(g for i, g in enumerate(gaps_ms) if i != first_moved - 1),
             "tokens": _tokens(chunks)}
 

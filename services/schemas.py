@@ -281,6 +281,7 @@ class MigrationResult(msgspec.Struct, omit_defaults=True):
     error: str = ""
     total_ms: float = 0.0  # the offer to the target's acknowledgement
     stop_ms: float = 0.0  # the request detached to the target's acknowledgement (no tokens then)
+    phases_ms: dict[str, float] = {}  # offer, precopy, detach, flush, commit (stop = the last three)
 
 
 class MigrationOffer(msgspec.Struct, omit_defaults=True):
@@ -358,6 +359,7 @@ class MigrationReply(msgspec.Struct, omit_defaults=True):
 
     is_ok: bool
     error: str = ""
+    work_ms: float = 0.0  # a commit: the target's time to resume the request (its engine thread's wait included)
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -276,3 +276,17 @@ async def test_a_submit_no_worker_took_is_redispatched(client, fake):
     await fake.send(reply, TokenChunk(req.request_id, "w2", epoch=2, accepted=True),
                     _chunk(again, "w2", 0, "Hel"), _final(again, "w2", 1, "lo"))
     assert await _text(response) == "Hello"
+
+
+async def test_an_epoch_handed_over_by_live_migration_goes_on_from_the_new_worker(client, fake):
+    """w1 hands the epoch to w2 (live migration): w2's first chunk names w1 and continues
+    the sequence; a claim naming another worker and w1's chunks after it are dropped."""
+    response = _post(client, max_tokens=3)
+    req, reply = await fake.next_submit()
+    await fake.send(reply, _chunk(req, "w1", 0, "a"),
+                    _chunk(req, "w3", 1, "XX", migrated_from="w9"),  # w9 never held this epoch
+                    _chunk(req, "w2", 1, "b", migrated_from="w1"),
+                    _chunk(req, "w1", 2, "DUP"),  # the old worker, after the handover
+                    _final(req, "w2", 2, "c", num_generated_tokens=3))
+    assert await _text(response) == "abc"
+    assert fake.aborts.empty() and fake.submits.empty()  # no re-dispatch

@@ -91,7 +91,8 @@ async def test_a_migration_whose_target_dies_leaves_the_request_in_place(cluster
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
         responses = await _open_streams(session, cluster.url, model_dir.name)
         source = responses[0].headers["X-Worker-Id"]
-        target = next(w for w in reversed(cluster.worker_ids) if w != source)
+        serving = {r.headers["X-Worker-Id"] for r in responses}
+        target = next(w for w in reversed(cluster.worker_ids) if w not in serving)  # its death touches no stream
         target_pid = cluster.pid(target)
 
         async def kill_target(msg):  # the target dies as the first KV blocks reach it

@@ -13,16 +13,20 @@ Source (`migrate`, on `c2c.worker.<id>.migrate` or while draining):
     then does the source free the blocks. A refusal or no answer: the source cancels the
     reservation (`migrate_cancel`) and runs the request on as if nothing happened.
 One worker serves a request at a time; a killed source leaves its requests to the
-placer's re-dispatch. A target frees a reservation nobody talks to for `_STALE_S`.
+placer's re-dispatch. A target frees a reservation nobody talks to for `_STALE_S`. Should
+a commit's answer be lost after the target resumed, both workers stream the same epoch:
+the gateway takes the one in sequence and drops the other, or re-dispatches on a gap, so
+nothing reaches the client twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.msg import Msg
@@ -65,6 +69,15 @@ class _Outgoing:
     shm: kv_transfer.ShmKV | None = None
     num_sent_blocks: int = 0  # pre-copied
     num_preemptions: int = 0  # the sequence's, when the pre-copy read its blocks
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        start_s = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases_ms[phase] = round((time.perf_counter() - start_s) * 1e3, 3)
 
 
 @dataclass
@@ -131,16 +144,17 @@ class Migrator:
                 out = _Outgoing(uuid.uuid4().hex[:16], request_id, model_id, target.worker_id,
                                 transport_for(transport, self.node, target.node), layout, block_size)
                 try:
-                    stop_ms = await self._migrate_to(out, num_tokens, max_tokens)
+                    await self._migrate_to(out, num_tokens, max_tokens)
                 except MigrationFailed as exc:
                     errors.append(f"{target.worker_id}: {exc}")
                     continue
                 self.num_moved_out += 1
                 total_ms = (time.perf_counter() - start_s) * 1e3
+                stop_ms = out.phases_ms["detach"] + out.phases_ms["flush"] + out.phases_ms["commit"]
                 log.info("[req=%s] moved to %s by %s in %.1f ms (stopped %.1f ms)", request_id, out.target_id,
                          out.transport, total_ms, stop_ms)
                 return MigrationResult(request_id, True, out.target_id, out.transport, total_ms=total_ms,
-                                       stop_ms=stop_ms)
+                                       stop_ms=stop_ms, phases_ms=out.phases_ms)
             raise MigrationFailed("; ".join(errors) or "no other live worker serves the model")
         except (MigrationFailed, handover.HandoverError, *natsutil.IO_ERRORS) as exc:
             log.info("[req=%s] not moved: %s", request_id, exc)
@@ -157,20 +171,22 @@ class Migrator:
                 return request_id
         raise MigrationFailed(f"none of the {len(movable)} decoding requests here can go to {target_id or 'another worker'}")
 
-    async def _migrate_to(self, out: _Outgoing, num_tokens: int, max_tokens: int) -> float:
-        """Offer, pre-copy, stop-and-copy; the milliseconds the request was stopped."""
+    async def _migrate_to(self, out: _Outgoing, num_tokens: int, max_tokens: int) -> None:
+        """Offer, pre-copy, stop-and-copy (each phase timed in out.phases_ms)."""
         num_shm_blocks = num_blocks_for(max_tokens, out.block_size)
         if out.transport == "shm":
             out.shm = kv_transfer.ShmKV(out.migration_id, out.kv_layout, num_shm_blocks,
                                         self.loop_thread.engine.runner.kv_dtype, create=True)
         try:
-            await self._ask(out.target_id, "offer", MigrationOffer(
-                out.migration_id, out.request_id, out.model_id, self.worker_id, num_tokens, out.kv_layout,
-                out.transport, num_shm_blocks if out.shm else 0), OFFER_TIMEOUT_S)
+            with out.timed("offer"):
+                await self._ask(out.target_id, "offer", MigrationOffer(
+                    out.migration_id, out.request_id, out.model_id, self.worker_id, num_tokens, out.kv_layout,
+                    out.transport, num_shm_blocks if out.shm else 0), OFFER_TIMEOUT_S)
             try:
-                await self._precopy(out)
-                return await self._stop_and_copy(out)
-            except MigrationFailed:
+                with out.timed("precopy"):
+                    await self._precopy(out)
+                await self._stop_and_copy(out)
+            except (MigrationFailed, handover.HandoverError):  # (the request may have ended meanwhile)
                 await self.nc.publish(subjects.worker_migrate(out.target_id, "cancel"),
                                       schemas.encode(MigrationCancel(out.migration_id)))
                 raise
@@ -183,27 +199,30 @@ class Migrator:
         block_ids, out.num_preemptions = await self.loop_thread.call(lambda lt: _full_blocks(lt.engine, out))
         runner = self.loop_thread.engine.runner
         k, v = await asyncio.to_thread(runner.export_kv, out.model_id, block_ids)
+        if out.shm is not None:  # a big copy: off the event loop, which publishes this worker's chunks
+            await asyncio.to_thread(out.shm.write, 0, k, v)
         for message in _kv_messages(out, 0, k, v, self.nc.max_payload):
             await self._ask(out.target_id, "kv", message, STEP_TIMEOUT_S)
         out.num_sent_blocks = len(block_ids)
 
-    async def _stop_and_copy(self, out: _Outgoing) -> float:
-        stop_start_s = time.perf_counter()
-        detached = await self.loop_thread.call(lambda lt: _detach(lt, out))
-        state, parked, info, tail = detached
+    async def _stop_and_copy(self, out: _Outgoing) -> None:
+        with out.timed("detach"):
+            state, parked, info, tail = await self.loop_thread.call(lambda lt: _detach(lt, out))
         commit = MigrationCommit(out.migration_id, state, tail, info.reply, info.epoch, info.num_chunks,
                                  info.arrival_s, info.num_resumed, info.num_skip_chars, info.ttft_slo_ms,
                                  info.tpot_slo_ms)
         try:
-            await self.flush_chunks()  # its last chunk from here goes before the target's first
-            await self._ask(out.target_id, "commit", commit, STEP_TIMEOUT_S)
+            with out.timed("flush"):
+                await self.flush_chunks()  # its last chunk from here goes before the target's first
+            with out.timed("commit"):
+                reply = await self._ask(out.target_id, "commit", commit, STEP_TIMEOUT_S)
+            out.phases_ms["resume_at_target"] = reply.work_ms
         except MigrationFailed:
             await self.loop_thread.call(lambda lt: _reattach(lt, out.request_id, parked, info))
             raise
         await self.loop_thread.call(lambda lt: handover.release(lt.engine, parked))
-        return (time.perf_counter() - stop_start_s) * 1e3
 
-    async def _ask(self, target_id: str, step: str, message, timeout_s: float) -> None:
+    async def _ask(self, target_id: str, step: str, message, timeout_s: float) -> MigrationReply:
         """Request/reply to the target; MigrationFailed unless it answers yes in time."""
         try:
             msg = await self.nc.request(subjects.worker_migrate(target_id, step), schemas.encode(message),
@@ -213,6 +232,7 @@ class Migrator:
             raise MigrationFailed(f"{step}: {type(exc).__name__} {exc}") from exc
         if not reply.is_ok:
             raise MigrationFailed(f"{step} refused: {reply.error}")
+        return reply
 
     # -- target -------------------------------------------------------------------------
     async def on_offer(self, offer: MigrationOffer, msg: Msg) -> None:
@@ -258,15 +278,17 @@ class Migrator:
         if incoming is None:
             await self._reply(msg, MigrationReply(False, "no such migration here (cancelled or stale)"))
             return
+        start_s = time.perf_counter()
         try:
             await self.loop_thread.call(lambda lt: _resume(lt, incoming, commit))
         except (handover.HandoverError, ValueError, RuntimeError) as exc:
             log.warning("[req=%s] migration commit failed: %s", commit.request.request_id, exc)
             await self._reply(msg, MigrationReply(False, str(exc)))
             return
-        log.info("[req=%s] moved here from %s (%d tokens, %s)", commit.request.request_id,
-                 incoming.offer.source_worker_id, len(commit.request.token_ids), incoming.offer.transport)
-        await self._reply(msg, MigrationReply(True))
+        work_ms = (time.perf_counter() - start_s) * 1e3
+        log.info("[req=%s] moved here from %s (%d tokens, %s; resumed in %.1f ms)", commit.request.request_id,
+                 incoming.offer.source_worker_id, len(commit.request.token_ids), incoming.offer.transport, work_ms)
+        await self._reply(msg, MigrationReply(True, work_ms=work_ms))
 
     async def on_cancel(self, cancel: MigrationCancel, msg: Msg) -> None:
         """c2c.worker.<id>.migrate_cancel (MigrationCancel): give the reserved blocks back."""
@@ -366,10 +388,9 @@ def _import(engine, incoming: _Incoming, blocks: KVBlocks) -> None:
 
 
 def _kv_messages(out: _Outgoing, first_block: int, k, v, max_payload_bytes: int):
-    """KVBlocks messages for blocks first_block.. (shm: written to the file, ranges only)."""
+    """KVBlocks messages for blocks first_block.. (shm: already in the file; the range only)."""
     num_blocks = int(k.shape[1])
     if out.shm is not None:
-        out.shm.write(first_block, k, v)
         yield KVBlocks(out.migration_id, first_block, num_blocks)
         return
     step = kv_transfer.blocks_per_message(out.kv_layout, max_payload_bytes)
