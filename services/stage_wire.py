@@ -41,3 +41,20 @@ class StageCall(msgspec.Struct, omit_defaults=True):
 class StageReply(msgspec.Struct, omit_defaults=True):
     error: str = ""                          # non-empty: the call failed (the stage lives on)
     tensors: list[TensorInfo] = []
+
+
+class StageWire(msgspec.Struct, array_like=True):
+    """One stage of a pipeline (worker.pipeline.StageSpec on the wire)."""
+
+    start: int
+    end: int
+    place: str = "driver"        # "driver" | "local" | "remote"
+    stage_id: str = ""
+
+
+class PipelineCommand(msgspec.Struct, omit_defaults=True):
+    """placer -> worker (`c2c.worker.<id>.pipeline`): from a later step on, serve `model_id`
+    as these stages (online: worker/reconfig.py); one stage [0, num_layers) = whole again."""
+
+    model_id: str
+    stages: list[StageWire]

@@ -35,7 +35,18 @@ from services.schemas import (
     WorkerState,
 )
 from worker.admission import Admission
-from worker.commands import Abort, AddModel, Admit, Command, Control, Evict, Prewarm, Submit, Wake
+from worker.commands import (
+    Abort,
+    AddModel,
+    Admit,
+    Command,
+    Control,
+    Evict,
+    Prewarm,
+    Reconfigure,
+    Submit,
+    Wake,
+)
 from worker.state import StateMeter
 
 log = logging.getLogger(__name__)
@@ -157,6 +168,8 @@ class EngineLoop:
                     self._prewarm(model_id, path)
                 case Evict(model_id):
                     self._evict(model_id)
+                case Reconfigure(model_id, specs, nats_url):
+                    self.engine.reconfigure(model_id, list(specs), nats_url)
         except C2CError as exc:
             log.warning("%s failed: %s", type(command).__name__, exc)
         except Exception as exc:  # a bug here must not kill the loop nor leave a client waiting

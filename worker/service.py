@@ -8,6 +8,7 @@ and serves NATS subjects:
     c2c.worker.<id>.abort      AbortRequest
     c2c.worker.<id>.residency  ResidencyCommand (prewarm / evict)
     c2c.control.<id>           ControlUpdate -> Engine.set_control
+    c2c.worker.<id>.pipeline   PipelineCommand -> Engine.reconfigure (stages online)
 and publishes c2c.telemetry.<id> (~100 ms). A thread of its own keeps the heartbeat key
 c2c:worker:<id> (TTL) alive (worker.heartbeat), so no compute stalls it. Requests of a
 gateway that died (its key c2c:gateway:<id> gone) are aborted: nobody reads them.
@@ -42,7 +43,8 @@ from services.schemas import (
     WorkerInfo,
     WorkerState,
 )
-from worker.commands import Abort, AddModel, Control, Evict, Prewarm, Submit
+from services.stage_wire import PipelineCommand
+from worker.commands import Abort, AddModel, Control, Evict, Prewarm, Reconfigure, Submit
 from worker.heartbeat import Heartbeat
 from worker.slices import SliceSpec, apply_slice, discover_slices
 
@@ -124,6 +126,7 @@ class WorkerService:
         await natsutil.subscribe_typed(self.nc, subjects.worker_abort(wid), AbortRequest, self.on_abort)
         await natsutil.subscribe_typed(self.nc, subjects.worker_residency(wid), ResidencyCommand, self.on_residency)
         await natsutil.subscribe_typed(self.nc, subjects.control(wid), ControlUpdate, self.on_control)
+        await natsutil.subscribe_typed(self.nc, subjects.worker_pipeline(wid), PipelineCommand, self.on_pipeline)
         await self.nc.flush()  # subscribed at the server before the first telemetry says "ready"
 
     async def _add_pinned_models(self) -> None:
@@ -235,6 +238,14 @@ class WorkerService:
         knobs = update.knobs()
         if knobs:
             self.loop_thread.submit(Control(knobs))
+
+    def on_pipeline(self, cmd: PipelineCommand, msg: Msg) -> None:
+        """c2c.worker.<id>.pipeline (PipelineCommand): serve the model as these stages from
+        a later step on (a bad plan is logged by the engine loop and changes nothing)."""
+        from worker.pipeline import StageSpec  # torch: only a slice's own process has it
+
+        specs = tuple(StageSpec(s.start, s.end, s.place, s.stage_id) for s in cmd.stages)
+        self.loop_thread.submit(Reconfigure(cmd.model_id, specs, self.config.nats_url))
 
     async def _publisher(self) -> None:
         """Publishes the engine thread's chunks in order."""

@@ -45,6 +45,7 @@ class StageServer:
         self._compute = cf.ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
         self._hosts: dict[str, tuple[ModelRunner, StageHost]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._forwarded: set[str] = set()                 # slots that ran a forward (logged once)
 
     async def start(self) -> None:
         """Compile/load the kernels first: a ping answered means the first forward is fast."""
@@ -105,6 +106,9 @@ class StageServer:
                 return {}
             host = self._hosts[call.slot_id][1]
             if call.op == "forward":
+                if call.slot_id not in self._forwarded:
+                    self._forwarded.add(call.slot_id)
+                    log.info("stage %s: first forward of %s", self.stage_id, call.slot_id)
                 return {"out": host.forward(*batch_of_call(call, tensors))}
             if call.op == "read_kv":
                 k, v = host.read_kv(call.start, call.end, call.block_ids)
@@ -129,9 +133,11 @@ class StageServer:
                  call.start, call.end, call.num_blocks)
 
 
-def spawn(nats_url: str, stage_id: str, core: int | None = None, threads: int = 1, timeout_s: float = 120.0):
+def spawn(nats_url: str, stage_id: str, core: int | None = None, threads: int = 1, timeout_s: float = 120.0,
+          log_path: Path | None = None):
     """A stage server process (`python -m worker.stage_server`), returned once it answers
-    a ping (its kernels warm); it inherits this environment (host store, PYTHONPATH)."""
+    a ping (its kernels warm); it inherits this environment (host store, PYTHONPATH).
+    log_path: its log goes there (else to this process's stderr)."""
     import subprocess
     import sys
     import time
@@ -139,7 +145,10 @@ def spawn(nats_url: str, stage_id: str, core: int | None = None, threads: int = 
     from worker.stage_client import StageClient
 
     cmd = [sys.executable, "-m", "worker.stage_server", "--nats", nats_url, "--id", stage_id, "--threads", str(threads)]
-    proc = subprocess.Popen(cmd + (["--cores", str(core)] if core is not None else []))
+    log_file = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (the child keeps it)
+    proc = subprocess.Popen(cmd + (["--cores", str(core)] if core is not None else []), stderr=log_file)
+    if log_file is not None:
+        log_file.close()
     client = StageClient(nats_url)
     deadline_s = time.monotonic() + timeout_s
     try:
