@@ -1,6 +1,7 @@
-"""A worker of a LocalCluster (real NATS, Valkey, gateway, placer) told on
-`c2c.worker.<id>.pipeline` to serve its model as a driver stage plus a remote stage
-server: the switch happens while 8 streams run through the gateway, each stays exact."""
+"""Pipelines across the workers of a LocalCluster (real NATS, Valkey, gateway, placer):
+each of two workers is told on `c2c.worker.<id>.pipeline` to run its model's last layers
+on the other worker's slice (every worker hosts stages); the switch happens while 8
+streams run through the gateway, and every stream stays exact."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from sse import stream_text
 from services import natsutil, schemas, subjects
 from services.launcher import LocalCluster
 from services.stage_wire import PipelineCommand, StageWire
-from worker.stage_server import spawn
 
 MAX_TOKENS = 24
 WAIT_S = 120
@@ -28,42 +28,40 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(servers, model_dir):
-    with LocalCluster([model_dir], num_workers=1, nats_url=servers.nats_url, redis_url=servers.redis_url,
+    with LocalCluster([model_dir], num_workers=2, nats_url=servers.nats_url, redis_url=servers.redis_url,
                       extra_env={"C2C_PREWARM_INTERVAL_S": "0"}) as running:
         yield running
 
 
-async def _wait_for_line(path, text: str, timeout_s: float = WAIT_S) -> None:
-    deadline_s = time.monotonic() + timeout_s
-    while text not in (path.read_text() if path.exists() else ""):
-        assert time.monotonic() < deadline_s, f"no {text!r} in the stage server's log"
+async def _streams(cluster, model_id: str) -> list[str]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
+        responses = await asyncio.gather(*[session.post(f"{cluster.url}/v1/completions", json={
+            "model": model_id, "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+            "temperature": 0, "stream": True}) for p in PROMPTS])
+        assert all(r.status == 200 for r in responses)
+        return await asyncio.gather(*[stream_text(r) for r in responses])
+
+
+async def _wait_for_log(cluster, text: str) -> None:
+    deadline_s = time.monotonic() + WAIT_S
+    logs = [cluster.workdir / f"{w}.log" for w in cluster.worker_ids]
+    while not any(text in p.read_text(errors="replace") for p in logs if p.exists()):
+        assert time.monotonic() < deadline_s, f"no {text!r} in the workers' logs:\n" + "\n".join(
+            cluster.log_tail(w, 15) for w in cluster.worker_ids)
         await asyncio.sleep(0.1)
 
 
-async def test_a_worker_switches_to_a_remote_stage_mid_stream(servers, cluster, model_dir, greedy_texts, tmp_path):
+async def test_workers_switch_to_stages_on_each_other_mid_stream(cluster, model_dir, greedy_texts):
     expected = greedy_texts(model_dir, PROMPTS, MAX_TOKENS)
-    log_path = tmp_path / "stage.log"
-    proc = spawn(servers.nats_url, "svc-stage", log_path=log_path)
-    nc = await natsutil.connect_nats(servers.nats_url, "test-pipeline")
+    nc = await natsutil.connect_nats(cluster.nats_url, "test-pipeline")
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
-            responses = await asyncio.gather(*[session.post(f"{cluster.url}/v1/completions", json={
-                "model": model_dir.name, "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True,
-                "temperature": 0, "stream": True}) for p in PROMPTS])
-            assert all(r.status == 200 for r in responses)
-            command = PipelineCommand(model_dir.name, [StageWire(0, 2), StageWire(2, 4, "remote", "svc-stage")])
-            await nc.publish(subjects.worker_pipeline(cluster.worker_ids[0]), schemas.encode(command))
-            texts = await asyncio.gather(*[stream_text(r) for r in responses])
-        assert dict(zip(PROMPTS, texts, strict=True)) == expected
-        await _wait_for_line(log_path, "layers [2, 4)")  # the worker loaded its remote stage
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
-            responses = await asyncio.gather(*[session.post(f"{cluster.url}/v1/completions", json={
-                "model": model_dir.name, "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True,
-                "temperature": 0, "stream": True}) for p in PROMPTS])
-            texts = await asyncio.gather(*[stream_text(r) for r in responses])
-        assert dict(zip(PROMPTS, texts, strict=True)) == expected
-        await _wait_for_line(log_path, "first forward of")  # and ran steps through it
+        streams = asyncio.ensure_future(_streams(cluster, model_dir.name))
+        for driver, other in zip(cluster.worker_ids, reversed(cluster.worker_ids), strict=True):
+            command = PipelineCommand(model_dir.name, [StageWire(0, 2), StageWire(2, 4, "remote", other)])
+            await nc.publish(subjects.worker_pipeline(driver), schemas.encode(command))
+        assert dict(zip(PROMPTS, await streams, strict=True)) == expected
+        await _wait_for_log(cluster, "layers [2, 4)")       # a worker loaded a stage for the other
+        assert dict(zip(PROMPTS, await _streams(cluster, model_dir.name), strict=True)) == expected
+        await _wait_for_log(cluster, "first forward of")    # and ran steps through it
     finally:
         await natsutil.close_nats(nc)
-        proc.terminate()
-        proc.wait(30)

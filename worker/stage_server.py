@@ -1,6 +1,8 @@
 """A pipeline stage server: layer ranges of models, served over NATS to an engine.
 
-`python -m worker.stage_server --nats URL --id ID [--cores 1] [--threads 1]` answers
+Every worker hosts one on its own connection, with its worker id as stage id (its slice
+can run stages of another worker's pipeline); `python -m worker.stage_server --nats URL
+--id ID [--cores 1] [--threads 1]` runs one alone. It answers
 `StageCall` frames on `c2c.stage.<id>` (subjects.stage): `load` maps a model from the
 host store (zero-copy) and makes a KV cache for it (only the pages of its layers are
 ever touched), `forward` runs its layers over a micro-batch, `read_kv` / `write_kv`
@@ -39,7 +41,7 @@ _PART_MARGIN_BYTES = 4096
 class StageServer:
     def __init__(self, nats_url: str, stage_id: str):
         self.nats_url, self.stage_id = nats_url, stage_id
-        self._nc = None
+        self._nc, self._owns_nc = None, True
         self._parts: dict[str, list[bytes]] = {}          # reply subject -> parts so far
         self._queue: asyncio.Queue = asyncio.Queue()
         self._compute = cf.ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
@@ -47,17 +49,22 @@ class StageServer:
         self._tasks: set[asyncio.Task] = set()
         self._forwarded: set[str] = set()                 # slots that ran a forward (logged once)
 
-    async def start(self) -> None:
-        """Compile/load the kernels first: a ping answered means the first forward is fast."""
-        await natsutil.in_daemon_thread(kernels.warmup)
-        self._nc = await natsutil.connect_nats(self.nats_url, f"c2c-stage-{self.stage_id}")
-        await self._nc.subscribe(subjects.stage(self.stage_id), cb=self._on_msg)
+    async def start(self, nc=None) -> None:
+        """Serve on `nc` (a worker's connection: the worker's slice hosts stages too), or on
+        a connection of its own after warming the kernels (a ping answered means the first
+        forward is fast)."""
+        self._owns_nc = nc is None
+        if nc is None:
+            await natsutil.in_daemon_thread(kernels.warmup)
+            nc = await natsutil.connect_nats(self.nats_url, f"c2c-stage-{self.stage_id}")
+        self._nc = nc
+        await nc.subscribe(subjects.stage(self.stage_id), cb=self._on_msg)
         natsutil.spawn(self._serve(), self._tasks, "stage compute loop")
-        await self._nc.flush()
+        await nc.flush()
         log.info("stage server %s listening on %s", self.stage_id, subjects.stage(self.stage_id))
 
     async def stop(self) -> None:
-        await natsutil.shutdown(self._tasks, self._nc, None)
+        await natsutil.shutdown(self._tasks, self._nc if self._owns_nc else None, None)
         self._compute.shutdown(wait=False)
 
     async def _on_msg(self, msg) -> None:
