@@ -50,6 +50,8 @@ def test_switch_to_a_remote_stage_and_back_mid_stream(engine, stage_servers, one
     switches = []
 
     def at_step(engine, n):
+        for switch in switches:  # each switch done within a few steps, before the next one
+            switch.wait_ready(60)
         if n in plans:
             switches.append(engine.reconfigure("m", plans[n], stage_servers))
 

@@ -133,6 +133,11 @@ class PipelineSwitch:
         threading.Thread(target=run, name="pipeline-switch", daemon=True).start()
         return done
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the background work under way (building, a copy round) is done: the
+        next `advance()` then moves on (tests make a switch finish within a few steps so)."""
+        return self._busy.wait(timeout_s)
+
     def advance(self) -> Pipeline | None:
         """At a step boundary: the pipeline to run from now on when the switch is done
         (the new one; the old one when it failed), else None (keep the old, switch later)."""
