@@ -64,6 +64,13 @@ def split_layers(num_layers: int, speeds: list[float]) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
+def num_micro_batches(num_stages: int, has_prefill: bool) -> int:
+    """Micro-batches of one pipelined step: two per stage when it carries prefill chunks (a
+    step of n stages and m micro-batches takes (m + n - 1) / (n m) of one stage's time:
+    more fill the bubble), one per stage for decode (each costs a hop, decode steps are short)."""
+    return num_stages * (2 if has_prefill else 1)
+
+
 def whole(driver_id: str, num_layers: int) -> PipelinePlan:
     """The model whole on its driver slice (one stage)."""
     return PipelinePlan((driver_id,), ((0, num_layers),))

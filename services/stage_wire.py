@@ -12,7 +12,6 @@ import msgspec
 
 PART_HEADER = "C2C-Part"
 PARTS_HEADER = "C2C-Parts"
-OPS = ("load", "forward", "read_kv", "write_kv", "unload", "ping")
 
 
 class TensorInfo(msgspec.Struct, array_like=True):
@@ -22,7 +21,7 @@ class TensorInfo(msgspec.Struct, array_like=True):
 
 
 class StageCall(msgspec.Struct, omit_defaults=True):
-    op: str                                  # one of OPS
+    op: str                                  # load | forward | read_kv | write_kv | unload | ping
     slot_id: str = ""                        # a model's layer range on this server (load .. unload)
     model_dir: str = ""                      # load: the checkpoint (mapped from the host store)
     start: int = 0                           # load: layers [start, end); read_kv/write_kv: layers
