@@ -95,6 +95,8 @@ def drive(engine, num_streams: int, max_tokens: int, duration_s: float, plan=(),
             specs = pending.pop(0)[1]
             switch = engine.reconfigure("m", specs, nats_url)
             switches.append((switch, Switch(_num_stages(engine), len(specs), time.perf_counter())))
+        if not engine.has_work() and not engine.is_reconfiguring("m"):
+            time.sleep(0.0005)  # between requests: leave the core to others
         for out in engine.step():
             client, stream = live[out.request_id]
             stream.token_s += [time.perf_counter()] * len(out.new_token_ids)
@@ -144,11 +146,12 @@ def steady_outside(streams: list[Stream], switches: list[Switch], settle_s: floa
             for stages, g in sorted(gaps.items())}
 
 
-def local_steady(streams: list[Stream], t0_s: float, t1_s: float) -> tuple[float, float]:
-    """(mean TTFT, mean inter-token gap) in seconds of what happened in [t0_s, t1_s)."""
+def local_steady(streams: list[Stream], t0_s: float, t1_s: float) -> tuple[float, float, float]:
+    """(mean TTFT, mean inter-token gap, longest gap) in seconds of what happened in [t0_s, t1_s)."""
     gaps = [b - a for s in streams for a, b in zip(s.token_s, s.token_s[1:], strict=False) if t0_s <= b < t1_s]
     ttfts = [s.token_s[0] - s.sent_s for s in streams if s.token_s and t0_s <= s.token_s[0] < t1_s]
-    return (statistics.fmean(ttfts) if ttfts else math.nan, statistics.fmean(gaps) if gaps else math.nan)
+    return (statistics.fmean(ttfts) if ttfts else math.nan, statistics.fmean(gaps) if gaps else math.nan,
+            max(gaps, default=math.nan))
 
 
 def switch_row(switch: Switch, streams: list[Stream], settle_s: float, baseline_s: float,
@@ -171,6 +174,7 @@ def switch_row(switch: Switch, streams: list[Stream], settle_s: float, baseline_
             ttft_sum, ttft_base = ttft_sum + s.token_s[0] - s.sent_s, ttft_base + base_at(s.token_s[0])[0]
     return {"from_stages": switch.from_stages, "to_stages": switch.to_stages,
             "downtime_ms": round(downtime_s * 1e3, 2),
+            "steady_max_gap_ms": round(1e3 * max(before[2], after[2]), 2),  # the same, before and after
             "ttft_overhead": _overhead(ttft_sum, ttft_base), "tpot_overhead": _overhead(gap_sum, gap_base),
             "output_matches": all(s.tokens == reference[s.prompt] for s in streams),
             "switch_ms": round((switch.done_s - switch.called_s) * 1e3, 1),
@@ -259,7 +263,8 @@ def _text(report: dict) -> str:
                      f"({s['num_requests']} requests)")
     lines.append("")
     for r in report["switches"]:
-        lines.append(f"switch {r['from_stages']} -> {r['to_stages']}: downtime {r['downtime_ms']:.1f} ms, "
+        lines.append(f"switch {r['from_stages']} -> {r['to_stages']}: downtime {r['downtime_ms']:.1f} ms "
+                     f"(longest gap before/after: {r['steady_max_gap_ms']:.1f} ms), "
                      f"TTFT overhead {r['ttft_overhead']}, TPOT overhead {r['tpot_overhead']}, "
                      f"outputs match {r['output_matches']} (switch took {r['switch_ms']} ms, "
                      f"its step-boundary pause {r['pause_ms']} ms, "

@@ -14,12 +14,13 @@ driver's when it has none yet). The model's pressure is its backlog in seconds:
 - shrink: backlog_s < `shrink_backlog_s` and nothing waits: drop the last stage;
 - learn: `rate_by_stages` holds the prefill tokens/s the model was measured at with each
   number of stages (the driver's `prefill_tokens_per_s` while it ran them; the caller
-  keeps it). Grow only onto a count not measured yet or measured at least `min_gain`
-  faster; shrink, backlog or not, when one stage fewer was measured that much faster (a
-  pipeline's bubbles and hops can cost more than its extra slices give);
+  keeps it). A plan changes only once it was measured; growth explores one count further
+  while the current one is within `max_loss` of the best measured, else the plan moves
+  toward the best measured count (backlog or not): a pipeline's bubbles and hops can
+  cost more than its extra slices give, and more stages can pay after fewer did not;
 - never twice within `cooldown_s` (hysteresis: a burst's tail does not flap the plan).
 Layers are split in proportion to the slices' speeds (`split_layers`): heterogeneous
-slices get unequal ranges. Used by `bench/reconfig_burst.py` and by the simulator.
+slices get unequal ranges. Used by `bench/pipeline_burst.py` and by the simulator (`sim/pipeline_burst.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class PipelinePolicy:
     cooldown_s: float = 2.0
     max_stages: int = 4
     min_gain: float = 0.1
+    max_loss: float = 0.3
 
 
 def split_layers(num_layers: int, speeds: list[float]) -> list[tuple[int, int]]:
@@ -60,6 +62,13 @@ def split_layers(num_layers: int, speeds: list[float]) -> list[tuple[int, int]]:
         cuts.append(min(highest, max(lowest, round(num_layers * acc / total))))
     cuts.append(num_layers)
     return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def num_micro_batches(num_stages: int, has_prefill: bool) -> int:
+    """Micro-batches of one pipelined step: two per stage when it carries prefill chunks (a
+    step of n stages and m micro-batches takes (m + n - 1) / (n m) of one stage's time:
+    more fill the bubble), one per stage for decode (each costs a hop, decode steps are short)."""
+    return num_stages * (2 if has_prefill else 1)
 
 
 def whole(driver_id: str, num_layers: int) -> PipelinePlan:
@@ -85,30 +94,34 @@ def plan_pipeline(num_layers: int, driver: WorkerState, others: list[WorkerState
                   now_s: float, last_change_s: float, policy: PipelinePolicy = PipelinePolicy(),
                   rate_by_stages: dict[int, float] | None = None) -> PipelinePlan:
     """The plan to run from now: `current` or a plan one stage longer or shorter."""
-    if now_s - last_change_s < policy.cooldown_s:
-        return current
     rates, n = rate_by_stages or {}, current.num_stages
+    if now_s - last_change_s < policy.cooldown_s or (rate_by_stages is not None and n not in rates):
+        return current  # a caller that measures: the current plan is measured before any change
     default = driver.prefill_tokens_per_s or 1.0
     speeds = {s.worker_id: speed_of(s, default) for s in others}
     speeds[driver.worker_id] = speed_of(driver, default)
     speeds.update({s: default for s in current.slice_ids if s not in speeds})  # a stage with no record yet
-    if n > 1 and _is_faster(rates, n - 1, n, policy.min_gain):
-        return _plan(current.slice_ids[:-1], num_layers, speeds)
+    want = wanted_stages(rates, n, policy)
     pressure = backlog_s(driver, current, speeds, rates.get(n))
-    may_grow = n < min(policy.max_stages, num_layers) and (n + 1 not in rates or _is_faster(rates, n + 1, n, policy.min_gain))
-    if pressure > policy.grow_backlog_s and may_grow:
+    if want > n and pressure > policy.grow_backlog_s and n < min(policy.max_stages, num_layers):
         free = [s for s in others if s.worker_id not in current.slice_ids and is_idle(s)]
         if free:
             best = max(free, key=lambda s: speeds[s.worker_id])
             return _plan(current.slice_ids + (best.worker_id,), num_layers, speeds)
-    if pressure < policy.shrink_backlog_s and not driver.num_waiting and n > 1:
+    if n > 1 and (want < n or (pressure < policy.shrink_backlog_s and not driver.num_waiting)):
         return _plan(current.slice_ids[:-1], num_layers, speeds)
     return current
 
 
-def _is_faster(rates: dict[int, float], a: int, b: int, min_gain: float) -> bool:
-    """Was `a` stages measured at least min_gain faster than `b` stages?"""
-    return a in rates and b in rates and rates[a] >= rates[b] * (1 + min_gain)
+def wanted_stages(rates: dict[int, float], n: int, policy: PipelinePolicy) -> int:
+    """Where the measured rates point from n stages: n + 1 while it is unexplored and n is
+    within `max_loss` of the best rate measured (a count past a dip may pay: a stage holds
+    fewer layers, so more of them fit its slice's cache), else the best measured count
+    when it is `min_gain` faster than n, else n. No rates: n + 1 (the backlog decides)."""
+    best = max(rates, key=rates.get, default=n)
+    if n + 1 not in rates and rates.get(n, 0.0) >= (1 - policy.max_loss) * rates.get(best, 0.0):
+        return n + 1
+    return best if rates.get(best, 0.0) >= rates.get(n, 0.0) * (1 + policy.min_gain) else n
 
 
 def _plan(slice_ids: tuple[str, ...], num_layers: int, speeds: dict[str, float]) -> PipelinePlan:

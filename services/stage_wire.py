@@ -12,7 +12,6 @@ import msgspec
 
 PART_HEADER = "C2C-Part"
 PARTS_HEADER = "C2C-Parts"
-OPS = ("load", "forward", "read_kv", "write_kv", "unload", "ping")
 
 
 class TensorInfo(msgspec.Struct, array_like=True):
@@ -22,7 +21,7 @@ class TensorInfo(msgspec.Struct, array_like=True):
 
 
 class StageCall(msgspec.Struct, omit_defaults=True):
-    op: str                                  # one of OPS
+    op: str                                  # load | forward | read_kv | write_kv | unload | ping
     slot_id: str = ""                        # a model's layer range on this server (load .. unload)
     model_dir: str = ""                      # load: the checkpoint (mapped from the host store)
     start: int = 0                           # load: layers [start, end); read_kv/write_kv: layers
@@ -41,3 +40,20 @@ class StageCall(msgspec.Struct, omit_defaults=True):
 class StageReply(msgspec.Struct, omit_defaults=True):
     error: str = ""                          # non-empty: the call failed (the stage lives on)
     tensors: list[TensorInfo] = []
+
+
+class StageWire(msgspec.Struct, array_like=True):
+    """One stage of a pipeline (worker.pipeline.StageSpec on the wire)."""
+
+    start: int
+    end: int
+    place: str = "driver"        # "driver" | "local" | "remote"
+    stage_id: str = ""
+
+
+class PipelineCommand(msgspec.Struct, omit_defaults=True):
+    """placer -> worker (`c2c.worker.<id>.pipeline`): from a later step on, serve `model_id`
+    as these stages (online: worker/reconfig.py); one stage [0, num_layers) = whole again."""
+
+    model_id: str
+    stages: list[StageWire]

@@ -77,6 +77,11 @@ def gateway_id_of_inbox(subject: str) -> str:
     return parts[2] if len(parts) == 4 and parts[1] == "inbox" else ""
 
 
+def worker_pipeline(worker_id: str) -> str:
+    """placer -> worker: serve a model as a pipeline of stages (`stage_wire.PipelineCommand`)."""
+    return f"{PREFIX}.worker.{_token(worker_id)}.pipeline"
+
+
 def stage(stage_id: str) -> str:
     """A pipeline stage server's calls (worker/stage_server.py): `StageCall` frames in parts."""
     return f"{PREFIX}.stage.{_token(stage_id)}"

@@ -7,7 +7,7 @@ token per decoding request per step). A step over n stages with m micro-batches 
 of the step's cost (`sim.cost_model.step_time`, each stage streaming the part of its layers its slice
 memory does not hold over its own GPU's link share; fewer layers per slice, more of them
 cached) plus a hop for the activations. Micro-batches follow the
-engine's rule (worker/pipeline.py): 2n on steps with prefill, n on decode steps.
+engine's rule (`num_micro_batches`: 2n on steps with prefill, n on decode steps).
 
 Every `period_s` the policy sees the driver's state record (`WorkerState`, as a live
 worker fills it) and the idle slices; a new plan takes effect after its switch time:
@@ -20,7 +20,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from placer.pipeline_policy import PipelinePlan, PipelinePolicy, plan_pipeline, whole
+from placer.pipeline_policy import (
+    PipelinePlan,
+    PipelinePolicy,
+    num_micro_batches,
+    plan_pipeline,
+    whole,
+)
 from services.schemas import WorkerState
 from sim.cost_model import (
     GB,
@@ -68,9 +74,7 @@ def stage_step_s(cfg: BurstConfig, num_tokens: int, ctx_tokens: float, num_stage
 
 def pipeline_step_s(cfg: BurstConfig, prefill_tokens: int, num_decode: int, ctx_tokens: float, stages: int) -> float:
     tokens = prefill_tokens + num_decode
-    m = max(1, min(tokens, stages * (2 if prefill_tokens else 1)))
-    if stages == 1:
-        m = 1
+    m = 1 if stages == 1 else max(1, min(tokens, num_micro_batches(stages, prefill_tokens > 0)))
     return (m + stages - 1) * stage_step_s(cfg, -(-tokens // m), ctx_tokens / m, stages)
 
 

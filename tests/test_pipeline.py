@@ -82,6 +82,8 @@ def test_reconfiguration_mid_stream_keeps_every_stream_exact(deep_model, one_sta
     switches = []
 
     def at_step(engine, n):
+        for switch in switches:  # each switch done within a few steps, before the next one
+            switch.wait_ready(60)
         if n in plans:
             switches.append(engine.reconfigure("m", plans[n]))
 

@@ -36,16 +36,18 @@ def test_light_load_stays_whole():
     assert plan_pipeline(4, state("d", queued=10, running=1), [state("x")], plan, 9.0, 0.0, POLICY) == plan
 
 
-def test_measured_rates_stop_a_growth_that_did_not_pay():
+def test_measured_rates_steer_the_stage_count():
     driver = state("d", queued=5000, running=8, waiting=8)
     two = PipelinePlan(("d", "x"), ((0, 12), (12, 24)))
     others = [state("x"), state("y")]
-    slower = {1: 1000.0, 2: 800.0}
-    assert plan_pipeline(24, driver, others, two, 9.0, 0.0, POLICY, slower) == whole("d", 24)  # back, backlog or not
-    assert plan_pipeline(24, driver, others, whole("d", 24), 9.0, 0.0, POLICY, slower) == whole("d", 24)  # no regrow
-    faster = {1: 1000.0, 2: 1900.0}
-    grown = plan_pipeline(24, driver, others, two, 9.0, 0.0, POLICY, faster)
-    assert grown.num_stages == 3 and grown.layer_ranges == ((0, 8), (8, 16), (16, 24))
+    assert plan_pipeline(24, driver, others, whole("d", 24), 9.0, 0.0, POLICY, {}) == whole("d", 24)  # measure first
+    much_slower = {1: 1000.0, 2: 600.0}
+    assert plan_pipeline(24, driver, others, two, 9.0, 0.0, POLICY, much_slower) == whole("d", 24)  # back
+    assert plan_pipeline(24, driver, others, whole("d", 24), 9.0, 0.0, POLICY, much_slower) == whole("d", 24)
+    a_dip = {1: 1000.0, 2: 800.0}   # within max_loss of the best: one count further may pay
+    assert plan_pipeline(24, driver, others, two, 9.0, 0.0, POLICY, a_dip).layer_ranges == ((0, 8), (8, 16), (16, 24))
+    past_the_dip = {1: 1000.0, 2: 800.0, 3: 2500.0}
+    assert plan_pipeline(24, driver, others, whole("d", 24), 9.0, 0.0, POLICY, past_the_dip) == two  # toward 3
 
 
 def test_the_simulator_spreads_a_burst_of_a_big_model_and_backs_off_a_small_one():

@@ -50,6 +50,8 @@ def test_switch_to_a_remote_stage_and_back_mid_stream(engine, stage_servers, one
     switches = []
 
     def at_step(engine, n):
+        for switch in switches:  # each switch done within a few steps, before the next one
+            switch.wait_ready(60)
         if n in plans:
             switches.append(engine.reconfigure("m", plans[n], stage_servers))
 
@@ -73,3 +75,28 @@ def test_a_stage_that_dies_falls_back_to_one_stage(engine, servers, model, one_s
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_frames_over_the_max_payload_travel_in_parts(stage_servers, model):
+    """KV blocks written to and read back from a remote stage: 3x the NATS max payload."""
+    import torch
+
+    from worker.checkpoint import load_config
+    from worker.stage_client import RemoteStage, StageClient
+
+    config = load_config(model)
+    client = StageClient(stage_servers)
+    try:
+        stage = RemoteStage(client, StageSpec(2, 4, "remote", "s1"), "parts-test")
+        num_blocks = 3 * client.max_payload_bytes // (2 * 4 * 4 * config.num_kv_heads * config.head_dim) + 1
+        stage.load(str(model), num_blocks + 1, 4, "float32", "")
+        shape = (2, num_blocks, 4, config.num_kv_heads, config.head_dim)
+        k, v = torch.randn(shape), torch.randn(shape)
+        blocks = list(range(1, num_blocks + 1))
+        stage.write_kv(2, 4, blocks, k, v).result(timeout=60)
+        got_k, got_v = stage.read_kv(2, 4, blocks).result(timeout=60)
+        assert k.numel() * 4 > 3 * client.max_payload_bytes
+        assert torch.equal(got_k, k) and torch.equal(got_v, v)
+        stage.close()
+    finally:
+        client.close()

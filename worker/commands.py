@@ -65,10 +65,20 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Reconfigure:
+    """Serve a model as a pipeline of stages (`worker.pipeline.StageSpec`s), switched online."""
+
+    model_id: str
+    specs: tuple
+    nats_url: str
+
+
+@dataclass(frozen=True)
 class Wake:
     """Nothing to do: wakes a thread waiting for commands (on stop)."""
 
 
-Command = Submit | Admit | Abort | Control | AddModel | Prewarm | Evict | Call | Wake
+Command = Submit | Admit | Abort | Control | AddModel | Prewarm | Evict | Call | Reconfigure | Wake
 
-__all__ = ["Abort", "AddModel", "Admit", "Call", "Command", "Control", "Evict", "Prewarm", "Submit", "Wake"]
+__all__ = ["Abort", "AddModel", "Admit", "Call", "Command", "Control", "Evict", "Prewarm", "Reconfigure", "Submit",
+           "Wake"]

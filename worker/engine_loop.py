@@ -44,6 +44,7 @@ from worker.commands import (
     Control,
     Evict,
     Prewarm,
+    Reconfigure,
     Submit,
     Wake,
 )
@@ -171,6 +172,8 @@ class EngineLoop:
                     self._evict(model_id)
                 case Call(fn, done):
                     self._call(fn, done)
+                case Reconfigure(model_id, specs, nats_url):
+                    self.engine.reconfigure(model_id, list(specs), nats_url)
         except C2CError as exc:
             log.warning("%s failed: %s", type(command).__name__, exc)
         except Exception as exc:  # a bug here must not kill the loop nor leave a client waiting

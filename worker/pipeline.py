@@ -6,7 +6,8 @@ same blocks, so a block table means the same thing everywhere). The first stage 
 the last one returns logits; between them the residual stream [T, H] fp32 travels.
 
 A step's batch is cut into micro-batches of whole sequences so stages overlap: while
-stage 1 runs micro-batch 0, stage 0 runs micro-batch 1. Each stage runs its calls one at
+stage 1 runs micro-batch 0, stage 0 runs micro-batch 1 (how many:
+`placer.pipeline_policy.num_micro_batches`). Each stage runs its calls one at
 a time, in order: a `LocalStage` on a thread of this process, a `RemoteStage`
 (worker/stage_client.py) in a stage server over NATS.
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from placer.pipeline_policy import split_layers
+from placer.pipeline_policy import num_micro_batches, split_layers
 from worker.forward_batch import ForwardBatch
 from worker.model import CausalLM, KVCache
 
@@ -137,11 +138,9 @@ class Pipeline:
     While `written_blocks` is a set, every KV block a step writes is added to it (an
     online reconfiguration copies those again at the switch)."""
 
-    def __init__(self, stages: list, block_size: int, num_micro_batches: int | None = None,
-                 timeout_s: float = 60.0):
+    def __init__(self, stages: list, block_size: int, timeout_s: float = 60.0):
         self.stages = stages
         self.block_size = block_size
-        self.num_micro_batches = num_micro_batches  # None: per step (`_num_micro_batches`)
         self.timeout_s = timeout_s
         self.written_blocks: set[int] | None = None
 
@@ -157,16 +156,8 @@ class Pipeline:
             self.written_blocks.update((batch.slot_mapping // self.block_size).tolist())
         if len(self.stages) == 1 and isinstance(self.stages[0], LocalStage):
             return self.stages[0].host.forward(batch, None)
-        parts = [self._through_stages(mb) for mb in micro_batches(batch, self._num_micro_batches(batch))]
+        parts = [self._through_stages(mb) for mb in micro_batches(batch, num_micro_batches(len(self.stages), batch.num_tokens > len(batch.query_lens)))]
         return torch.cat([wait(f, self.timeout_s, "a pipeline step") for f in parts])
-
-    def _num_micro_batches(self, batch: ForwardBatch) -> int:
-        """Two per stage when the step carries prefill chunks (a step of n stages and m
-        micro-batches takes (m + n - 1) / (n m) of one stage's time: more fill the bubble),
-        one per stage for decode (each micro-batch costs a hop, and decode steps are short)."""
-        if self.num_micro_batches:
-            return self.num_micro_batches
-        return len(self.stages) * (2 if batch.num_tokens > len(batch.query_lens) else 1)
 
     def _through_stages(self, batch: ForwardBatch) -> cf.Future:
         """A future of the last stage's output for one micro-batch, chained stage to stage."""

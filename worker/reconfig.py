@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from worker.model import KVCache
-from worker.pipeline import LocalStage, Pipeline, StageError, StageHost, StageSpec, wait
+from worker.pipeline import PLACES, LocalStage, Pipeline, StageError, StageHost, StageSpec, wait
 from worker.runner import zero_pages
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def check_specs(specs: list[StageSpec], num_layers: int) -> None:
     if not specs or [s.start for s in specs] != bounds[:-1] or bounds[-1] != num_layers or any(
             s.end <= s.start for s in specs):
         raise ValueError(f"stages {[(s.start, s.end) for s in specs]} do not split layers [0, {num_layers})")
-    if any(s.place not in ("driver", "local", "remote") or (s.place == "remote") != bool(s.stage_id) for s in specs):
+    if any(s.place not in PLACES or (s.place == "remote") != bool(s.stage_id) for s in specs):
         raise ValueError(f"bad stage places in {specs}")
 
 
@@ -132,6 +132,11 @@ class PipelineSwitch:
 
         threading.Thread(target=run, name="pipeline-switch", daemon=True).start()
         return done
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the background work under way (building, a copy round) is done: the
+        next `advance()` then moves on (tests make a switch finish within a few steps so)."""
+        return self._busy.wait(timeout_s)
 
     def advance(self) -> Pipeline | None:
         """At a step boundary: the pipeline to run from now on when the switch is done

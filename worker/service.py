@@ -9,6 +9,8 @@ and serves NATS subjects:
     c2c.worker.<id>.residency  ResidencyCommand (prewarm / evict)
     c2c.control.<id>           ControlUpdate -> Engine.set_control
     c2c.worker.<id>.migrate*   live migration of running requests (worker.migration)
+    c2c.worker.<id>.pipeline   PipelineCommand -> Engine.reconfigure (stages online)
+    c2c.stage.<id>             StageCall frames: stages of pipelines hosted on this slice
 and publishes c2c.telemetry.<id> (~100 ms). A thread of its own keeps the heartbeat key
 c2c:worker:<id> (TTL) alive (worker.heartbeat), so no compute stalls it. Requests of a
 gateway that died (its key c2c:gateway:<id> gone) are aborted: nobody reads them.
@@ -45,7 +47,8 @@ from services.schemas import (
     WorkerInfo,
     WorkerState,
 )
-from worker.commands import Abort, AddModel, Control, Evict, Prewarm, Submit
+from services.stage_wire import PipelineCommand
+from worker.commands import Abort, AddModel, Control, Evict, Prewarm, Reconfigure, Submit
 from worker.heartbeat import Heartbeat
 from worker.slices import SliceSpec, apply_slice, discover_slices
 
@@ -74,6 +77,7 @@ class WorkerService:
         self._started_s = time.time()
         self.incarnation = uuid.uuid4().hex[:12]  # this process; a restart under the same id gets another
         self.heartbeat: Heartbeat | None = None
+        self.stages = None  # worker.stage_server.StageServer: stages of pipelines on this slice
         self.model_roots = catalog.parse_roots(config.model_roots)
         self._missing_gateways: set[str] = set()  # gone at the last orphan check
         self.migrator = None  # worker.migration.Migrator, once the engine runs
@@ -122,6 +126,10 @@ class WorkerService:
         self.loop_thread.start()
         natsutil.spawn(self._publisher(), self._tasks, "chunk publisher")
         await self._subscribe()
+        from worker.stage_server import StageServer
+
+        self.stages = StageServer(c.nats_url, self.worker_id)  # this slice hosts pipeline stages too
+        await self.stages.start(self.nc)
         await self._telemetry()  # placers know this worker before its heartbeat says "ready"
         self.heartbeat = Heartbeat(c.redis_url, keys.worker(self.worker_id), self._heartbeat_row,
                                    period_s=max(0.2, c.heartbeat_ttl_s / 3), ttl_s=c.heartbeat_ttl_s)
@@ -138,6 +146,7 @@ class WorkerService:
         await natsutil.subscribe_typed(self.nc, subjects.worker_residency(wid), ResidencyCommand, self.on_residency)
         await natsutil.subscribe_typed(self.nc, subjects.control(wid), ControlUpdate, self.on_control)
         await self.migrator.subscribe()
+        await natsutil.subscribe_typed(self.nc, subjects.worker_pipeline(wid), PipelineCommand, self.on_pipeline)
         await self.nc.flush()  # subscribed at the server before the first telemetry says "ready"
 
     async def _add_pinned_models(self) -> None:
@@ -160,6 +169,8 @@ class WorkerService:
         if self.loop_thread is not None:
             await asyncio.to_thread(self.loop_thread.stop)
             await self._hand_over(self.loop_thread.unfinished())
+        if self.stages is not None:
+            await self.stages.stop()
         await natsutil.close_nats(self.nc)
         if self.redis is not None:
             await self.redis.aclose()
@@ -260,6 +271,17 @@ class WorkerService:
         knobs = update.knobs()
         if knobs:
             self.loop_thread.submit(Control(knobs))
+
+    async def on_pipeline(self, cmd: PipelineCommand, msg: Msg) -> None:
+        """c2c.worker.<id>.pipeline (PipelineCommand): serve the model as these stages from
+        a later step on (an unknown model or a bad plan is logged and changes nothing)."""
+        from worker.pipeline import StageSpec  # torch: only a slice's own process has it
+
+        if not await self._ensure_model(cmd.model_id):
+            log.warning("pipeline of unknown model %s ignored", cmd.model_id)
+            return
+        specs = tuple(StageSpec(s.start, s.end, s.place, s.stage_id) for s in cmd.stages)
+        self.loop_thread.submit(Reconfigure(cmd.model_id, specs, self.config.nats_url))
 
     async def _publisher(self) -> None:
         """Publishes the engine thread's chunks in order."""

@@ -53,6 +53,11 @@ class StageClient:
         self._run(self._nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)).result(10)
         self._watchdog = self._run(self._watch())
 
+    @property
+    def max_payload_bytes(self) -> int:
+        """The NATS server's max payload: a frame larger than this goes in parts."""
+        return self._nc.max_payload
+
     def _run(self, coro) -> cf.Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
@@ -66,7 +71,7 @@ class StageClient:
         return future
 
     async def _send(self, stage_id: str, call_id: str, frame: bytearray) -> None:
-        part_bytes = max(1024, self._nc.max_payload - _PART_MARGIN_BYTES)
+        part_bytes = max(1024, self.max_payload_bytes - _PART_MARGIN_BYTES)
         parts = split_parts(frame, part_bytes)
         try:
             async with self._send_lock:  # a call's parts go out together, calls in order

@@ -1,6 +1,8 @@
 """A pipeline stage server: layer ranges of models, served over NATS to an engine.
 
-`python -m worker.stage_server --nats URL --id ID [--cores 1] [--threads 1]` answers
+Every worker hosts one on its own connection, with its worker id as stage id (its slice
+can run stages of another worker's pipeline); `python -m worker.stage_server --nats URL
+--id ID [--cores 1] [--threads 1]` runs one alone. It answers
 `StageCall` frames on `c2c.stage.<id>` (subjects.stage): `load` maps a model from the
 host store (zero-copy) and makes a KV cache for it (only the pages of its layers are
 ever touched), `forward` runs its layers over a micro-batch, `read_kv` / `write_kv`
@@ -39,24 +41,30 @@ _PART_MARGIN_BYTES = 4096
 class StageServer:
     def __init__(self, nats_url: str, stage_id: str):
         self.nats_url, self.stage_id = nats_url, stage_id
-        self._nc = None
+        self._nc, self._owns_nc = None, True
         self._parts: dict[str, list[bytes]] = {}          # reply subject -> parts so far
         self._queue: asyncio.Queue = asyncio.Queue()
         self._compute = cf.ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
         self._hosts: dict[str, tuple[ModelRunner, StageHost]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._forwarded: set[str] = set()                 # slots that ran a forward (logged once)
 
-    async def start(self) -> None:
-        """Compile/load the kernels first: a ping answered means the first forward is fast."""
-        await natsutil.in_daemon_thread(kernels.warmup)
-        self._nc = await natsutil.connect_nats(self.nats_url, f"c2c-stage-{self.stage_id}")
-        await self._nc.subscribe(subjects.stage(self.stage_id), cb=self._on_msg)
+    async def start(self, nc=None) -> None:
+        """Serve on `nc` (a worker's connection: the worker's slice hosts stages too), or on
+        a connection of its own after warming the kernels (a ping answered means the first
+        forward is fast)."""
+        self._owns_nc = nc is None
+        if nc is None:
+            await natsutil.in_daemon_thread(kernels.warmup)
+            nc = await natsutil.connect_nats(self.nats_url, f"c2c-stage-{self.stage_id}")
+        self._nc = nc
+        await nc.subscribe(subjects.stage(self.stage_id), cb=self._on_msg)
         natsutil.spawn(self._serve(), self._tasks, "stage compute loop")
-        await self._nc.flush()
+        await nc.flush()
         log.info("stage server %s listening on %s", self.stage_id, subjects.stage(self.stage_id))
 
     async def stop(self) -> None:
-        await natsutil.shutdown(self._tasks, self._nc, None)
+        await natsutil.shutdown(self._tasks, self._nc if self._owns_nc else None, None)
         self._compute.shutdown(wait=False)
 
     async def _on_msg(self, msg) -> None:
@@ -105,6 +113,9 @@ class StageServer:
                 return {}
             host = self._hosts[call.slot_id][1]
             if call.op == "forward":
+                if call.slot_id not in self._forwarded:
+                    self._forwarded.add(call.slot_id)
+                    log.info("stage %s: first forward of %s", self.stage_id, call.slot_id)
                 return {"out": host.forward(*batch_of_call(call, tensors))}
             if call.op == "read_kv":
                 k, v = host.read_kv(call.start, call.end, call.block_ids)
@@ -129,9 +140,11 @@ class StageServer:
                  call.start, call.end, call.num_blocks)
 
 
-def spawn(nats_url: str, stage_id: str, core: int | None = None, threads: int = 1, timeout_s: float = 120.0):
+def spawn(nats_url: str, stage_id: str, core: int | None = None, threads: int = 1, timeout_s: float = 120.0,
+          log_path: Path | None = None):
     """A stage server process (`python -m worker.stage_server`), returned once it answers
-    a ping (its kernels warm); it inherits this environment (host store, PYTHONPATH)."""
+    a ping (its kernels warm); it inherits this environment (host store, PYTHONPATH).
+    log_path: its log goes there (else to this process's stderr)."""
     import subprocess
     import sys
     import time
@@ -139,7 +152,10 @@ def spawn(nats_url: str, stage_id: str, core: int | None = None, threads: int = 
     from worker.stage_client import StageClient
 
     cmd = [sys.executable, "-m", "worker.stage_server", "--nats", nats_url, "--id", stage_id, "--threads", str(threads)]
-    proc = subprocess.Popen(cmd + (["--cores", str(core)] if core is not None else []))
+    log_file = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (the child keeps it)
+    proc = subprocess.Popen(cmd + (["--cores", str(core)] if core is not None else []), stderr=log_file)
+    if log_file is not None:
+        log_file.close()
     client = StageClient(nats_url)
     deadline_s = time.monotonic() + timeout_s
     try:
