@@ -101,10 +101,10 @@ def run(args) -> int:
               "results": [_row(b, samples[b], weight_bytes, read_gbps,
                                {_label(m): peer for m, peer in same_format.items()}) for b in batch_sizes]}
     text = json.dumps(report) if args.json else _table(report)
-    print(text)
-    if args.out:
+    if args.out:  # first: a reader of stdout that stops early (| head) must not lose the file
         command = "c2cserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         Path(args.out).write_text(f"$ {command}\n{text}\n")
+    print(text)
     return 0
 
 

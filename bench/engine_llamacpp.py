@@ -1,7 +1,7 @@
 """The llama.cpp peer of `c2cserve bench engine` (llama-cpp-python), in a process of its own.
 
 Run by bench/engine.py with the interpreter that has `llama_cpp` installed (its own venv
-if need be: this file needs only the standard library and llama_cpp), with llama.cpp's
+if need be: this file needs only the standard library, numpy and llama_cpp), with llama.cpp's
 own defaults but the same thread count. Protocol on stdin/stdout as bench/engine_hf.py:
 argv GGUF_PATH THREADS CONTEXT; prints {"ready": true} once loaded, then answers each
 {"prompts": [[ids]], "decode_tokens": n} with {"prefill_tokens_per_s",
@@ -40,14 +40,18 @@ def run_one(llm, prompt: list[int], decode_tokens: int) -> dict:
     prefill_s = time.perf_counter() - start_s
     start_s = time.perf_counter()
     for _ in range(decode_tokens):
-        llm.eval([_argmax(llm.scores[llm.n_tokens - 1])])
+        llm.eval([last_logits(llm).argmax().item()])
     decode_s = time.perf_counter() - start_s
     return {"prefill_tokens_per_s": len(prompt) / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
             "decode_step_ms": 1000 * decode_s / decode_tokens}
 
 
-def _argmax(row) -> int:
-    return int(row.argmax())
+def last_logits(llm):
+    """The last evaluated token's logits [vocab] (the high-level API keeps them only with
+    logits_all; llama.cpp's context holds the last batch's outputs)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ _decode_threshold = 16
 SERIAL_MAX_BYTES = 512 * 1024
 SKINNY_SERIAL_MAX_BYTES = 4 * 1024 * 1024
 _WAYS = serial_or_threaded.SerialOrThreaded()
+# each quantized format measures its own kernels (their speed per byte differs from bf16's)
+_QUANTIZED_WAYS = {"int8": serial_or_threaded.SerialOrThreaded(), "q4": serial_or_threaded.SerialOrThreaded()}
 _thread_state = threading.local()  # numba's thread count is a per-thread setting
 
 _WIDENED = (torch.bfloat16, torch.float16)
@@ -164,10 +166,10 @@ class Int8Weight:
         if cpu_int8.uses_vnni(*x.shape):  # activations rounded to int8 per group (cpu_int8)
             args = (*cpu_int8.vnni_activations(x.numpy()), *weight)
             _quantized_decode(cpu_int8.gemv_int8_vnni_serial, cpu_int8.gemv_int8_vnni, args, self.q.numel(),
-                              self.q.numel(), num_threads)
+                              self.q.numel(), num_threads, _QUANTIZED_WAYS["int8"])
         else:
             _quantized_decode(cpu_int8.gemv_int8_serial, cpu_int8.gemv_int8, (x.numpy(), *weight), self.q.numel(),
-                              self.q.numel(), num_threads)
+                              self.q.numel(), num_threads, _QUANTIZED_WAYS["int8"])
         return y
 
 
@@ -207,10 +209,10 @@ class Q4Weight:
         if cpu_q4.can_use_vnni(x.shape[1]):  # activations rounded to int8 per group (cpu_q4)
             args = (*cpu_q4.vnni_activations(x.numpy()), *weight)
             _quantized_decode(cpu_q4.gemv_q4_vnni_serial, cpu_q4.gemv_q4_vnni, args, nbytes, 2 * self.qs.numel(),
-                              num_threads)
+                              num_threads, _QUANTIZED_WAYS["q4"])
         else:
             _quantized_decode(cpu_q4.gemv_q4_serial, cpu_q4.gemv_q4, (x.numpy(), *weight), nbytes,
-                              2 * self.qs.numel(), num_threads)
+                              2 * self.qs.numel(), num_threads, _QUANTIZED_WAYS["q4"])
         return y
 
 
@@ -233,12 +235,13 @@ def _quantized_linear(weight, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     return y if len(lead) == 1 else y.reshape(*lead, n)
 
 
-def _quantized_decode(serial, threaded, args: tuple, nbytes: int, num_elements: int, num_threads: int) -> None:
+def _quantized_decode(serial, threaded, args: tuple, nbytes: int, num_elements: int, num_threads: int,
+                      ways: serial_or_threaded.SerialOrThreaded) -> None:
     """Run a quantized decode kernel, args = (activations..., weight arrays..., y [M, N]),
     serial or threaded by the bf16 rules (`_decode_linear`).
 
-    nbytes: the weight's stored bytes; the measured choice is keyed by the bf16 bytes of
-    the same matrix (2 * num_elements: the size class of the read it replaces).
+    nbytes: the weight's stored bytes; a one-token call's measured choice (`ways`, the
+    format's own) is keyed by the bf16 bytes of the same matrix (2 * num_elements).
     """
     m = args[-1].shape[0]
     read_bytes, bf16_work = nbytes * m, 2 * num_elements * m
@@ -249,14 +252,14 @@ def _quantized_decode(serial, threaded, args: tuple, nbytes: int, num_elements: 
             with PARALLEL_LOCK:
                 threaded(*args, num_threads)
         return
-    key, is_serial = _WAYS.choose(bf16_work)
+    key, is_serial = ways.choose(bf16_work)
     start_s = time.perf_counter()
     if is_serial:
         serial(*args)
     else:
         with PARALLEL_LOCK:
             threaded(*args, num_threads)
-    _WAYS.record(key, is_serial, time.perf_counter() - start_s, bf16_work)
+    ways.record(key, is_serial, time.perf_counter() - start_s, bf16_work)
 
 
 def warmup_quantized(mode: str) -> None:
@@ -279,6 +282,7 @@ def warmup_quantized(mode: str) -> None:
                 weight.hybrid_linear(torch.randn(m, k))
             finally:
                 serial_or_threaded.FORCED = previous
+    _QUANTIZED_WAYS[mode].stats.clear()  # the timings above include loading the code
 
 
 def _read_only(t: torch.Tensor, is_read_only: bool) -> torch.Tensor:

@@ -82,15 +82,20 @@ def _tick(dispatchers: list, estimate: float, started_s: float, done: threading.
 
 
 def precompile() -> float:
-    """Compile (or load) every kernel a worker warms up; returns the seconds it took."""
+    """Compile (or load) every kernel a worker warms up; returns the seconds it took.
+
+    With C2C_QUANTIZE set (`up --quantize`), the quantized kernels (int8 and q4) too."""
     import c2c_kernels as kernels
     from c2c_kernels import membw
 
+    is_quantized = bool(os.environ.get("C2C_QUANTIZE", "").strip())
+    if is_quantized:
+        import c2c_kernels.cpu_q4  # noqa: F401  (and cpu_int8, cpu_vnni: kernel_dispatchers finds them)
     dispatchers = kernel_dispatchers()
     num_cold = sum(not is_cached(d) for d in dispatchers)
     started_s = time.monotonic()
     if num_cold == 0:
-        kernels.warmup()
+        _warm(kernels, is_quantized)
         membw.compile_probe()
         took_s = time.monotonic() - started_s
         print(f"CPU kernels loaded from the cache in {took_s:.1f} s", flush=True)
@@ -101,7 +106,7 @@ def precompile() -> float:
     ticker = threading.Thread(target=_tick, args=(dispatchers, estimate, started_s, done), daemon=True)
     ticker.start()
     try:
-        kernels.warmup()
+        _warm(kernels, is_quantized)
         membw.compile_probe()
     finally:
         done.set()
@@ -110,6 +115,12 @@ def precompile() -> float:
     print(f"CPU kernels compiled in {took_s:.0f} s ({num_cold} of {len(dispatchers)} kernels were cold; "
           f"cache: {cache_dir})", flush=True)
     return took_s
+
+
+def _warm(kernels, is_quantized: bool) -> None:
+    kernels.warmup()
+    for mode in ("int8", "q4") if is_quantized else ():
+        kernels.warmup_quantized(mode)
 
 
 def main() -> int:
