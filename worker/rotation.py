@@ -183,8 +183,11 @@ class Rotator:
         decodes = [v for v, s in zip(views, running, strict=True) if _is_decoding(s)]
         num_free_host = host_bm.num_free_blocks if host_bm is not None else 0
         victims = policy.pick_rotate_out(decodes, num_needed, num_free_host, sched.step_s, self.config)
-        to_recompute = [] if victims else policy.pick_rotate_out(decodes, num_needed, _NO_HOST_LIMIT,
-                                                                 sched.step_s, self.config)
+        to_recompute = []
+        if not victims:  # the tier holds too few for the whole set: rotate what fits, recompute the rest
+            victims, to_recompute = policy.split_rotate_out(
+                policy.pick_rotate_out(decodes, num_needed, _NO_HOST_LIMIT, sched.step_s, self.config),
+                num_free_host if host_bm is not None else -1)
         by_id = {s.request_id: s for s in running}
         for view in victims:
             self._start_out(sched, by_id[view.request_id], host_bm)
