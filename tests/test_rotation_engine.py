@@ -147,3 +147,47 @@ def test_a_sequence_that_cannot_grow_rotates_another_out_instead_of_recomputing(
     stats = engine.stats()
     assert stats.num_swaps_out > 0 and stats.num_preemptions == 0
     _assert_all_free(engine)
+
+
+def test_a_drain_brings_rotated_requests_back_in_and_they_become_movable(qwen, alone):
+    from worker import handover
+    from worker.migration import _bring_in, _is_back_in
+
+    engine = make_engine(qwen, num_blocks=NUM_BLOCKS)
+    clock = engine.scheduler.clock
+    tokens = {}
+    for i, prompt in enumerate(DECODE_PROMPTS):
+        engine.add_request(f"d{i}", "q", prompt=prompt, params=LONG, arrival_s=clock.now_s,
+                           ttft_slo_s=5.0, tpot_slo_s=1.0)
+        tokens[f"d{i}"] = []
+    for i in range(len(LATE_PROMPTS)):
+        tokens[f"l{i}"] = []
+
+    def step():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens[out.request_id] += out.new_token_ids
+
+    for _ in range(LATE_STEP):
+        step()
+    for i, prompt in enumerate(LATE_PROMPTS):
+        engine.add_request(f"l{i}", "q", prompt=prompt, params=SHORT, arrival_s=clock.now_s,
+                           ttft_slo_s=LATE_TTFT_SLO_S, tpot_slo_s=1.0)
+    num_steps = 0
+    while not engine.scheduler.rotator.rotations:
+        step()
+        num_steps += 1
+        assert num_steps < 200, "no rotation happened"
+    rotated = _bring_in(engine, list(tokens))
+    assert rotated
+    for request_id in rotated:
+        while not _is_back_in(engine, request_id):
+            step()
+            num_steps += 1
+            assert num_steps < 400, f"{request_id} never came back in"
+        if not engine._requests[request_id].seq.is_finished:
+            handover.check_movable(engine, request_id)
+    while engine.has_work():
+        step()
+    assert tokens == _expected(alone)
+    _assert_all_free(engine)

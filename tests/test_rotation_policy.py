@@ -7,6 +7,7 @@ from worker.rotation_policy import (
     WaitingView,
     pick_rotate_in,
     pick_rotate_out,
+    split_rotate_out,
     tpot_slack_s,
     ttft_at_risk,
 )
@@ -76,3 +77,11 @@ def test_rotate_in_calm_ones_only_with_blocks_to_spare():
 def test_rotate_in_an_urgent_one_that_does_not_fit_holds_the_others_back():
     rotated = [decode("urgent", 5, 0.01), decode("small", 1, 0.02)]
     assert pick_rotate_in(rotated, num_free_blocks=3, num_waiting_blocks=0, step_s=STEP_S) == []
+
+
+def test_split_rotates_the_victims_that_fit_and_recomputes_the_rest():
+    a, b, c = (DecodeView(n, k, 1.0, 10) for n, k in (("a", 3), ("b", 4), ("c", 2)))
+    rotate, recompute = split_rotate_out([a, b, c], 5)
+    assert [v.request_id for v in rotate] == ["a", "c"]
+    assert [v.request_id for v in recompute] == ["b"]
+    assert split_rotate_out([a, b], 0) == ([], [a, b])

@@ -44,6 +44,7 @@ from services.schemas import (
 from worker import handover, kv_transfer
 from worker.block_manager import num_blocks_for
 from worker.migration_policy import rank_targets, transport_for
+from worker.sequence import SequenceStatus
 
 log = logging.getLogger(__name__)
 OFFER_TIMEOUT_S = 10.0  # the target may map the model first
@@ -122,12 +123,23 @@ class Migrator:
         """Move every decoding request away (draining); returns how many moved. What stays
         is handed back for re-dispatch by the caller."""
         request_ids = [request_id for request_id, _, _ in self.loop_thread.unfinished()]
+        rotated = set(await self.loop_thread.call(lambda lt: _bring_in(lt.engine, request_ids)))
         results = []
-        for request_id in request_ids:
+        for request_id in sorted(request_ids, key=lambda r: r in rotated):  # rotated ones last: copied back meanwhile
             if time.monotonic() >= deadline_s:
                 break
+            if request_id in rotated:
+                await self._await_back_in(request_id, deadline_s)
             results.append(await self.migrate(request_id))
         return sum(r.is_moved for r in results)
+
+    async def _await_back_in(self, request_id: str, deadline_s: float) -> None:
+        """Until a request rotated out (asked back in by `_bring_in`) decodes again, at a step
+        boundary, or the deadline passes (then `migrate` reports it not movable)."""
+        while time.monotonic() < deadline_s:
+            if await self.loop_thread.call(lambda lt: _is_back_in(lt.engine, request_id)):
+                return
+            await asyncio.sleep(0.005)
 
     async def migrate(self, request_id: str, target_id: str = "", transport: str = "") -> MigrationResult:
         """Move one running request ("": the one with the most tokens to go that a target can
@@ -319,6 +331,23 @@ def _describe(engine, request_id: str) -> tuple[str, int, int, list[int], int]:
     max_tokens = seq.num_prompt_tokens + seq.params.max_tokens
     return (seq.model_id, seq.num_computed_tokens, max_tokens, engine.runner.kv_layout(seq.model_id),
             engine.config.block_size)
+
+
+def _bring_in(engine, request_ids: list[str]) -> list[str]:
+    """Ask the rotator to bring these requests' KV back from the host tier first and to keep
+    them in (a drain moves them next); returns those that are rotated out now."""
+    rotator = engine.scheduler.rotator
+    if rotator is None:
+        return []
+    rotated = {r.seq.request_id for r in rotator.rotations}
+    wanted = [r for r in request_ids if r in rotated]
+    rotator.wanted_in.update(request_ids)
+    return wanted
+
+
+def _is_back_in(engine, request_id: str) -> bool:
+    req = engine._requests.get(request_id)
+    return req is None or req.seq.is_finished or req.seq.status == SequenceStatus.RUNNING
 
 
 def _movable(loop_thread) -> list[tuple[str, str]]:

@@ -58,6 +58,7 @@ class Rotator:
         self.num_swaps_in = 0
         self.num_stalls = 0  # sequences back later than their slack allowed
         self.stall_s = 0.0   # by how long, summed
+        self.wanted_in: set[str] = set()  # request ids to bring back first and keep in (a drain moves them)
         self.num_recomputes = 0  # victims preempted by recompute (tier full, or a failed copy)
         # free blocks a running or waiting sequence waits for (swap-outs were started for
         # it): rotations back in leave them alone, so blocks freed for one sequence do not
@@ -146,7 +147,8 @@ class Rotator:
             return
         by_id = {r.seq.request_id: r for r in out}
         views = [policy.DecodeView(r.seq.request_id, num_blocks_for(r.seq.num_tokens, bm.block_size),
-                                   _slack_s(r.seq, now_s), _num_remaining(r.seq)) for r in out]
+                                   -float("inf") if r.seq.request_id in self.wanted_in else _slack_s(r.seq, now_s),
+                                   _num_remaining(r.seq)) for r in out]
         num_waiting_blocks = sum(num_blocks_for(s.num_tokens + 1, bm.block_size)
                                  for s in sched.waiting if s.model_id == model_id)
         num_free = bm.num_free_blocks - self.model_to_promised.get(model_id, 0)
@@ -180,11 +182,15 @@ class Rotator:
                  for s in running]
         if not policy.ttft_at_risk(head_view, views, sched.step_s, now_s):
             return
-        decodes = [v for v, s in zip(views, running, strict=True) if _is_decoding(s)]
+        decodes = [v for v, s in zip(views, running, strict=True)
+                   if _is_decoding(s) and s.request_id not in self.wanted_in]
         num_free_host = host_bm.num_free_blocks if host_bm is not None else 0
         victims = policy.pick_rotate_out(decodes, num_needed, num_free_host, sched.step_s, self.config)
-        to_recompute = [] if victims else policy.pick_rotate_out(decodes, num_needed, _NO_HOST_LIMIT,
-                                                                 sched.step_s, self.config)
+        to_recompute = []
+        if not victims:  # the tier holds too few for the whole set: rotate what fits, recompute the rest
+            victims, to_recompute = policy.split_rotate_out(
+                policy.pick_rotate_out(decodes, num_needed, _NO_HOST_LIMIT, sched.step_s, self.config),
+                num_free_host if host_bm is not None else -1)
         by_id = {s.request_id: s for s in running}
         for view in victims:
             self._start_out(sched, by_id[view.request_id], host_bm)
@@ -200,7 +206,7 @@ class Rotator:
         the one with the most slack, if it can afford the time away and the host tier holds
         it. False: none can (the scheduler preempts one by recompute instead)."""
         host_bm = self.host_block_managers.get(victims[0].model_id) if victims else None
-        with_kv = [s for s in victims if s.num_computed_tokens > 0]
+        with_kv = [s for s in victims if s.num_computed_tokens > 0 and s.request_id not in self.wanted_in]
         if host_bm is None or not with_kv:
             return False
         views = [policy.DecodeView(s.request_id, num_blocks_for(s.num_computed_tokens, host_bm.block_size),

@@ -10,7 +10,8 @@ outside the KV cache for a while without missing it.
   for running sequences to finish would make it miss its TTFT SLO
   (`ttft_at_risk`), the running decodes with the most slack leave (`pick_rotate_out`),
   each only if it can afford `out_min_slack_steps` steps away, until the blocks it needs
-  are covered (all of it or none: a partial rotation helps nobody).
+  are covered; when the host tier holds only some of that set, those that fit rotate and
+  the rest are recomputed (`split_rotate_out`).
 - Rotate in: a rotated sequence comes back before its slack runs out (below
   `in_margin_steps` steps: the copy back and its next step must fit), least slack first,
   as soon as free blocks allow; earlier when the free blocks are more than the waiting
@@ -89,6 +90,20 @@ def pick_rotate_out(running: list[DecodeView], num_blocks_needed: int, num_free_
     return chosen if num_freed >= num_blocks_needed else []
 
 
+def split_rotate_out(victims: list[DecodeView], num_free_host_blocks: int
+                     ) -> tuple[list[DecodeView], list[DecodeView]]:
+    """Split a victim set (from `pick_rotate_out` with no host limit) into those the host
+    tier's free blocks hold, in order (rotated), and the rest (recomputed)."""
+    rotate, recompute = [], []
+    for seq in victims:
+        if seq.num_blocks <= num_free_host_blocks:
+            rotate.append(seq)
+            num_free_host_blocks -= seq.num_blocks
+        else:
+            recompute.append(seq)
+    return rotate, recompute
+
+
 def pick_rotate_in(rotated: list[DecodeView], num_free_blocks: int, num_waiting_blocks: int,
                    step_s: float, config: RotationConfig = RotationConfig()) -> list[DecodeView]:
     """The rotated sequences to bring back now, least slack first: those about to run out
@@ -114,6 +129,7 @@ __all__ = [
     "WaitingView",
     "pick_rotate_in",
     "pick_rotate_out",
+    "split_rotate_out",
     "tpot_slack_s",
     "ttft_at_risk",
 ]
