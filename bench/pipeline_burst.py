@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.output import command_line, publish
-from bench.reconfig import model_dir_of
+from bench.reconfig import beside_stage_server, model_dir_of, pinned_engine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_burst.txt"
 STAGE_ID = "bench-burst"
@@ -137,19 +137,10 @@ def _prefill_speed(engine, prompt: list[int]) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.embedded import EmbeddedServers
-    from worker.stage_server import spawn
-
     model_dir = model_dir_of(args.arch, args.preset)
     cores = sorted(os.sched_getaffinity(0))
     scaling = two_core_scaling(cores) if len(cores) > 1 else None
-    with EmbeddedServers() as servers:
-        proc = spawn(servers.nats_url, STAGE_ID, cores[1] if len(cores) > 1 else None)
-        try:
-            report = _measure(args, model_dir, servers.nats_url, cores[0])
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    report = beside_stage_server(STAGE_ID, lambda nats_url, core: _measure(args, model_dir, nats_url, core))
     report["command"], report["two_core_scaling"] = command_line("pipeline-burst"), scaling
     report["simulated"] = simulated()
     Path(args.out).with_suffix(".json").parent.mkdir(parents=True, exist_ok=True)
@@ -159,12 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(args, model_dir: Path, nats_url: str, core: int) -> dict:
-    from worker.engine import Engine, EngineConfig
-
-    os.sched_setaffinity(0, {core})
-    engine = Engine(EngineConfig(num_threads=1))
-    engine.add_model("m", model_dir, preload=True)
-    engine.warmup()
+    engine = pinned_engine(model_dir, core)
     vocab = engine.runner.slots["m"].config.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(3, min(vocab, 8000)) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]

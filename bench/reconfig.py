@@ -204,19 +204,36 @@ def model_dir_of(arch: str, preset: str) -> Path:
     return path
 
 
-def run(args: argparse.Namespace) -> int:
+def beside_stage_server(stage_id: str, measure):
+    """measure(nats_url, core) on this process's first core, over embedded NATS, with a stage
+    server `stage_id` on the second core (the same core when there is one)."""
     from services.embedded import EmbeddedServers
     from worker.stage_server import spawn
 
-    model_dir = model_dir_of(args.arch, args.preset)
     cores = sorted(os.sched_getaffinity(0))
     with EmbeddedServers() as servers:
-        proc = spawn(servers.nats_url, STAGE_ID, cores[1] if len(cores) > 1 else None)
+        proc = spawn(servers.nats_url, stage_id, cores[1] if len(cores) > 1 else None)
         try:
-            report = _measure(args, model_dir, servers.nats_url, cores[0])
+            return measure(servers.nats_url, cores[0])
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+def pinned_engine(model_dir: Path, core: int):
+    """One engine thread on `core` serving the model as "m", loaded and warmed up."""
+    from worker.engine import Engine, EngineConfig
+
+    os.sched_setaffinity(0, {core})
+    engine = Engine(EngineConfig(num_threads=1))
+    engine.add_model("m", model_dir, preload=True)
+    engine.warmup()
+    return engine
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = model_dir_of(args.arch, args.preset)
+    report = beside_stage_server(STAGE_ID, lambda nats_url, core: _measure(args, model_dir, nats_url, core))
     report = {"command": command_line("reconfig"), **report}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,13 +247,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(args, model_dir: Path, nats_url: str, core: int) -> dict:
-    from worker.engine import Engine, EngineConfig, SamplingParams
+    from worker.engine import SamplingParams
     from worker.pipeline import StageSpec, specs_for
 
-    os.sched_setaffinity(0, {core})
-    engine = Engine(EngineConfig(num_threads=1))
-    engine.add_model("m", model_dir, preload=True)
-    engine.warmup()
+    engine = pinned_engine(model_dir, core)
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     reference = {p: engine.generate("m", p, greedy).new_token_ids for p in PROMPTS}
     num_layers = engine.runner.slots["m"].config.num_layers
