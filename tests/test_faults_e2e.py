@@ -17,6 +17,7 @@ import msgspec
 import nats
 import psutil
 import pytest
+from failover import failover_cluster
 from sse import stream_text
 
 from services import schemas, subjects
@@ -35,9 +36,7 @@ def model_dir(tiny_model):
 
 @pytest.fixture(scope="module")
 def cluster(servers, model_dir):
-    env = {"C2C_WORKER_EXPIRY_S": "2", "C2C_HEARTBEAT_TTL_S": "1", "C2C_PREWARM_INTERVAL_S": "0"}
-    with LocalCluster([model_dir], num_workers=2, nats_url=servers.nats_url, redis_url=servers.redis_url,
-                      extra_env=env) as running:
+    with failover_cluster([model_dir], servers, num_workers=2) as running:
         yield running
 
 

@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 import redis
+from failover import failover_cluster
 
 from services import keys
 from services.launcher import LocalCluster
@@ -38,8 +39,7 @@ def expected(model_dir, greedy_texts):
 
 @pytest.fixture(scope="module")
 def cluster(model_dir):
-    env = {"C2C_WORKER_EXPIRY_S": "2", "C2C_HEARTBEAT_TTL_S": "1", "C2C_PREWARM_INTERVAL_S": "0"}
-    with LocalCluster([model_dir], num_workers=1, supervise=True, extra_env=env) as running:
+    with failover_cluster([model_dir], num_workers=1, supervise=True) as running:
         yield running
 
 

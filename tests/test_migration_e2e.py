@@ -15,11 +15,11 @@ import signal
 import aiohttp
 import nats
 import pytest
+from failover import failover_cluster
 from sse import stream_text
 from test_faults_e2e import _metric, _telemetry_of, _wait_for
 
 from services import keys, schemas, subjects
-from services.launcher import LocalCluster
 from services.schemas import MigrateCommand, MigrationResult, TokenChunk
 
 PROMPTS = ["The quick brown fox", "Hello, world"]
@@ -34,9 +34,7 @@ def model_dir(tiny_model):
 
 @pytest.fixture(scope="module")
 def cluster(servers, model_dir):
-    env = {"C2C_WORKER_EXPIRY_S": "2", "C2C_HEARTBEAT_TTL_S": "1", "C2C_PREWARM_INTERVAL_S": "0"}
-    with LocalCluster([model_dir], num_workers=4, nats_url=servers.nats_url, redis_url=servers.redis_url,
-                      extra_env=env) as running:
+    with failover_cluster([model_dir], servers, num_workers=4) as running:
         yield running
 
 
